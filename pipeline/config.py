@@ -1,9 +1,10 @@
 """Run configs: one YAML file per model/run under `configs/`, loaded into typed dataclasses.
 
-The one config loader of the project. A YAML file maps onto `RunConfig`: every key must name a dataclass field (unknown keys
-are errors, so a typo never silently falls back to a default), every value must have the field's type, and each section then
-checks its own values (`validate()`), followed by the checks that span sections. `--set section.key=value` overrides are
-applied to the raw mapping before any of that, so they are checked exactly like the file.
+The one config loader of the project. A YAML file maps onto `RunConfig`: every key must name a dataclass field
+(unknown keys are errors, so a typo never silently falls back to a default), every value must have the field's type,
+and each section then checks its own values (`validate()`), followed by the checks that span sections.
+`--set section.key=value` overrides are applied to the raw mapping before any of that, so they are checked exactly
+like the file.
 
 Run `python -m pipeline.config configs/lm-tiny.yaml` to print a resolved config with its parameter counts.
 """
@@ -83,9 +84,7 @@ class MoEConfig:
         if self.num_experts == 0:
             return
         _require(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
-        _require(
-            self.topk <= self.num_experts, "topk", f"must be <= num_experts={self.num_experts}, got {self.topk}"
-        )
+        _require(self.topk <= self.num_experts, "topk", f"must be <= num_experts={self.num_experts}, got {self.topk}")
         _require(self.interval >= 1, "interval", f"must be >= 1, got {self.interval}")
         _require(self.capacity_fraction > 0, "capacity_fraction", f"must be > 0, got {self.capacity_fraction}")
         _require(self.aux_loss_coeff >= 0, "aux_loss_coeff", f"must be >= 0, got {self.aux_loss_coeff}")
@@ -93,7 +92,7 @@ class MoEConfig:
         _require(
             self.topk > 1 or self.router_pre_softmax,
             "router_pre_softmax",
-            "must be true for top-1 routing (a softmax over a single selected logit is always 1, so the router gets no gradient)",
+            "must be true for top-1 routing (softmax over one selected logit is always 1: no router gradient)",
         )
 
     def is_moe_layer(self, layer_number: int) -> bool:
@@ -131,7 +130,9 @@ class TrainConfig:
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _require(
-            0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, steps={self.steps}), got {self.warmup_steps}"
+            0 <= self.warmup_steps < self.steps,
+            "warmup_steps",
+            f"must be in [0, steps={self.steps}), got {self.warmup_steps}",
         )
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
@@ -147,7 +148,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainable_here: bool = True  # false for the paper's shapes: usable by planners and benchmarks, far too big to train here
+    trainable_here: bool = (
+        True  # false for the paper's shapes: usable by planners and benchmarks, far too big to train here
+    )
 
     def validate(self) -> None:
         # data.task is never written in a config file: it follows the run's task, so the two cannot disagree.
@@ -344,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Load and validate a run config, print it resolved with its parameter counts.",
     )
     parser.add_argument("config", help="a config name (lm-tiny) or a path to a YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value, e.g. --set moe.topk=1 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value, e.g. --set moe.topk=1 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

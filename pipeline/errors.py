@@ -1,7 +1,8 @@
 """The errors a user can cause, each with one clear message.
 
-Every stage raises a subclass of `PipelineError` for bad input (a missing file, a bad config value, an impossible shape).
-Entry points catch `PipelineError` and print its message without a stack trace; anything else is a bug and keeps its trace.
+Every stage raises a subclass of `PipelineError` for bad input (a missing file, a bad config value, an impossible
+shape). Entry points catch `PipelineError` and print its message without a stack trace; anything else is a bug and
+keeps its trace.
 """
 
 
