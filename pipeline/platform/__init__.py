@@ -1,0 +1,36 @@
+"""The platform layer: device and backend choice, threads per rank, torch.distributed start-up, and the substitutes that
+let megatron-core 0.16.1 and DeepSpeed 0.19.8 run on a CPU-only torch. With CUDA present the substitutes do nothing.
+
+Typical entry point:
+
+    platform = detect_platform()                 # cuda+nccl when present, else cpu+gloo
+    set_threads_per_rank()
+    patch_megatron_for_cpu()                     # before building megatron models (training)
+    info = init_distributed(platform)            # or use_deepspeed=True for serving
+"""
+
+from pipeline.platform.deepspeed_cpu import check_dtype_supported, deepspeed_config_for_cpu, patch_deepspeed_for_cpu
+from pipeline.platform.device import (
+    DistInfo,
+    Platform,
+    detect_platform,
+    free_port,
+    init_distributed,
+    local_world_size,
+    set_threads_per_rank,
+)
+from pipeline.platform.megatron_cpu import patch_megatron_for_cpu
+
+__all__ = [
+    "DistInfo",
+    "Platform",
+    "check_dtype_supported",
+    "deepspeed_config_for_cpu",
+    "detect_platform",
+    "free_port",
+    "init_distributed",
+    "local_world_size",
+    "patch_deepspeed_for_cpu",
+    "patch_megatron_for_cpu",
+    "set_threads_per_rank",
+]
