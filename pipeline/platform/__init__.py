@@ -20,6 +20,7 @@ from pipeline.platform.device import (
     set_threads_per_rank,
 )
 from pipeline.platform.megatron_cpu import patch_megatron_for_cpu
+from pipeline.platform.warnings import quiet_known_warnings
 
 __all__ = [
     "DistInfo",
@@ -32,5 +33,6 @@ __all__ = [
     "local_world_size",
     "patch_deepspeed_for_cpu",
     "patch_megatron_for_cpu",
+    "quiet_known_warnings",
     "set_threads_per_rank",
 ]

@@ -6,7 +6,13 @@ import sys
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.platform import detect_platform, patch_deepspeed_for_cpu, patch_megatron_for_cpu, set_threads_per_rank
+from pipeline.platform import (
+    detect_platform,
+    patch_deepspeed_for_cpu,
+    patch_megatron_for_cpu,
+    quiet_known_warnings,
+    set_threads_per_rank,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prefer", choices=("auto", "cpu", "cuda"), default="auto", help="device preference")
     args = parser.parse_args(argv)
+    quiet_known_warnings()
     try:
         platform = detect_platform(args.prefer)
         threads = set_threads_per_rank()
