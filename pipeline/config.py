@@ -26,6 +26,7 @@ import yaml
 from pipeline.data.spec import DataConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.tokenizer import TokenizerConfig
+from pipeline.tracking import TrackingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -122,6 +123,7 @@ class TrainConfig:
     save_interval: int = 100
     log_interval: int = 10
     seed: int = 1234
+    bleu_sentences: int = 200  # MT: validation sentences greedy-decoded for BLEU at the end (0: all of them)
     dtype: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self) -> None:
@@ -136,6 +138,7 @@ class TrainConfig:
         )
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        _require(self.bleu_sentences >= 0, "bleu_sentences", f"must be >= 0, got {self.bleu_sentences}")
 
 
 @dataclass
@@ -148,6 +151,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     trainable_here: bool = (
         True  # false for the paper's shapes: usable by planners and benchmarks, far too big to train here
     )
@@ -155,7 +159,7 @@ class RunConfig:
     def validate(self) -> None:
         # data.task is never written in a config file: it follows the run's task, so the two cannot disagree.
         self.data.task = self.task
-        for section in ("model", "moe", "parallel", "data", "tokenizer", "train"):
+        for section in ("model", "moe", "parallel", "data", "tokenizer", "train", "tracking"):
             try:
                 getattr(self, section).validate()
             except ConfigError as err:
