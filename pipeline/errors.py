@@ -31,3 +31,7 @@ class TokenizerError(PipelineError):
 
 class PlatformError(PipelineError):
     """The device, backend or distributed setup cannot be used as asked."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint is missing, incomplete, corrupt, or from a model other than the config describes."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import sentencepiece as spm
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError, PipelineError, TokenizerError
 
 if TYPE_CHECKING:
@@ -96,15 +97,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        _write_atomic(path, self.model_proto)
-        return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
+        return write_atomic(path, self.model_proto)
 
 
 def _trainer_args(cfg: TokenizerConfig) -> dict:

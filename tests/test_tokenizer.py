@@ -31,7 +31,7 @@ def lm_tok():
 
 @pytest.fixture(scope="module")
 def mt_tok():
-    return tokenizer_for(load_config("mt-tiny"))
+    return tokenizer_for(load_config("mt-tiny", ["data.size=fixture"]))
 
 
 def test_lm_tokenizer_round_trips_held_out_text(lm_tok):
@@ -43,7 +43,7 @@ def test_lm_tokenizer_round_trips_held_out_text(lm_tok):
 
 
 def test_mt_vocabulary_is_shared_by_both_languages(mt_tok):
-    cfg = load_config("mt-tiny")
+    cfg = load_config("mt-tiny", ["data.size=fixture"])
     texts = list(iter_texts(cfg.data, "valid"))
     ids = [i for text in texts for i in mt_tok.encode(text)]
     assert UNK_ID not in ids

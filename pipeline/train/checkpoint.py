@@ -1,0 +1,227 @@
+"""Training checkpoints: the model through megatron `dist_checkpointing` (sharded, loadable at any EP degree), the rest
+of the training state per rank (exact resume), and the config and tokenizer beside them, written atomically.
+
+A run directory holds:
+
+    checkpoints/step_000100/
+        model/                     dist_checkpointing shards: any EP degree loads them (the converter reads these)
+        train_state/rank00000.pt   AdamW state, RNG states, step of each rank: resume needs the same world size
+        config.yaml                the resolved run config
+        tokenizer.model            the tokenizer the model was trained with
+        meta.json                  format version, step, task, world/EP size, tokens seen, git revision (written last)
+    checkpoints/latest             the name of the newest complete checkpoint
+
+Everything is first written under `checkpoints/.step_000100.partial/` and renamed when every rank has finished, so a run
+killed while saving leaves its previous checkpoint as the latest and nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pipeline.atomic import write_atomic
+from pipeline.config import RunConfig
+from pipeline.errors import CheckpointError
+from pipeline.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+# The config sections that define the weights: a checkpoint only loads into a model with the same ones.
+SHAPE_SECTIONS = ("model", "moe")
+SHAPE_EXEMPT = {"moe.capacity_fraction", "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.dispatcher", "model.dropout"}
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: RunConfig,
+    tokenizer: Tokenizer,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: every rank calls it at the same step. Returns the complete checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:06d}"
+    partial = root / f".{final.name}.partial"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+        (partial / "model").mkdir(parents=True)
+        (partial / "train_state").mkdir()
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    state = {"step": step, "world_size": world, "optimizer": optimizer.state_dict(), "rng": _rng_state()}
+    torch.save(state, partial / "train_state" / f"rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (partial / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tokenizer.save(partial / "tokenizer.model")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "name": cfg.name,
+            "task": cfg.task,
+            "world_size": world,
+            "ep_size": cfg.parallel.ep_size,
+            "git_revision": git_revision(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():  # the same step saved again (a resumed run stopped where it started)
+            shutil.rmtree(final)
+        partial.rename(final)
+        write_atomic(root / LATEST, final.name + "\n")
+    _barrier()
+    return final
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's meta.json, checked: a missing or unreadable one means the checkpoint is not usable."""
+    meta_path = ckpt / "meta.json"
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoint at {ckpt}")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt} is incomplete: it has no meta.json (a save that did not finish?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt: {err}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: checkpoint format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    for name in ("model", "config.yaml", "tokenizer.model"):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
+    return meta
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when it has none."""
+    root = run_dir / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        ckpt = root / pointer.read_text().strip()
+        read_meta(ckpt)
+        return ckpt
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    if (path / "meta.json").is_file() or path.name.startswith("step_"):
+        read_meta(path)
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {path}: expected a checkpoints/step_* directory from training")
+    return ckpt
+
+
+def saved_config(ckpt: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load((ckpt / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{ckpt / 'config.yaml'} is unreadable: {err}") from None
+
+
+def check_compatible(ckpt: Path, cfg: RunConfig) -> None:
+    """Refuse a checkpoint of another model than `cfg` describes, naming the fields that differ."""
+    saved = saved_config(ckpt)
+    current = cfg.to_dict()
+    if saved.get("task") != cfg.task:
+        raise CheckpointError(f"{ckpt} is a {saved.get('task')!r} checkpoint; the config is for task {cfg.task!r}")
+    differ = []
+    for section in SHAPE_SECTIONS:
+        for key, value in current[section].items():
+            name = f"{section}.{key}"
+            if name not in SHAPE_EXEMPT and saved.get(section, {}).get(key) != value:
+                differ.append(f"{name} (checkpoint {saved.get(section, {}).get(key)!r}, config {value!r})")
+    if differ:
+        raise CheckpointError(f"{ckpt} holds another model than the config describes: {'; '.join(differ)}")
+
+
+def load_model(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load the weights into `model`, whatever EP degree saved them (collective over the model's ranks)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model"))
+        model.load_state_dict(state)
+    # Damaged shards raise many types; torch.distributed.checkpoint wraps them in a BaseException subclass.
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(
+            f"{ckpt / 'model'}: cannot load the model weights ({type(err).__name__}: {str(err)[:300]}); "
+            "the checkpoint is corrupt, incomplete or of another model"
+        ) from None
+
+
+def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> int:
+    """Restore this rank's optimizer and RNG states; returns the step the checkpoint was saved at."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meta = read_meta(ckpt)
+    if meta["world_size"] != world:
+        raise CheckpointError(
+            f"{ckpt} was saved by {meta['world_size']} ranks; resuming needs the same number, got {world} "
+            "(the model weights alone load at any EP degree: convert the checkpoint instead)"
+        )
+    path = ckpt / "train_state" / f"rank{_rank():05d}.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot restore the training state ({type(err).__name__}: {err})") from None
+    return int(state["step"])
