@@ -298,3 +298,19 @@ def test_routing_traces_are_recorded_on_a_held_out_split(tmp_path):
     assert set(layers) == {"encoder.layers.1", "decoder.layers.1"}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["traces"] == str(path)
+
+
+def _train_again(name: str, overrides: list[str], run_dir: str) -> str:
+    from pipeline.errors import PipelineError
+
+    try:
+        _train_runs([(name, overrides, run_dir)])
+    except PipelineError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(trained):
+    args = (trained["name"], trained["overrides"], str(trained["run_dir"]))
+    message = run_distributed(_train_again, world_size=2, args=args, timeout_s=120)[0]
+    assert "already holds a run (latest checkpoint step_000006): pass --resume" in message

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
 from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
 from pipeline.tokenizer import Tokenizer, tokenizer_for
 from pipeline.tracking import Tracker
@@ -151,6 +152,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
     groups = _groups()
     device = platform.device
     run_dir.mkdir(parents=True, exist_ok=True)
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise PipelineError(
+            f"{run_dir} already holds a run (latest checkpoint {latest.name}): pass --resume to continue it, "
+            "or give another --run-dir (nothing there is overwritten)"
+        )
 
     tok = _prepare_tokenizer(cfg, info.is_main)
     train_data = build_batches(cfg, tok, "train", groups.dp_rank, groups.dp_size)
@@ -162,7 +169,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
     _set_aux_loss_scale(1.0 / groups.dp_size)
 
     start = 0
-    if resume and (latest := ckpt_io.latest_checkpoint(run_dir)) is not None:
+    if latest is not None:
         ckpt_io.check_compatible(latest, cfg)
         ckpt_io.load_model(model, latest)
         start = ckpt_io.load_train_state(optimizer, latest)
