@@ -169,6 +169,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
     _set_aux_loss_scale(1.0 / groups.dp_size)
 
     start = 0
+    if resume and latest is None and info.is_main:
+        print(f"no checkpoint in {run_dir} to resume from: starting a fresh run")
     if latest is not None:
         ckpt_io.check_compatible(latest, cfg)
         ckpt_io.load_model(model, latest)
@@ -181,8 +183,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
     stop = StopFlag()
     recorder = RoutingRecorder(model)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not info.is_main, unit="step", dynamic_ncols=True)
-    last_saved, window_tokens, window_start = start, 0, time.perf_counter()
-    step = start
+    last_saved, window_tokens, window_steps, window_start = start, 0, 0, time.perf_counter()
+    step, valid = start, None
     while step < cfg.train.steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -200,6 +202,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += int(tokens.item())
+        window_steps += 1
 
         global_loss = loss_sum.detach().reshape(1)
         dist.all_reduce(global_loss, group=groups.dp)
@@ -211,13 +214,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
                 "train/lr": lr,
                 "train/grad_norm": grad_norm,
                 "train/tokens_per_s": window_tokens / elapsed,
-                "train/steps_per_s": cfg.train.log_interval / elapsed if step % cfg.train.log_interval == 0 else 0.0,
+                "train/steps_per_s": window_steps / elapsed,
                 **{f"train/{k}": v for k, v in aux.items()},
                 **_expert_fractions(recorder),
             }
             tracker.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         bar.update(1)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
             valid = evaluate(model, valid_data, device, groups)
@@ -238,7 +241,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
 
     summary = {"step": step, "last_checkpoint_step": last_saved, "unigram_baseline_loss": baseline}
     if step == cfg.train.steps and not stop.requested:
-        valid = evaluate(model, valid_data, device, groups)
+        valid = valid or evaluate(model, valid_data, device, groups)  # the loop evaluated at the last step
         summary.update(valid_loss=valid["loss"], valid_ppl=valid["ppl"])
         if cfg.task == "mt":
             from pipeline.train.evaluate_mt import bleu_report
