@@ -16,21 +16,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import add_override_argument, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a config name (lm-tiny) or a YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.steps=50 (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument("--run-dir", type=Path, help="where checkpoints and metrics go (default runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     parser.add_argument(

@@ -275,6 +275,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--set KEY=VALUE` option every command that loads a config offers (parsed by `load_config`)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set moe.topk=1 (repeatable)",
+    )
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """`lm-tiny` means configs/lm-tiny.yaml; anything with a suffix or a slash is a path."""
     path = Path(name_or_path)
@@ -351,14 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Load and validate a run config, print it resolved with its parameter counts.",
     )
     parser.add_argument("config", help="a config name (lm-tiny) or a path to a YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value, e.g. --set moe.topk=1 (repeatable)",
-    )
+    add_override_argument(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -192,7 +192,7 @@ def count_tokens(tok: Tokenizer, texts: Iterable[str], batch: int = 4096) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import add_override_argument, load_config
     from pipeline.data import iter_texts, prepare_corpus
 
     parser = argparse.ArgumentParser(
@@ -200,14 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train (or reuse the cached) tokenizer of a run config and print token counts per split.",
     )
     parser.add_argument("configs", nargs="+", help="config names (lm-tiny) or YAML paths")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_override_argument(parser)
     args = parser.parse_args(argv)
     try:
         for name in args.configs:
