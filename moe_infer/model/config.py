@@ -1,0 +1,69 @@
+"""The model an export describes, as typed values: built from a validated config.json (moe_infer.export_format)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "decoder" | "encoder-decoder"
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    head_dim: int
+    num_layers: int  # decoder layers
+    encoder_layers: int
+    max_positions: int
+    vocab_size: int
+    norm: str  # "layernorm" | "rmsnorm"
+    norm_eps: float
+    activation: str  # "gelu" | "swiglu"
+    position_embedding: str  # "learned" | "rope"
+    rope_base: float
+    attention_scale: float
+    tie_embeddings: bool
+    lm_head_bias: bool
+    num_experts: int
+    topk: int
+    moe_layers: dict[str, tuple[int, ...]]  # stack -> MoE layer numbers (from 1)
+    router_pre_softmax: bool
+    router_bias: bool
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any]) -> ModelConfig:
+        m, moe, tok = config["model"], config["moe"], config["tokenizer"]
+        return cls(
+            architecture=config["architecture"],
+            hidden_size=m["hidden_size"],
+            ffn_hidden_size=m["ffn_hidden_size"],
+            num_attention_heads=m["num_attention_heads"],
+            head_dim=m["head_dim"],
+            num_layers=m["num_layers"],
+            encoder_layers=m["encoder_layers"],
+            max_positions=m["max_positions"],
+            vocab_size=m["vocab_size"],
+            norm=m["norm"],
+            norm_eps=float(m["norm_eps"]),
+            activation=m["activation"],
+            position_embedding=m["position_embedding"],
+            rope_base=float(m["rope_base"]),
+            attention_scale=float(m["attention_scale"]),
+            tie_embeddings=m["tie_embeddings"],
+            lm_head_bias=m["lm_head_bias"],
+            num_experts=moe["num_experts"],
+            topk=moe["topk"],
+            moe_layers={stack: tuple(layers) for stack, layers in moe["moe_layers"].items()},
+            router_pre_softmax=moe["router"]["pre_softmax"],
+            router_bias=moe["router"]["bias"],
+            pad_id=tok["pad_id"],
+            bos_id=tok["bos_id"],
+            eos_id=tok["eos_id"],
+        )
+
+    def is_moe_layer(self, stack: str, layer: int) -> bool:
+        return layer in self.moe_layers.get(stack, ())

@@ -1,0 +1,123 @@
+"""The MoE layer in separate small parts: router (top-k), dispatch/combine, expert FFN.
+
+    probs_TK, experts_TK = router(x_TD)                   which k experts each token goes to, with what weight
+    plan = dispatch(experts_TK, probs_TK, num_experts)    (token, slot) pairs grouped by expert
+    y_NE = expert(x_TD[plan.tokens_of(e)], plan.probs_of(e))   for each expert e that got tokens
+    y_TD = combine(y_N, plan, T)                          each token's expert outputs summed
+
+The dispatch here is the single-process reference (every expert local, no capacity limit, nothing dropped); expert
+parallelism and the gating policies replace `dispatch`/`combine` and keep the router and the experts as they are.
+
+megatron-core 0.16.1 numerics, matched in fp32: router logits in fp32 (`x @ W^T + b`); pre_softmax: softmax over all
+experts then top-k (the k probabilities do not sum to 1), else top-k of the logits then softmax over those k. The
+probability is applied inside the expert, to the activation and to fc2's bias (megatron's per_token_scale in MLP):
+y = fc2.weight @ (act(fc1(x)) * p) + fc2.bias * p. A token's outputs are added in ascending expert order.
+
+Shape legend: T tokens, K experts per token (top-k), E experts, N (token, expert) pairs (T*K), D model dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_infer.model.config import ModelConfig
+from moe_infer.model.layers import activation
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.pre_softmax = cfg.topk, cfg.router_pre_softmax
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device="meta"))
+        self.bias = nn.Parameter(torch.empty(cfg.num_experts, device="meta")) if cfg.router_bias else None
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs_TK fp32, experts_TK int64), the k experts of each token in descending score order."""
+        bias_E = None if self.bias is None else self.bias.float()
+        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias_E)
+        if self.pre_softmax:
+            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+            probs_TK, experts_TK = torch.topk(scores_TE, k=self.topk, dim=1)
+        else:
+            top_TK, experts_TK = torch.topk(logits_TE, k=self.topk, dim=1)
+            probs_TK = torch.softmax(top_TK, dim=-1, dtype=torch.float32)
+        return probs_TK, experts_TK
+
+
+class ExpertFFN(nn.Module):
+    """One expert: fc1 -> activation -> (scaled by the routing probability) -> fc2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        rows = 2 * cfg.ffn_hidden_size if cfg.activation == "swiglu" else cfg.ffn_hidden_size
+        self.activation = cfg.activation
+        self.fc1 = nn.Linear(cfg.hidden_size, rows, device="meta")
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, device="meta")
+
+    def forward(self, x_ND: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+        h_NF = activation(self.activation, self.fc1(x_ND))
+        h_NF = (h_NF * probs_N.unsqueeze(-1)).to(x_ND.dtype)
+        y_ND = torch.nn.functional.linear(h_NF, self.fc2.weight)
+        return y_ND + self.fc2.bias * probs_N.unsqueeze(-1).to(y_ND.dtype)
+
+
+@dataclass
+class DispatchPlan:
+    """The (token, expert) pairs grouped by expert, ascending: expert e's pairs are offsets[e]:offsets[e + 1]."""
+
+    token_N: torch.Tensor  # int64: the token of each pair
+    probs_N: torch.Tensor  # fp32: its routing probability
+    offsets: list[int]  # E + 1 entries
+
+    def count(self, expert: int) -> int:
+        return self.offsets[expert + 1] - self.offsets[expert]
+
+    def tokens_of(self, expert: int) -> torch.Tensor:
+        return self.token_N[self.offsets[expert] : self.offsets[expert + 1]]
+
+    def probs_of(self, expert: int) -> torch.Tensor:
+        return self.probs_N[self.offsets[expert] : self.offsets[expert + 1]]
+
+
+def dispatch(experts_TK: torch.Tensor, probs_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Group the pairs by expert (stable: tokens in order within an expert)."""
+    t, k = experts_TK.shape
+    expert_N = experts_TK.reshape(-1)
+    order_N = torch.sort(expert_N, stable=True).indices
+    token_N = torch.arange(t, device=experts_TK.device).repeat_interleave(k)[order_N]
+    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    offsets = [0, *torch.cumsum(counts_E, 0).tolist()]
+    return DispatchPlan(token_N=token_N, probs_N=probs_TK.reshape(-1)[order_N], offsets=offsets)
+
+
+def combine(y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """[T, D]: each token's expert outputs summed (pairs in plan order)."""
+    out_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
+    return out_TD.index_add_(0, plan.token_N, y_ND)
+
+
+class MoELayer(nn.Module):
+    """Router + the experts loaded here (`experts` holds str(expert id) -> ExpertFFN; a rank may hold a subset)."""
+
+    def __init__(self, cfg: ModelConfig, name: str):
+        super().__init__()
+        self.name, self.num_experts = name, cfg.num_experts
+        self.router = Router(cfg)
+        self.experts = nn.ModuleDict()
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        probs_TK, experts_TK = self.router(x_TD)
+        plan = dispatch(experts_TK, probs_TK, self.num_experts)
+        outputs = []
+        for e in range(self.num_experts):
+            if plan.count(e) == 0:
+                continue
+            if str(e) not in self.experts:
+                raise RuntimeError(f"{self.name}: tokens are routed to expert {e}, which was not loaded here")
+            outputs.append(self.experts[str(e)](x_TD[plan.tokens_of(e)], plan.probs_of(e)))
+        y_ND = torch.cat(outputs) if outputs else x_TD.new_zeros(0, x_TD.shape[-1])
+        return combine(y_ND, plan, x_TD.shape[0]).view_as(x_BSD)
