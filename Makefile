@@ -44,8 +44,8 @@ train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
 		launch/train.py --config $(MODEL) $(ARGS)
 
-convert: setup ## megatron checkpoint -> verified, EP-agnostic export
-	@echo "make convert: not built yet (the converter issue adds pipeline.convert)"; exit 2
+convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export (exports/MODEL, or OUT=); ARGS pass through
+	$(PY) -m pipeline.convert --ckpt $(or $(CKPT),runs/$(MODEL)) --out $(or $(OUT),exports/$(MODEL)) $(ARGS)
 
 infer: setup ## serve an export with the DeepSpeed inference engine
 	@echo "make infer: not built yet (the inference engine issue adds launch/infer.py)"; exit 2
