@@ -1,0 +1,107 @@
+"""What every gating policy shares: the policy interface, its per-call statistics, phase timing, and the
+all-to-all over the expert-parallel group.
+
+Shape legend: T tokens, K experts per token, D model dim, N rows, R ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from moe_infer.placement import Placement
+from pipeline.errors import PipelineError
+
+RunExpert = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+PHASES = ("gate", "dispatch", "experts", "combine")
+
+
+@dataclass
+class GatingStats:
+    """One policy call on one rank. Counts are of (token, expert) pairs; bytes are those that left / reached this
+    rank in the all-to-alls (the chunk a rank keeps for itself is not counted), so over a group the sums of
+    `bytes_sent` and `bytes_received` are equal."""
+
+    tokens: int = 0  # tokens this rank brought
+    pairs_routed: int = 0  # tokens * K
+    pairs_dropped: int = 0  # past an expert's capacity: the token keeps only the residual path for that expert
+    padded_slots: int = 0  # empty capacity slots in the buffer this rank sent (experts compute them anyway)
+    expert_rows: int = 0  # rows this rank's experts computed, padding included
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.pairs_dropped / self.pairs_routed if self.pairs_routed else 0.0
+
+
+class GatingPolicy(Protocol):
+    def __call__(
+        self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
+    ) -> tuple[torch.Tensor, GatingStats]: ...
+
+
+class PhaseTimer:
+    """Wall time per phase with time.perf_counter; on CUDA it synchronizes first, else the kernels are still queued."""
+
+    def __init__(self, stats: GatingStats, device: torch.device):
+        self.stats, self.cuda = stats, device.type == "cuda"
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = self._now()
+        self.stats.seconds[phase] += now - self.start
+        self.start = now
+
+
+class ExpertGroup:
+    """The ranks a policy exchanges rows with: `placement.ranks` of them, `group` (None: the default group).
+    One rank needs no process group at all, and then no collective is called."""
+
+    def __init__(self, placement: Placement, group: dist.ProcessGroup | None):
+        self.placement, self.group = placement, group
+        if placement.ranks == 1:
+            self.rank, self.size = 0, 1
+            return
+        if not dist.is_available() or not dist.is_initialized():
+            raise PipelineError(
+                f"gating: the placement spans {placement.ranks} ranks but torch.distributed is not initialized"
+            )
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        if self.size != placement.ranks:
+            raise PipelineError(
+                f"gating: the placement spans {placement.ranks} ranks but the process group has {self.size}"
+            )
+
+    def max(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def all_to_all(
+        self, x: torch.Tensor, send_R: list[int], recv_R: list[int], stats: GatingStats | None
+    ) -> torch.Tensor:
+        """Rows send_R[r] of `x` (in rank order) go to rank r; recv_R[r] rows come back from rank r, in rank order."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((sum(recv_R), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_R, send_R, group=self.group)
+        if stats is not None:
+            row_bytes = math.prod(x.shape[1:]) * x.element_size()
+            stats.bytes_sent += (sum(send_R) - send_R[self.rank]) * row_bytes
+            stats.bytes_received += (sum(recv_R) - recv_R[self.rank]) * row_bytes
+        return out

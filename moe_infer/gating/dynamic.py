@@ -1,0 +1,76 @@
+"""Dynamic gating (the paper's first technique): sort the (token, expert) pairs, count them per expert, and send
+exactly the routed rows with a variable-size all-to-all. Nothing is padded, nothing is dropped.
+
+    1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
+    2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source x slot
+    3. variable all-to-all of the sorted rows and their probabilities, split by those counts
+    4. received rows arrive source-major; regroup them by local slot so each expert runs on one contiguous slice
+    5. un-group, reverse all-to-all, combine with index_add_ into [T, D]
+
+Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
+P expert positions (rank-major, E of them), R ranks, L experts per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_infer.gating.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.placement import Placement
+
+
+class DynamicGating:
+    def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
+        self.placement = placement
+        self.ranks = ExpertGroup(placement, group)
+        self._position_of_E = placement.position_of_E
+
+    def __call__(
+        self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
+    ) -> tuple[torch.Tensor, GatingStats]:
+        num_tokens, topk = experts_TK.shape
+        R, L = self.placement.ranks, self.placement.experts_per_rank
+        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * topk)
+        timer = PhaseTimer(stats, x_TD.device)
+
+        # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
+        position_N = self._position_of_E.to(experts_TK.device)[experts_TK.reshape(-1)]
+        order_N = torch.argsort(position_N, stable=True)
+        token_N = torch.div(order_N, topk, rounding_mode="floor")  # pair n is (token n // K, choice n % K)
+        counts_P = torch.bincount(position_N, minlength=R * L)
+        timer.lap("gate")
+
+        # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own.
+        recv_RL = self.ranks.all_to_all(counts_P, [L] * R, [L] * R, stats).view(R, L)
+        send_R = counts_P.view(R, L).sum(1).tolist()
+        recv_R = recv_RL.sum(1).tolist()
+
+        # 3. Exactly the routed rows; the probabilities travel separately to stay fp32 whatever x's dtype.
+        x_MD = self.ranks.all_to_all(x_TD[token_N], send_R, recv_R, stats)
+        probs_M = self.ranks.all_to_all(probs_TK.reshape(-1)[order_N].float(), send_R, recv_R, stats)
+
+        # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
+        slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
+        group_M = torch.argsort(slot_M, stable=True)
+        timer.lap("dispatch")
+
+        per_slot = recv_RL.sum(0).tolist()
+        y_parts = [
+            run_expert(slot, x_ND, p_N) if n else x_ND
+            for slot, (x_ND, p_N, n) in enumerate(
+                zip(x_MD[group_M].split(per_slot), probs_M[group_M].split(per_slot), per_slot, strict=True)
+            )
+        ]
+        y_grouped_MD = torch.cat(y_parts) if y_parts else x_MD
+        stats.expert_rows = y_grouped_MD.shape[0]
+        timer.lap("experts")
+
+        # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
+        y_MD = torch.empty_like(y_grouped_MD)
+        y_MD[group_M] = y_grouped_MD
+        y_ND = self.ranks.all_to_all(y_MD, recv_R, send_R, stats)
+        out_TD = torch.zeros(num_tokens, x_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
+        out_TD.index_add_(0, token_N, y_ND)
+        timer.lap("combine")
+        return out_TD, stats

@@ -1,0 +1,89 @@
+"""Static gating (the baseline of fairseq / GShard / DeepSpeed TopKGate): every expert gets a fixed capacity of C
+slots, the tokens are moved with one-hot mask products into padded [E, C, D] buffers, and equal-size all-to-alls
+carry those buffers. Pairs past an expert's capacity are dropped (the token keeps only the caller's residual path);
+empty slots are zero rows that the experts compute anyway: the waste the paper measures.
+
+    C = max(1, ceil(capacity_fraction * T_max))        T_max: the most tokens any rank of the group brought
+    slot of each pair = running count per expert, first choices of all tokens before any second choice (GShard)
+    dispatch_TPC one-hot -> buf_PCD = einsum(dispatch, x) -> all-to-all -> experts on all R*C slots each
+    -> all-to-all back -> y_TD = einsum(dispatch, out_PCD)
+
+The routing probability is applied inside the expert, as in the reference (moe_infer.model.moe): a real slot gets its
+pair's probability, a padded slot 0, so padding contributes exactly 0 (the fc2 bias is scaled by it too) and the
+combine mask is 0/1. With a capacity that drops nothing the output equals the reference dispatch/combine.
+
+Shape legend: T tokens, K experts per token, D model dim, N pairs (K*T, choice-major), E experts, P expert positions
+(rank * L + slot, E of them), C capacity slots per expert, R ranks, L experts per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from moe_infer.gating.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.placement import Placement
+from pipeline.errors import PipelineError
+
+
+class StaticGating:
+    def __init__(self, placement: Placement, capacity_fraction: float, group: dist.ProcessGroup | None = None):
+        if not capacity_fraction > 0:
+            raise PipelineError(f"static gating: capacity_fraction must be > 0, got {capacity_fraction}")
+        self.placement, self.capacity_fraction = placement, capacity_fraction
+        self.ranks = ExpertGroup(placement, group)
+        self._position_of_E = placement.position_of_E
+
+    def capacity(self, max_tokens: int) -> int:
+        return max(1, math.ceil(self.capacity_fraction * max_tokens))
+
+    def __call__(
+        self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
+    ) -> tuple[torch.Tensor, GatingStats]:
+        num_tokens, topk = experts_TK.shape
+        R, L = self.placement.ranks, self.placement.experts_per_rank
+        E, D = R * L, x_TD.shape[-1]
+        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * topk)
+        timer = PhaseTimer(stats, x_TD.device)
+
+        # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks.
+        C = self.capacity(self.ranks.max(num_tokens))
+        # Choice-major pairs (n = k*T + t), so the cumsum fills every token's first choice before any second one.
+        position_N = self._position_of_E.to(experts_TK.device)[experts_TK.t().reshape(-1)]
+        token_N = torch.arange(num_tokens, device=x_TD.device).repeat(topk)
+        probs_N = probs_TK.t().reshape(-1).float()
+        mask_NP = torch.nn.functional.one_hot(position_N, E)
+        slot_N = ((torch.cumsum(mask_NP, dim=0) - 1) * mask_NP).sum(1)
+        kept_N = slot_N < C
+        stats.pairs_dropped = int((~kept_N).sum())
+        token_N, position_N, slot_N, probs_N = token_N[kept_N], position_N[kept_N], slot_N[kept_N], probs_N[kept_N]
+        dispatch_TPC = torch.zeros(num_tokens, E, C, dtype=x_TD.dtype, device=x_TD.device)
+        dispatch_TPC[token_N, position_N, slot_N] = 1
+        probs_PC = torch.zeros(E, C, dtype=torch.float32, device=x_TD.device)  # the combine weights, per slot
+        probs_PC[position_N, slot_N] = probs_N
+        stats.padded_slots = E * C - token_N.numel()
+        timer.lap("gate")
+
+        buf_PCD = torch.einsum("tpc,td->pcd", dispatch_TPC, x_TD)
+        # Position-major buffers: rank r's block of L experts goes to rank r; what comes back is [source, slot, C].
+        blocks = [L * C] * R
+        recv_RLCD = self.ranks.all_to_all(buf_PCD.reshape(E * C, D), blocks, blocks, stats).view(R, L, C, D)
+        recv_RLC = self.ranks.all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats).view(R, L, C)
+        timer.lap("dispatch")
+
+        y_RLCD = torch.stack(
+            [
+                run_expert(slot, recv_RLCD[:, slot].reshape(R * C, D), recv_RLC[:, slot].reshape(R * C)).view(R, C, D)
+                for slot in range(L)
+            ],
+            dim=1,
+        )
+        stats.expert_rows = R * L * C
+        timer.lap("experts")
+
+        out_PCD = self.ranks.all_to_all(y_RLCD.reshape(E * C, D), blocks, blocks, stats).view(E, C, D)
+        out_TD = torch.einsum("tpc,pcd->td", dispatch_TPC.to(out_PCD.dtype), out_PCD)
+        timer.lap("combine")
+        return out_TD, stats

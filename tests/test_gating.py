@@ -1,0 +1,194 @@
+"""Expert placement and the gating policies against the single-process reference (moe_infer.model.moe dispatch /
+combine over every expert), on a small random MoE layer: EP=1 in this process, EP=2 on two real gloo ranks with
+different token counts per rank (one rank with none).
+
+The worker `_check_policies` runs inside each rank: it asserts the outputs itself and returns every call's
+GatingStats so the test can check the byte counts across ranks.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_infer.gating import DynamicGating, GatingStats, StaticGating
+from moe_infer.model import ExpertFFN, ModelConfig, Router, combine, dispatch
+from moe_infer.placement import Placement, PlacementError
+from pipeline.platform.testing import run_distributed
+
+E, D, F = 8, 16, 32
+CASES = [(1, True), (1, False), (2, True), (2, False)]  # (topk, router pre_softmax)
+SMALL_CAPACITY = 0.1  # drops pairs for these token counts: C = max(1, ceil(0.1 * T_max))
+
+
+def _cfg(topk: int, pre_softmax: bool) -> ModelConfig:
+    return ModelConfig(
+        architecture="decoder",
+        hidden_size=D,
+        ffn_hidden_size=F,
+        num_attention_heads=2,
+        head_dim=D // 2,
+        num_layers=2,
+        encoder_layers=0,
+        max_positions=16,
+        vocab_size=32,
+        norm="layernorm",
+        norm_eps=1e-5,
+        activation="gelu",
+        position_embedding="learned",
+        rope_base=10000.0,
+        attention_scale=1.0,
+        tie_embeddings=True,
+        lm_head_bias=False,
+        num_experts=E,
+        topk=topk,
+        moe_layers={"decoder": (2,)},
+        router_pre_softmax=pre_softmax,
+        router_bias=True,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+    )
+
+
+def _randomized(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    module = module.to_empty(device="cpu").requires_grad_(False)
+    for param in module.parameters():
+        param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return module
+
+
+def _layer(topk: int, pre_softmax: bool) -> tuple[Router, list[ExpertFFN]]:
+    """The same router and full expert set on every rank (one seed); policies then use only the local experts."""
+    cfg, gen = _cfg(topk, pre_softmax), torch.Generator().manual_seed(1234)
+    return _randomized(Router(cfg), gen), [_randomized(ExpertFFN(cfg), gen) for _ in range(E)]
+
+
+def _reference(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
+    plan = dispatch(experts_TK, probs_TK, E)
+    y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
+    return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
+
+
+def _kept_within_capacity(experts_TK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Independent count: per expert, all first choices in token order, then all second choices; the first
+    `capacity` pairs of each expert are kept."""
+    kept_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
+    seen = [0] * E
+    for k in range(experts_TK.shape[1]):
+        for t in range(experts_TK.shape[0]):
+            e = int(experts_TK[t, k])
+            kept_TK[t, k] = seen[e] < capacity
+            seen[e] += 1
+    return kept_TK
+
+
+def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    placement = Placement.contiguous(E, world)
+    local = placement.local_experts(rank)
+    stats = []
+    for case, (topk, pre_softmax) in enumerate(CASES):
+        router, experts = _layer(topk, pre_softmax)
+        gen = torch.Generator().manual_seed(100 * case + rank)
+        x_TD = torch.randn(token_counts[rank], D, generator=gen)
+        probs_TK, experts_TK = router(x_TD)
+        expected_TD = _reference(x_TD, probs_TK, experts_TK, experts)
+        # Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert.
+        run_expert = lambda slot, x_ND, p_N, experts=experts: experts[local[slot]](x_ND, p_N)
+
+        for name, policy in [("dynamic", DynamicGating(placement)), ("static", StaticGating(placement, 1.0))]:
+            y_TD, s = policy(x_TD, probs_TK, experts_TK, run_expert)
+            torch.testing.assert_close(y_TD, expected_TD, rtol=1e-5, atol=1e-5, msg=f"{name} case {case}")
+            assert s.pairs_dropped == 0 and s.pairs_routed == x_TD.shape[0] * topk
+            stats.append((name, s))
+
+        small = StaticGating(placement, SMALL_CAPACITY)
+        y_TD, s = small(x_TD, probs_TK, experts_TK, run_expert)
+        capacity = max(1, math.ceil(SMALL_CAPACITY * max(token_counts)))
+        kept_TK = _kept_within_capacity(experts_TK, capacity)
+        assert s.pairs_dropped == int((~kept_TK).sum()), (case, s.pairs_dropped, int((~kept_TK).sum()))
+        assert s.dropped_fraction == (int((~kept_TK).sum()) / kept_TK.numel() if kept_TK.numel() else 0.0)
+        assert s.padded_slots == E * capacity - int(kept_TK.sum())
+        assert s.expert_rows == world * len(local) * capacity
+        # A dropped pair contributes nothing: the reference with its probability zeroed (p scales the whole output).
+        torch.testing.assert_close(
+            y_TD, _reference(x_TD, probs_TK * kept_TK, experts_TK, experts), rtol=1e-5, atol=1e-5
+        )
+        stats.append(("static-small", s))
+    return stats
+
+
+def _assert_bytes_balance(per_rank: list[list[tuple[str, GatingStats]]]) -> None:
+    for calls in zip(*per_rank, strict=True):
+        assert sum(s.bytes_sent for _, s in calls) == sum(s.bytes_received for _, s in calls), calls[0][0]
+
+
+def test_policies_equal_the_reference_on_one_rank():
+    stats = _check_policies([13])
+    assert all(s.bytes_sent == s.bytes_received == 0 for _, s in stats)
+    assert any(s.pairs_dropped for name, s in stats if name == "static-small")
+    dynamic = [s for name, s in stats if name == "dynamic"]
+    assert all(s.padded_slots == 0 and s.expert_rows == s.pairs_routed for s in dynamic)
+    assert all(set(s.seconds) == {"gate", "dispatch", "experts", "combine"} for _, s in stats)
+
+
+def test_zero_tokens_on_one_rank():
+    stats = _check_policies([0])
+    assert all(s.pairs_routed == 0 and s.pairs_dropped == 0 for _, s in stats)
+
+
+def test_policies_equal_the_reference_on_two_ranks():
+    # Uneven counts, then a rank with no tokens at all: it still takes part in every collective.
+    for token_counts in ([7, 12], [0, 11]):
+        per_rank = run_distributed(_check_policies, world_size=2, args=(token_counts,), timeout_s=60)
+        _assert_bytes_balance(per_rank)
+        calls = list(zip(*per_rank, strict=True))
+        assert any(sum(s.pairs_dropped for _, s in c) for c in calls if c[0][0] == "static-small")
+        # Expert parallelism really moved rows: each rank sent something in every call with tokens.
+        assert all(sum(s.bytes_sent for _, s in c) > 0 for c in calls)
+        # Dynamic sends exactly the routed rows; static sends padded buffers, which are larger here.
+        for dynamic, static in zip(calls[0::3], calls[1::3], strict=True):
+            assert [name for name, _ in dynamic + static] == ["dynamic"] * 2 + ["static"] * 2
+            assert sum(s.bytes_sent for _, s in dynamic) < sum(s.bytes_sent for _, s in static)
+
+
+# ---- placement ------------------------------------------------------------------------------------------------------
+
+
+def test_contiguous_placement():
+    p = Placement.contiguous(8, 2)
+    assert p.local_experts(0) == [0, 1, 2, 3] and p.local_experts(1) == [4, 5, 6, 7]
+    assert p.rank_of_E.tolist() == [0] * 4 + [1] * 4 and p.slot_of_E.tolist() == [0, 1, 2, 3] * 2
+    assert p.experts_per_rank == 4 and p.num_experts == 8
+    q = Placement.from_rank_lists([[5, 0], [3, 1], [2, 4]], num_experts=6)
+    assert q.local_experts(0) == [5, 0] and q.rank_of_E[3] == 1 and q.slot_of_E[4] == 1
+    assert q.position_of_E.tolist() == [1, 3, 4, 2, 5, 0]
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Placement.contiguous(6, 4), "6 experts cannot be split evenly over 4 ranks"),
+        (lambda: Placement.from_rank_lists([[0, 1], [1, 2]], 4), "expert 1 is placed twice"),
+        (lambda: Placement.from_rank_lists([[0, 1], [2]], 4), r"expert\(s\) \[3\] are not placed"),
+        (lambda: Placement.from_rank_lists([[0, 1], [2, 3, 4]], 4), "lists expert 4, outside 0..3"),
+        (lambda: Placement.from_rank_lists([[0, 1, 2], [3]], 4), r"ranks hold \[3, 1\] experts"),
+        (lambda: Placement([0, 0, 1, 1], [0, 2, 0, 1], 2), r"rank 0 holds experts \[0, 1\] in slots \[0, 2\]"),
+        (lambda: Placement([0, 0, 1, 2], [0, 1, 0, 1], 2), r"expert\(s\) \[3\] are on rank\(s\) \[2\]"),
+        (lambda: Placement([0, 1], [0], 2), "rank_of_E has 2 entries but slot_of_E has 1"),
+        (lambda: Placement.contiguous(4, 2).local_experts(2), "rank 2 is outside 0..1"),
+    ],
+)
+def test_placement_errors_say_what_is_wrong(build, message):
+    with pytest.raises(PlacementError, match=message):
+        build()
+
+
+def test_a_two_rank_placement_needs_a_process_group():
+    with pytest.raises(Exception, match="spans 2 ranks but torch.distributed is not initialized"):
+        DynamicGating(Placement.contiguous(8, 2))
+    with pytest.raises(Exception, match="capacity_fraction must be > 0"):
+        StaticGating(Placement.contiguous(8, 1), 0.0)
