@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moe_infer.model.config import ModelConfig
-from moe_infer.model.layers import activation
+from moe_infer.model.layers import DenseMLP, activation
 
 
 class Router(nn.Module):
@@ -47,15 +47,8 @@ class Router(nn.Module):
         return probs_TK, experts_TK
 
 
-class ExpertFFN(nn.Module):
-    """One expert: fc1 -> activation -> (scaled by the routing probability) -> fc2."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        rows = 2 * cfg.ffn_hidden_size if cfg.activation == "swiglu" else cfg.ffn_hidden_size
-        self.activation = cfg.activation
-        self.fc1 = nn.Linear(cfg.hidden_size, rows, device="meta")
-        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, device="meta")
+class ExpertFFN(DenseMLP):
+    """One expert: the dense FFN's weights, with the routing probability applied between activation and fc2."""
 
     def forward(self, x_ND: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
         h_NF = activation(self.activation, self.fc1(x_ND))
