@@ -13,77 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_exports import random_export_config, write_random_export
 
 from moe_infer import export_format as fmt
 from moe_infer.model import ExpertFFN, Export, ModelConfig, MoELayer, Router, load_model, read_expert
-from pipeline.convert.export import write_export, write_manifest
+from pipeline.convert.export import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _config(architecture: str, **model) -> dict:
-    d, heads, layers, enc = 32, 4, 4, (2 if architecture == "encoder-decoder" else 0)
-    num_experts, interval = 4, 2
-    stacks = {"decoder": layers, **({"encoder": enc} if enc else {})}
-    return {
-        "format": fmt.FORMAT,
-        "format_version": fmt.FORMAT_VERSION,
-        "architecture": architecture,
-        "model": {
-            "hidden_size": d,
-            "ffn_hidden_size": 48,
-            "num_attention_heads": heads,
-            "head_dim": d // heads,
-            "num_layers": layers,
-            "encoder_layers": enc,
-            "max_positions": 32,
-            "vocab_size": 50,
-            "norm": "layernorm",
-            "norm_eps": 1e-5,
-            "activation": "gelu",
-            "position_embedding": "learned",
-            "rope_base": 10000.0,
-            "attention_scale": (d // heads) ** -0.5,
-            "tie_embeddings": True,
-            "lm_head_bias": architecture == "encoder-decoder",
-            "dtype": "float32",
-            **model,
-        },
-        "moe": {
-            "num_experts": num_experts,
-            "topk": 2,
-            "interval": interval,
-            "moe_layers": {s: fmt.moe_layers(n, num_experts, interval) for s, n in stacks.items()},
-            "capacity_fraction": 1.0,
-            "router": {"score_function": "softmax", "pre_softmax": False, "bias": True, "dtype": "fp32"},
-        },
-        "tokenizer": {"file": "tokenizer.model", "vocab_size": 50, "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3},
-        "provenance": {"source_checkpoint": "random", "step": 0},
-    }
-
-
-def _write_random_export(path: Path, config: dict, seed: int = 0) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-
-    def random(shapes):
-        return {name: torch.randn(shape, generator=gen) * 0.3 for name, shape in shapes.items()}
-
-    experts = {key: random(fmt.expert_shapes(config)) for key in fmt.expert_keys(config)}
-    path.mkdir(parents=True)
-    write_export(path, config, random(fmt.dense_shapes(config)), experts, b"a sentencepiece model")
-    return path
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     return {
-        "lm": _write_random_export(root / "lm", _config("decoder")),
-        "lm-rope": _write_random_export(
+        "lm": write_random_export(root / "lm", random_export_config("decoder")),
+        "lm-rope": write_random_export(
             root / "lm-rope",
-            _config("decoder", position_embedding="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False),
+            random_export_config(
+                "decoder", position_embedding="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False
+            ),
         ),
-        "mt": _write_random_export(root / "mt", _config("encoder-decoder")),
+        "mt": write_random_export(root / "mt", random_export_config("encoder-decoder")),
     }
 
 
@@ -123,7 +73,7 @@ def test_mt_incremental_decoding_matches_teacher_forcing(exports):
 
 
 def test_router_topk_with_and_without_pre_softmax():
-    cfg = ModelConfig.from_export(_config("decoder"))
+    cfg = ModelConfig.from_export(random_export_config("decoder"))
     router = Router(cfg)
     router.weight = torch.nn.Parameter(torch.eye(4, 32))
     router.bias = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0, 1.0]))
@@ -263,7 +213,7 @@ def test_an_incomplete_or_truncated_export_is_refused(exports, tmp_path):
         Export.open(tmp_path / "nothing")
 
 
-def _rewrite_config(root: Path, edit) -> None:
+def _rewriterandom_export_config(root: Path, edit) -> None:
     config = json.loads((root / fmt.CONFIG_FILE).read_text())
     edit(config)
     (root / fmt.CONFIG_FILE).write_text(json.dumps(config))
@@ -282,14 +232,14 @@ def _rewrite_config(root: Path, edit) -> None:
 )
 def test_a_bad_config_names_the_field(exports, tmp_path, edit, message):
     root = _copy(exports["lm"], tmp_path)
-    _rewrite_config(root, edit)
+    _rewriterandom_export_config(root, edit)
     with pytest.raises(fmt.ExportError, match=f"{root / fmt.CONFIG_FILE}: " + message.replace("(", r"\(")):
         Export.open(root)
 
 
 def test_a_tensor_of_the_wrong_shape_is_named(exports, tmp_path):
     root = _copy(exports["lm"], tmp_path)
-    _rewrite_config(root, lambda c: c["model"].update(ffn_hidden_size=40))  # the weights are for 48
+    _rewriterandom_export_config(root, lambda c: c["model"].update(ffn_hidden_size=40))  # the weights are for 48
     with pytest.raises(
         fmt.ExportError,
         match=r"dense.safetensors: tensor decoder.layers.1.mlp.fc1.weight has shape \[48, 32\], "
