@@ -4,7 +4,8 @@ Numerics follow megatron-core 0.16.1's local (non-TransformerEngine) layers in f
 the configured eps; scores = q k^T * attention_scale (1/sqrt(head_dim)), masked positions filled before a softmax over
 the keys; exact (erf) GELU; swiglu = silu(first half of fc1) * second half; rotate-half RoPE on every head dim.
 
-Shape legend: B batch, S query positions, K key positions (cached + new), H heads, Dh head dim, D model dim, F ffn dim.
+Shape legend: B batch (may be 0: an idle rank's empty batch), S query positions, K key positions (cached + new),
+H heads, Dh head dim, D model dim, F ffn dim.
 """
 
 from __future__ import annotations
@@ -37,17 +38,24 @@ class Norm(nn.Module):
 
 def rope_angles(cfg: ModelConfig, start: int, length: int, device: torch.device) -> torch.Tensor:
     """[S, Dh] angles of positions start..start+length-1 (each frequency twice: rotate-half layout)."""
+    return rope_angles_at(cfg, torch.arange(start, start + length, device=device))
+
+
+def rope_angles_at(cfg: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
+    """[..., Dh] angles of the given integer positions (any shape, e.g. [B, S] for per-row positions)."""
     dh = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, dh, 2, dtype=torch.float32, device=device) / dh))
-    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    freqs = torch.outer(positions, inv_freq)
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, dh, 2, dtype=torch.float32, device=positions.device) / dh))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     return torch.cat((freqs, freqs), dim=-1)
 
 
-def apply_rope(x_BHSD: torch.Tensor, angles_SD: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BHSD: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """`angles` [S, Dh] (the same positions for every row) or [B, S, Dh] (per-row positions)."""
+    if angles.dim() == 3:
+        angles = angles.unsqueeze(1)  # broadcast over the heads
     x1, x2 = torch.chunk(x_BHSD, 2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x_BHSD * angles_SD.cos().to(x_BHSD.dtype) + rotated * angles_SD.sin().to(x_BHSD.dtype)
+    return x_BHSD * angles.cos().to(x_BHSD.dtype) + rotated * angles.sin().to(x_BHSD.dtype)
 
 
 @dataclass
@@ -61,6 +69,12 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.k_BHKD is None else self.k_BHKD.shape[2]
+
+    def select(self, rows_B: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) these batch rows."""
+        if self.k_BHKD is not None:
+            self.k_BHKD = self.k_BHKD.index_select(0, rows_B)
+            self.v_BHKD = self.v_BHKD.index_select(0, rows_B)
 
 
 class Attention(nn.Module):
@@ -84,18 +98,19 @@ class Attention(nn.Module):
         self,
         x_BSD: torch.Tensor,
         mask_BHSK: torch.Tensor | None = None,
-        angles_SD: torch.Tensor | None = None,
+        angles: torch.Tensor | None = None,
         cache: KVCache | None = None,
         memory_BKD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask`: True where a query must not see a key. Self-attention: `cache` (if any) is extended by this call's
+        """`mask`: True where a query must not see a key ([1, 1, S, K] or [B, 1, S, K]); `angles`: RoPE angles,
+        [S, Dh] or per row [B, S, Dh]. Self-attention: `cache` (if any) is extended by this call's
         keys. Cross-attention (`memory` given): keys and values come from `cache` when it holds them, else from
         `memory` (and are stored in `cache`)."""
         q_BHSD = self._split(self.q(x_BSD))
         if memory_BKD is None:  # self-attention
             k_BHKD, v_BHKD = self.keys_values(x_BSD)
             if self.rope:
-                q_BHSD, k_BHKD = apply_rope(q_BHSD, angles_SD), apply_rope(k_BHKD, angles_SD)
+                q_BHSD, k_BHKD = apply_rope(q_BHSD, angles), apply_rope(k_BHKD, angles)
             if cache is not None:
                 if cache.k_BHKD is not None:
                     k_BHKD = torch.cat((cache.k_BHKD, k_BHKD), dim=2)
