@@ -1,0 +1,1 @@
+"""The inference engine: an export served under expert parallelism with a chosen MoE implementation."""
