@@ -41,6 +41,15 @@ class GatingStats:
     def dropped_fraction(self) -> float:
         return self.pairs_dropped / self.pairs_routed if self.pairs_routed else 0.0
 
+    def add(self, other: GatingStats) -> None:
+        """Accumulate another call's figures into these (a layer's totals over a run)."""
+        for name in ("tokens", "pairs_routed", "pairs_dropped", "padded_slots", "expert_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+        for phase, seconds in other.seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
 
 class GatingPolicy(Protocol):
     def __call__(

@@ -1,0 +1,164 @@
+"""An export loaded for serving on this rank: dense layers replicated, experts sharded by a placement map, every MoE
+layer served by the chosen implementation (moe_infer.engine.layer), the model wrapped by DeepSpeed's inference engine.
+
+    engine = Engine.start("exports/lm-tiny", EngineOptions(policy="dynamic"))   joins the launcher's job (or none)
+    engine.model                     the plain-torch model (DecoderLM / EncoderDecoder) with served MoE layers
+    engine.sync                      LockStep over the group: idle ranks keep calling the model with empty batches
+    mine = engine.share(requests)    this rank's requests (every rank reads them all, serves every R-th one)
+    results = engine.gather(mine_results, len(requests))     everyone's results in request order, on every rank
+
+The expert-parallel group is the whole world: R ranks, E/R experts of each MoE layer on each. Each rank opens only the
+expert files its placement assigns it (moe_infer.model.loader reads nothing else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_infer.engine.layer import POLICIES, BlockOptions, ServedMoELayer, build_block
+from moe_infer.engine.lockstep import LockStep
+from moe_infer.model.loader import Export, load_model, read_expert
+from moe_infer.model.moe import MoELayer
+from moe_infer.model.transformer import DecoderLM, EncoderDecoder
+from moe_infer.placement import Placement
+from pipeline.errors import PipelineError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class EngineError(PipelineError):
+    """The engine cannot serve this export as asked (EP degree, policy, dtype)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    policy: str = "dynamic"
+    block: BlockOptions = field(default_factory=BlockOptions)
+    dtype: str = "float32"
+    placement: Placement | None = None  # None: contiguous (rank r holds experts r*E/R ... (r+1)*E/R - 1)
+    timeout_s: float = 300.0  # bounds every collective: a rank that fails makes the others fail, never hang
+    deepspeed_inference: bool = True  # wrap with deepspeed.init_inference
+
+
+@dataclass
+class Engine:
+    export: Export
+    model: DecoderLM | EncoderDecoder
+    placement: Placement
+    options: EngineOptions
+    rank: int
+    world_size: int
+    device: torch.device
+    sync: LockStep
+    ds_engine: Any = None
+
+    @classmethod
+    def start(cls, export_dir: str | Path, options: EngineOptions = EngineOptions()) -> Engine:
+        from pipeline.platform import detect_platform, init_distributed
+
+        if options.policy not in POLICIES:
+            raise EngineError(f"unknown MoE policy {options.policy!r}; expected one of {', '.join(POLICIES)}")
+        if options.dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
+        platform = detect_platform()
+        info = init_distributed(platform, timeout_s=options.timeout_s, use_deepspeed=True)
+        device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
+        export = Export.open(export_dir)
+        placement = expert_placement(export, info.world_size, options.placement)
+        model = load_served_model(export, placement, info.rank, options, device)
+        engine = cls(export, model, placement, options, info.rank, info.world_size, device, LockStep(device=device))
+        if options.deepspeed_inference:
+            engine.ds_engine = _wrap_with_deepspeed(model, DTYPES[options.dtype])
+        return engine
+
+    @property
+    def moe_layers(self) -> list[ServedMoELayer]:
+        return [m for m in self.model.modules() if isinstance(m, ServedMoELayer)]
+
+    def reset_stats(self) -> None:
+        for layer in self.moe_layers:
+            layer.reset_stats()
+
+    def share(self, requests: Sequence[Any]) -> list[Any]:
+        """This rank's requests: every R-th one from its rank on (all ranks see all requests, so validation errors
+        are raised on every rank alike before any collective)."""
+        return list(requests[self.rank :: self.world_size])
+
+    def gather(self, results: list[Any], total: int) -> list[Any]:
+        """Every rank's results (each in `share` order) back in request order, on every rank."""
+        if self.world_size == 1:
+            return list(results)
+        per_rank: list[list[Any]] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(per_rank, results)
+        ordered: list[Any] = [None] * total
+        for rank, items in enumerate(per_rank):
+            ordered[rank :: self.world_size] = items
+        return ordered
+
+
+def expert_placement(export: Export, ranks: int, placement: Placement | None) -> Placement:
+    num_experts = export.model_config.num_experts
+    if num_experts % ranks:
+        raise EngineError(
+            f"{export.path}: the export has {num_experts} experts per MoE layer, which cannot be split evenly over "
+            f"{ranks} ranks (the EP degree is the number of ranks: use one that divides {num_experts})"
+        )
+    placement = placement or Placement.contiguous(num_experts, ranks)
+    if placement.ranks != ranks or placement.num_experts != num_experts:
+        raise EngineError(
+            f"the placement is for {placement.num_experts} experts on {placement.ranks} ranks; this job has "
+            f"{num_experts} experts on {ranks} ranks"
+        )
+    return placement
+
+
+def load_served_model(
+    export: Export, placement: Placement, rank: int, options: EngineOptions, device: torch.device
+) -> DecoderLM | EncoderDecoder:
+    """The dense model (no experts loaded by the loader) with each MoE layer replaced by a served block holding this
+    rank's experts. Blocks are built in the same order on every rank (DeepSpeed's first block creates its groups)."""
+    dtype = DTYPES[options.dtype]
+    model = load_model(export, experts=lambda stack, layer, expert: False, device=device, dtype=dtype)
+    local = placement.local_experts(rank)
+    capacity_fraction = float(export.config["moe"]["capacity_fraction"])
+    for stack, layer, moe in _moe_layers(model):
+        experts = {
+            e: {k: t.to(device=device, dtype=dtype) for k, t in read_expert(export, stack, layer, e).items()}
+            for e in local
+        }
+        router = {k: t.detach().float() for k, t in moe.router.state_dict().items()}
+        block = build_block(
+            options.policy, export.model_config, router, experts, placement, options.block, capacity_fraction
+        )
+        getattr(model, stack).layers[str(layer)].moe = ServedMoELayer(block, moe.name)
+    return model.eval().requires_grad_(False)
+
+
+def _moe_layers(model: DecoderLM | EncoderDecoder) -> list[tuple[str, int, MoELayer]]:
+    found = []
+    for stack in ("encoder", "decoder"):
+        for number, layer in getattr(model, stack).layers.items() if hasattr(model, stack) else ():
+            if isinstance(getattr(layer, "moe", None), MoELayer):
+                found.append((stack, int(number), layer.moe))
+    return found
+
+
+def _wrap_with_deepspeed(model: torch.nn.Module, dtype: torch.dtype):
+    """deepspeed.init_inference as a thin wrapper: no kernel injection (it has no CPU kernels and no policy for our
+    modules), no tensor parallelism (dense layers are replicated). The engine keeps calling `model` itself, which
+    the wrapper holds as `.module`: our models need encode/decode/new_cache, which the wrapper does not forward."""
+    import deepspeed
+
+    ds_engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False)
+    if ds_engine.module is not model:
+        raise EngineError("deepspeed.init_inference replaced the model; the engine needs the model it built")
+    return ds_engine
+
+
+__all__ = ["DTYPES", "Engine", "EngineError", "EngineOptions", "expert_placement"]

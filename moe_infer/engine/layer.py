@@ -1,0 +1,114 @@
+"""The MoE layer as the engine serves it: one of four implementations ("blocks") on the same exported weights, behind
+one module that the model calls in place of its reference MoELayer.
+
+    block = build_block("dynamic", cfg, router, experts, placement)          see POLICIES
+    model.decoder.layers["2"].moe = ServedMoELayer(block, "decoder.layers.2")
+    layer.totals                                                              GatingStats summed over every call
+
+    dynamic    our router + DynamicGating (sort, count, variable all-to-all) + LocalExperts
+    static     our router + StaticGating (capacity fraction C, padded buffers, drops) + LocalExperts
+    deepspeed  deepspeed.moe.layer.MoE (TopKGate), capacity factor and drop_tokens from the options
+    megatron   megatron-core's MoELayer, dropless, alltoall dispatcher (imported only when chosen)
+
+Shape legend: B batch, S positions, T tokens (B*S), K experts per token, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_infer.engine.block import ExpertTensors, MoEBlock, RouterTensors
+from moe_infer.engine.experts import LocalExperts
+from moe_infer.gating import DynamicGating, GatingStats, StaticGating
+from moe_infer.model.config import ModelConfig
+from moe_infer.model.moe import Router
+from moe_infer.placement import Placement
+from pipeline.errors import PipelineError
+
+POLICIES = ("dynamic", "static", "deepspeed", "megatron")
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """What the policies need besides the weights. None: the export's own setting."""
+
+    capacity_fraction: float | None = None  # static: slots per expert as a fraction of the tokens per rank
+    capacity_factor: float = 1.0  # deepspeed: DeepSpeed's capacity factor (capacity = ceil(k * T / E * factor))
+    drop_tokens: bool = True  # deepspeed: False pads every expert to the largest count instead of dropping
+
+
+def load_router(cfg: ModelConfig, tensors: RouterTensors, device: torch.device | str = "cpu") -> Router:
+    router = Router(cfg)
+    router.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}, assign=True)
+    return router.requires_grad_(False)
+
+
+class PolicyBlock(nn.Module):
+    """Our router, a gating policy (dynamic or static) and this rank's experts."""
+
+    def __init__(self, cfg: ModelConfig, router: RouterTensors, experts: ExpertTensors, placement: Placement, policy):
+        super().__init__()
+        rank = dist.get_rank() if placement.ranks > 1 else 0
+        self.router = load_router(cfg, router, next(iter(experts.values()))["fc1.weight"].device)
+        self.experts = LocalExperts(cfg, [experts[e] for e in placement.local_experts(rank)])
+        self.policy = policy
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
+        cuda = x_TD.device.type == "cuda"
+        start = time.perf_counter()
+        probs_TK, experts_TK = self.router(x_TD)
+        if cuda:
+            torch.cuda.synchronize()
+        routed = time.perf_counter()
+        y_TD, stats = self.policy(x_TD, probs_TK, experts_TK, self.experts)
+        stats.seconds["gate"] += routed - start
+        return y_TD.to(x_TD.dtype), stats
+
+
+def build_block(
+    kind: str,
+    cfg: ModelConfig,
+    router: RouterTensors,
+    experts: ExpertTensors,
+    placement: Placement,
+    options: BlockOptions = BlockOptions(),
+    export_capacity_fraction: float = 1.0,
+) -> MoEBlock:
+    """One MoE layer's block of the given kind; `experts` holds this rank's experts (global id -> tensors)."""
+    if kind == "dynamic":
+        return PolicyBlock(cfg, router, experts, placement, DynamicGating(placement))
+    if kind == "static":
+        fraction = options.capacity_fraction if options.capacity_fraction is not None else export_capacity_fraction
+        return PolicyBlock(cfg, router, experts, placement, StaticGating(placement, fraction))
+    if kind == "deepspeed":
+        from moe_infer.engine.baselines.deepspeed_block import DeepSpeedBlock
+
+        return DeepSpeedBlock(cfg, router, experts, placement, options.capacity_factor, options.drop_tokens)
+    if kind == "megatron":
+        from moe_infer.engine.baselines.megatron_block import MegatronBlock
+
+        return MegatronBlock(cfg, router, experts, placement)
+    raise PipelineError(f"unknown MoE policy {kind!r}; expected one of {', '.join(POLICIES)}")
+
+
+class ServedMoELayer(nn.Module):
+    """Stands where the model's MoELayer stood: reshapes [B, S, D] to tokens, calls the block, keeps the figures."""
+
+    def __init__(self, block: MoEBlock, name: str):
+        super().__init__()
+        self.block, self.name = block, name
+        self.totals, self.calls = GatingStats(), 0
+
+    def reset_stats(self) -> None:
+        self.totals, self.calls = GatingStats(), 0
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        y_TD, stats = self.block(x_BSD.reshape(-1, x_BSD.shape[-1]))
+        self.totals.add(stats)
+        self.calls += 1
+        return y_TD.view_as(x_BSD)

@@ -1,0 +1,310 @@
+"""One MoE layer, every implementation side by side on the same weights and tokens: the engine's headline benchmark.
+
+    python -m moe_infer.engine.layer_bench                          EP=1, the paper-LM-shaped layer (below)
+    torchrun --nproc-per-node 2 -m moe_infer.engine.layer_bench     EP=2 (or deepspeed --num_gpus 2 / make bench)
+
+The default layer has the paper LM's waste factor E*C/k = 12.8 (E=64, C=0.4, top-2) at D=256, F=1024 with S=4096
+tokens per rank. Each rank brings its own tokens (a different seed per rank); the router and experts are the same
+random weights on every rank, and each rank holds its E/R experts.
+
+For each implementation: wall time per layer call (the slowest rank's, median of `--repeats` after a warm-up),
+tokens/s over the whole group, time per phase (gate, dispatch, experts, combine), the activation memory of one call
+(moe_infer.engine.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
+(the implementations that drop nothing must agree to fp32 rounding). Two floors, timed the same way:
+    floor-matmul   this rank's expert matrix products alone (x @ W1^T, h @ W2^T per expert, rows pre-grouped)
+    floor-ffn      the expert FFNs alone (bias and activation included) on the same pre-grouped rows
+The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given.
+
+Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts per token, R ranks, L experts per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_infer.engine.block import ExpertTensors, RouterTensors
+from moe_infer.engine.experts import LocalExperts
+from moe_infer.engine.layer import POLICIES, BlockOptions, build_block
+from moe_infer.engine.memory import peak_activation_bytes
+from moe_infer.gating import GatingStats
+from moe_infer.model.config import ModelConfig
+from moe_infer.placement import Placement
+from pipeline.atomic import write_atomic
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class Result:
+    name: str
+    ms: float  # per layer call, slowest rank, median over repeats
+    tokens_per_s: float  # tokens of the whole group per second
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    activation_mb: float = 0.0
+    dropped_fraction: float = 0.0
+    max_diff_vs_dynamic: float | None = None
+
+
+def layer_config(experts: int, hidden: int, ffn: int, topk: int, activation: str = "gelu") -> ModelConfig:
+    """A ModelConfig holding just what one MoE layer needs (the other fields are never read by a block)."""
+    return ModelConfig(
+        architecture="decoder",
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=1,
+        head_dim=hidden,
+        num_layers=1,
+        encoder_layers=0,
+        max_positions=1,
+        vocab_size=1,
+        norm="layernorm",
+        norm_eps=1e-5,
+        activation=activation,
+        position_embedding="learned",
+        rope_base=10000.0,
+        attention_scale=1.0,
+        tie_embeddings=True,
+        lm_head_bias=False,
+        num_experts=experts,
+        topk=topk,
+        moe_layers={"decoder": (1,)},
+        # DeepSpeed's top-1 takes the softmax over all experts, its top-2 renormalises the two: match it either way.
+        router_pre_softmax=topk == 1,
+        router_bias=False,
+        pad_id=0,
+        bos_id=0,
+        eos_id=0,
+    )
+
+
+def random_layer(cfg: ModelConfig, seed: int) -> tuple[RouterTensors, ExpertTensors]:
+    """Weights scaled like a trained layer's (std 1/sqrt(fan-in)); the same on every rank for the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+
+    def randn(*shape, fan_in):
+        return torch.randn(*shape, generator=gen) / fan_in**0.5
+
+    router = {"weight": randn(cfg.num_experts, d, fan_in=d)}
+    experts = {
+        e: {
+            "fc1.weight": randn(f, d, fan_in=d),
+            "fc1.bias": randn(f, fan_in=d),
+            "fc2.weight": randn(d, f, fan_in=f),
+            "fc2.bias": randn(d, fan_in=f),
+        }
+        for e in range(cfg.num_experts)
+    }
+    return router, experts
+
+
+def _slowest(seconds: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _barrier(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def time_calls(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of the slowest rank (all ranks start each call together)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _barrier(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(_slowest(time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def expert_floors(
+    cfg: ModelConfig, experts: LocalExperts, rows_L: list[int], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Seconds per call of this rank's expert work alone, on rows already grouped by expert (`rows_L` per slot)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    x_L = [torch.randn(n, cfg.hidden_size, generator=gen, device=device) for n in rows_L]
+    p_L = [torch.ones(n, device=device) for n in rows_L]
+    w1, w2 = experts.w1_LF1D, experts.w2_LDF
+
+    def matmuls():
+        for slot, x_ND in enumerate(x_L):
+            if x_ND.shape[0]:
+                h_NF = torch.mm(x_ND, w1[slot].t())
+                if cfg.activation == "swiglu":  # fc2 takes F columns: the shape of the real product
+                    h_NF = h_NF[:, : cfg.ffn_hidden_size]
+                torch.mm(h_NF, w2[slot].t())
+
+    def ffns():
+        for slot, (x_ND, p_N) in enumerate(zip(x_L, p_L, strict=True)):
+            if x_ND.shape[0]:
+                experts(slot, x_ND, p_N)
+
+    return {
+        "floor-matmul": time_calls(matmuls, repeats, warmup, device),
+        "floor-ffn": time_calls(ffns, repeats, warmup, device),
+    }
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
+
+    platform = detect_platform()
+    set_threads_per_rank()
+    info = init_distributed(platform, use_deepspeed=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
+    ranks, rank = info.world_size, info.rank
+    if args.experts % ranks:
+        raise PipelineError(f"layer bench: {args.experts} experts cannot be split evenly over {ranks} ranks")
+    cfg = layer_config(args.experts, args.hidden, args.ffn, args.topk, args.activation)
+    placement = Placement.contiguous(cfg.num_experts, ranks)
+    router, all_experts = random_layer(cfg, args.seed)
+    local = {e: {k: v.to(device) for k, v in all_experts[e].items()} for e in placement.local_experts(rank)}
+    router = {k: v.to(device) for k, v in router.items()}
+    gen = torch.Generator().manual_seed(args.seed + 1 + rank)
+    x_TD = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
+    options = BlockOptions(
+        capacity_fraction=args.capacity_fraction,
+        capacity_factor=args.ds_capacity_factor,
+        drop_tokens=not args.ds_no_drop,
+    )
+
+    results: list[Result] = []
+    reference = None
+    for kind in args.policies:
+        block = build_block(kind, cfg, router, local, placement, options)
+        with torch.inference_mode():
+            y_TD, _ = block(x_TD)
+            seconds = time_calls(lambda b=block: b(x_TD), args.repeats, args.warmup, device)
+            totals = GatingStats()
+            for _ in range(args.repeats):
+                totals.add(block(x_TD)[1])
+            activation = peak_activation_bytes(lambda b=block: b(x_TD), device)
+        if kind == "dynamic":
+            reference, dynamic_block = y_TD, block
+        diff = None if reference is None else _slowest(float((y_TD - reference).abs().max()) if y_TD.numel() else 0.0)
+        results.append(
+            Result(
+                name=kind,
+                ms=seconds * 1e3,
+                tokens_per_s=args.tokens * ranks / seconds,
+                phases_ms={p: s / args.repeats * 1e3 for p, s in totals.seconds.items()},
+                activation_mb=_slowest(activation) / 2**20,
+                dropped_fraction=totals.dropped_fraction,
+                max_diff_vs_dynamic=diff,
+            )
+        )
+        del block
+    if "dynamic" in args.policies:
+        rows_L = _rows_per_local_expert(dynamic_block, x_TD, placement, rank)
+        for name, seconds in expert_floors(
+            cfg, dynamic_block.experts, rows_L, args.repeats, args.warmup, device
+        ).items():
+            results.append(Result(name=name, ms=seconds * 1e3, tokens_per_s=args.tokens * ranks / seconds))
+    return results
+
+
+def _rows_per_local_expert(block, x_TD: torch.Tensor, placement: Placement, rank: int) -> list[int]:
+    """How many rows each local expert of this rank receives from the whole group (what dynamic computes)."""
+    with torch.inference_mode():
+        _, experts_TK = block.router(x_TD)
+    counts_E = torch.bincount(experts_TK.reshape(-1).cpu(), minlength=placement.num_experts)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts_E)
+    return [int(counts_E[e]) for e in placement.local_experts(rank)]
+
+
+def format_table(results: list[Result], ranks: int) -> str:
+    by_name = {r.name: r for r in results}
+    base = by_name.get("dynamic")
+    head = f"{'implementation':<14}{'ms/call':>10}{'tok/s':>11}{'x dynamic':>10}"
+    head += f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'act MB':>9}{'dropped':>9}{'diff':>10}"
+    lines = [f"MoE layer, EP={ranks} (times in ms; 'x dynamic' = time / dynamic's time)", head]
+    for r in results:
+        ratio = f"{r.ms / base.ms:>10.2f}" if base else f"{'-':>10}"
+        phases = "".join(f"{r.phases_ms.get(p, 0.0):>{w}.1f}" for p, w in zip(PHASES, (8, 9, 9, 9), strict=True))
+        if not r.phases_ms:
+            phases = f"{'':>35}"
+        diff = f"{r.max_diff_vs_dynamic:>10.1e}" if r.max_diff_vs_dynamic is not None else f"{'':>10}"
+        extra = f"{r.activation_mb:>9.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
+        lines.append(f"{r.name:<14}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
+    return "\n".join(lines)
+
+
+PHASES = ("gate", "dispatch", "experts", "combine")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], prog="python -m moe_infer.engine.layer_bench"
+    )
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    parser.add_argument("--capacity-fraction", type=float, default=0.4, help="static: slots per expert / tokens")
+    parser.add_argument("--ds-capacity-factor", type=float, default=1.0)
+    parser.add_argument(
+        "--ds-no-drop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DeepSpeed drop_tokens=False (pad to the largest count; the default)",
+    )
+    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.policies if p not in POLICIES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}; expected some of {', '.join(POLICIES)}")
+    for name in ("experts", "hidden", "ffn", "topk", "tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(format_table(results, ranks))
+        if args.out:
+            payload = {
+                "ranks": ranks,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "results": [asdict(r) for r in results],
+            }
+            write_atomic(args.out, json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
