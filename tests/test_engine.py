@@ -1,0 +1,91 @@
+"""The engine end to end on small random exports: every MoE implementation, served at EP=1 and EP=2 (real gloo ranks
+started through DeepSpeed's comm layer), gives the single-process reference model's logits to fp32 rounding when it
+drops nothing; generation and translation under EP=2 equal the single-process results; an idle rank keeps up.
+"""
+
+import pytest
+import torch
+from random_exports import random_export_config, write_random_export
+
+from moe_infer.engine.engine import Engine, EngineError, EngineOptions
+from moe_infer.engine.generate import GenerationSettings, generate
+from moe_infer.engine.layer import POLICIES, BlockOptions
+from moe_infer.engine.translate import TranslationSettings, translate
+from moe_infer.model import load_model
+from pipeline.platform.testing import run_distributed
+
+# Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
+NO_DROP = BlockOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
+TOKENS_PER_RANK = [(3, 7), (0, 7)]  # rank 0: 3 sequences of 7 tokens; rank 1: none (it still joins every exchange)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-exports")
+    return {
+        "top1": write_random_export(root / "top1", random_export_config("decoder", topk=1, pre_softmax=True), seed=1),
+        "top2": write_random_export(root / "top2", random_export_config("decoder", topk=2, pre_softmax=False), seed=2),
+        "mt": write_random_export(root / "mt", random_export_config("encoder-decoder", num_experts=4), seed=3),
+    }
+
+
+def _serve_every_policy(export: str) -> dict[str, float]:
+    """On each rank: the largest difference from the reference model, per policy, over this rank's tokens."""
+    diffs = {}
+    for policy in POLICIES:
+        engine = Engine.start(export, EngineOptions(policy=policy, block=NO_DROP, timeout_s=60))
+        batch, length = TOKENS_PER_RANK[engine.rank]
+        tokens = torch.randint(4, 50, (batch, length), generator=torch.Generator().manual_seed(engine.rank))
+        reference = load_model(export)(tokens)
+        with torch.inference_mode():
+            logits = engine.model(tokens)
+        assert logits.shape == reference.shape
+        diffs[policy] = float((logits - reference).abs().max()) if batch else 0.0
+        assert all(layer.calls == 1 and layer.totals.pairs_dropped == 0 for layer in engine.moe_layers), policy
+    return diffs
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("routing", ["top1", "top2"])
+def test_every_policy_equals_the_reference_model(exports, ranks, routing):
+    per_rank = run_distributed(
+        _serve_every_policy, world_size=ranks, args=(str(exports[routing]),), init_process_group=False, timeout_s=180
+    )
+    for diffs in per_rank:
+        assert set(diffs) == set(POLICIES)
+        assert max(diffs.values()) < 1e-5, diffs
+
+
+def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[list[int]]]:
+    engine = Engine.start(lm, EngineOptions(policy="dynamic", timeout_s=60))
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
+    settings = GenerationSettings(max_new_tokens=5, batch_size=2)
+    generated = engine.gather(generate(engine.model, engine.share(prompts), settings, engine.sync), len(prompts))
+    engine = Engine.start(mt, EngineOptions(policy="dynamic", timeout_s=60))
+    sources = [[5, 6, 7, 3], [8, 3], [9, 10, 11, 12, 3]]
+    settings = TranslationSettings(max_len=6, beam_size=2, batch_size=2)
+    translated = engine.gather(translate(engine.model, engine.share(sources), settings, engine.sync), len(sources))
+    return generated, translated
+
+
+def test_generation_and_translation_under_two_ranks_equal_one_process(exports):
+    args = (str(exports["top2"]), str(exports["mt"]))
+    single = run_distributed(_generate_and_translate, world_size=1, args=args, init_process_group=False)[0]
+    both = run_distributed(_generate_and_translate, world_size=2, args=args, init_process_group=False, timeout_s=180)
+    assert both[0] == both[1] == single
+    assert all(len(tokens) > 0 for tokens in single[0])
+
+
+def _start(export: str) -> None:
+    Engine.start(export, EngineOptions(timeout_s=30))
+
+
+def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
+    export = write_random_export(tmp_path / "three", random_export_config("decoder", num_experts=3))
+    with pytest.raises(Exception, match=r"3 experts per MoE layer, which cannot be split evenly over 2 ranks"):
+        run_distributed(_start, world_size=2, args=(str(export),), init_process_group=False, timeout_s=60)
+
+
+def test_an_unknown_policy_is_named():
+    with pytest.raises(EngineError, match=r"unknown MoE policy 'fast'; expected one of dynamic, static"):
+        Engine.start("anywhere", EngineOptions(policy="fast"))
