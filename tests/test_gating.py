@@ -97,7 +97,7 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         probs_TK, experts_TK = router(x_TD)
         expected_TD = _reference(x_TD, probs_TK, experts_TK, experts)
         # Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert.
-        run_expert = lambda slot, x_ND, p_N, experts=experts: experts[local[slot]](x_ND, p_N)
+        run_expert = lambda slot, x_ND, p_N, out_ND, experts=experts: out_ND.copy_(experts[local[slot]](x_ND, p_N))
 
         for name, policy in [("dynamic", DynamicGating(placement)), ("static", StaticGating(placement, 1.0))]:
             y_TD, s = policy(x_TD, probs_TK, experts_TK, run_expert)

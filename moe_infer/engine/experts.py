@@ -1,11 +1,20 @@
 """This rank's experts of one MoE layer, as stacked weights the gating policies run by local slot.
 
     experts = LocalExperts(cfg, [tensors of expert e for e in placement.local_experts(rank)])
-    y_ND = experts(slot, x_ND, probs_N)        the expert at `slot` on its rows, routing probability applied
+    experts(slot, x_ND, probs_N, out_ND)       the expert at `slot` on its rows, probability applied, into out_ND
+    experts.products(slot, x_ND)               its two matrix products alone (the benchmark's floor)
 
 Why stacked tensors and not one module per expert: a policy calls one expert per slot per layer call, so the per-call
-overhead is what is left after the matrix products. Here a call is addmm (fc1 + bias), the activation, addmm (fc2 +
-bias) and one in-place scale of the D-wide output, with nothing allocated that is not needed.
+overhead is what is left after the matrix products, and it should be nothing but the expert's own arithmetic.
+
+Two kernels, chosen once per layer:
+    onednn  (CPU, fp32) oneDNN's linear with fused post-ops, the primitive torch's inductor emits for CPU linears:
+            fc1 + bias + GELU in one pass, fc2 + bias then x probability in one pass. Against a torch.addmm / F.gelu /
+            mul_ sequence this saves the separate passes over the [N, F] activation, and oneDNN's small-GEMM path
+            beats MKL's sgemm at the 100-200-row products experts get (measured in moe_infer.engine.layer_bench).
+            It is an internal torch op, so it is checked against the addmm kernel on first use and dropped (with the
+            reason kept in `kernel_note`) if it is missing or disagrees.
+    addmm   everywhere else (CUDA, bf16): addmm (fc1 + bias), activation, addmm (fc2 + bias) into out_ND, scale.
 
 The probability is applied to the output: p * (W2 h + b2) = W2 (h p) + b2 p, the reference's form (moe_infer.model.moe,
 megatron's per-token scale) up to fp32 rounding, at D columns per row instead of F.
@@ -30,13 +39,15 @@ class LocalExperts(nn.Module):
         self,
         cfg: ModelConfig,
         experts: list[dict[str, torch.Tensor]],
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if not experts:
             raise PipelineError("local experts: a rank must hold at least one expert of each MoE layer")
-        self.activation = cfg.activation
+        self.activation, self.ffn = cfg.activation, cfg.ffn_hidden_size
+        first = experts[0]["fc1.weight"]
+        device, dtype = device or first.device, dtype or first.dtype
 
         def stacked(name: str) -> torch.Tensor:
             return torch.stack([tensors[name] for tensors in experts]).to(device=device, dtype=dtype).contiguous()
@@ -45,6 +56,9 @@ class LocalExperts(nn.Module):
         self.b1_LF1 = nn.Parameter(stacked("fc1.bias"), requires_grad=False)
         self.w2_LDF = nn.Parameter(stacked("fc2.weight"), requires_grad=False)
         self.b2_LD = nn.Parameter(stacked("fc2.bias"), requires_grad=False)
+        self.kernel, self.kernel_note = "addmm", ""
+        if self.w1_LF1D.device.type == "cpu" and dtype == torch.float32:
+            self.kernel, self.kernel_note = _try_onednn(self)
 
     @property
     def num_local(self) -> int:
@@ -54,7 +68,58 @@ class LocalExperts(nn.Module):
         """Bytes of one expert's weights."""
         return sum(p[0].numel() * p.element_size() for p in self.parameters())
 
-    def forward(self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor) -> torch.Tensor:
+    def forward(self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor) -> None:
+        """The expert at `slot` on its rows, written into `out_ND` (rows x D, contiguous)."""
+        p_N1 = probs_N.unsqueeze(-1).to(out_ND.dtype)
+        if self.kernel == "onednn":
+            out_ND.copy_(_onednn_expert(self, slot, x_ND, p_N1))
+            return
         h_NF = activation(self.activation, torch.addmm(self.b1_LF1[slot], x_ND, self.w1_LF1D[slot].t()))
-        y_ND = torch.addmm(self.b2_LD[slot], h_NF, self.w2_LDF[slot].t())
-        return y_ND.mul_(probs_N.unsqueeze(-1).to(y_ND.dtype))
+        torch.addmm(self.b2_LD[slot], h_NF, self.w2_LDF[slot].t(), out=out_ND)
+        out_ND.mul_(p_N1)
+
+    def products(self, slot: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """The expert's two matrix products and nothing else (no bias, activation or probability), with the kernel
+        `forward` uses: the floor an MoE layer's expert phase is measured against."""
+        w1, w2 = self.w1_LF1D[slot], self.w2_LDF[slot]
+        if self.kernel == "onednn":
+            h_NF = _linear(x_ND, w1, None)
+            return _linear(h_NF[:, : self.ffn] if self.activation == "swiglu" else h_NF, w2, None)
+        h_NF = torch.mm(x_ND, w1.t())
+        return torch.mm(h_NF[:, : self.ffn] if self.activation == "swiglu" else h_NF, w2.t())
+
+
+def _linear(x, w, b, post_op: str = "none", algorithm: str = ""):
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, post_op, [], algorithm)
+
+
+def _onednn_expert(experts: LocalExperts, slot: int, x_ND: torch.Tensor, p_N1: torch.Tensor) -> torch.Tensor:
+    w1, b1 = experts.w1_LF1D[slot], experts.b1_LF1[slot]
+    if experts.activation == "gelu":
+        h_NF = _linear(x_ND, w1, b1, "gelu", "none")  # algorithm "none": the exact (erf) GELU, not tanh
+    else:
+        h_NF = activation(experts.activation, _linear(x_ND, w1, b1))
+    # Binary post-op: (h W2^T + b2) * p in the same pass (p broadcast over D as an expanded view).
+    return torch.ops.mkldnn._linear_pointwise.binary(
+        h_NF, p_N1.expand(-1, experts.w2_LDF.shape[1]), experts.w2_LDF[slot], experts.b2_LD[slot], "mul"
+    )
+
+
+def _try_onednn(experts: LocalExperts) -> tuple[str, str]:
+    """Use oneDNN if this torch has it and it gives the addmm kernel's result on a few rows of slot 0."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "addmm", "oneDNN linear is not available in this torch build"
+    gen = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(5, experts.w1_LF1D.shape[2], generator=gen)
+    p_N = torch.rand(5, generator=gen)
+    expected = torch.empty(5, experts.w2_LDF.shape[1])
+    experts.forward(0, x_ND, p_N, expected)  # still the addmm kernel
+    try:
+        with torch.inference_mode():
+            got = _onednn_expert(experts, 0, x_ND, p_N.unsqueeze(-1))
+    except (RuntimeError, NotImplementedError) as err:
+        return "addmm", f"oneDNN linear failed: {err}"
+    scale = float(expected.abs().max()) or 1.0
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * scale):
+        return "addmm", f"oneDNN linear disagrees with addmm by {float((got - expected).abs().max()):.2e}"
+    return "onednn", ""

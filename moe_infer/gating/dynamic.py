@@ -46,29 +46,34 @@ class DynamicGating:
         send_R = counts_P.view(R, L).sum(1).tolist()
         recv_R = recv_RL.sum(1).tolist()
 
-        # 3. Exactly the routed rows; the probabilities travel separately to stay fp32 whatever x's dtype.
-        x_MD = self.ranks.all_to_all(x_TD[token_N], send_R, recv_R, stats)
-        probs_M = self.ranks.all_to_all(probs_TK.reshape(-1)[order_N].float(), send_R, recv_R, stats)
+        # 3. Exactly the routed rows (index_select: a plain row gather, several times faster than x[idx] on CPU);
+        # the probabilities travel separately to stay fp32 whatever x's dtype.
+        x_MD = self.ranks.all_to_all(x_TD.index_select(0, token_N), send_R, recv_R, stats)
+        probs_M = self.ranks.all_to_all(probs_TK.reshape(-1).float().index_select(0, order_N), send_R, recv_R, stats)
 
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
-        slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
-        group_M = torch.argsort(slot_M, stable=True)
+        # With one rank the rows are already grouped by slot (step 1 sorted them so), and nothing moves.
+        group_M = None
+        if R > 1:
+            slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
+            group_M = torch.argsort(slot_M, stable=True)
+            x_MD, probs_M = x_MD.index_select(0, group_M), probs_M.index_select(0, group_M)
         timer.lap("dispatch")
 
-        per_slot = recv_RL.sum(0).tolist()
-        y_parts = [
-            run_expert(slot, x_ND, p_N) if n else x_ND
-            for slot, (x_ND, p_N, n) in enumerate(
-                zip(x_MD[group_M].split(per_slot), probs_M[group_M].split(per_slot), per_slot, strict=True)
-            )
-        ]
-        y_grouped_MD = torch.cat(y_parts) if y_parts else x_MD
-        stats.expert_rows = y_grouped_MD.shape[0]
+        # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
+        y_MD = torch.empty_like(x_MD)
+        start = 0
+        for slot, rows in enumerate(recv_RL.sum(0).tolist()):
+            if rows:
+                end = start + rows
+                run_expert(slot, x_MD[start:end], probs_M[start:end], y_MD[start:end])
+                start = end
+        stats.expert_rows = y_MD.shape[0]
         timer.lap("experts")
 
         # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
-        y_MD = torch.empty_like(y_grouped_MD)
-        y_MD[group_M] = y_grouped_MD
+        if group_M is not None:
+            y_MD = torch.empty_like(y_MD).index_copy_(0, group_M, y_MD)
         y_ND = self.ranks.all_to_all(y_MD, recv_R, send_R, stats)
         out_TD = torch.zeros(num_tokens, x_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
         out_TD.index_add_(0, token_N, y_ND)

@@ -73,13 +73,16 @@ class StaticGating:
         recv_RLC = self.ranks.all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats).view(R, L, C)
         timer.lap("dispatch")
 
-        y_RLCD = torch.stack(
-            [
-                run_expert(slot, recv_RLCD[:, slot].reshape(R * C, D), recv_RLC[:, slot].reshape(R * C)).view(R, C, D)
-                for slot in range(L)
-            ],
-            dim=1,
-        )
+        # Every slot of every expert is computed, padding included: the waste this scheme is known for.
+        y_LRCD = recv_RLCD.new_empty(L, R, C, D)
+        for slot in range(L):
+            run_expert(
+                slot,
+                recv_RLCD[:, slot].reshape(R * C, D),
+                recv_RLC[:, slot].reshape(R * C),
+                y_LRCD[slot].view(R * C, D),
+            )
+        y_RLCD = y_LRCD.transpose(0, 1)
         stats.expert_rows = R * L * C
         timer.lap("experts")
 
