@@ -15,6 +15,8 @@ SETUP_KEY = $(TORCH_SPEC) $(shell cat pyproject.toml | sha256sum | cut -c1-16)
 
 MODEL ?= lm-tiny
 NPROC ?= 2
+EXPORT ?= exports/$(MODEL)
+DEEPSPEED := $(VENV)/bin/deepspeed
 
 .PHONY: help setup data train convert infer bench report demo test test-all lint clean
 
@@ -47,11 +49,12 @@ train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--
 convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export (exports/MODEL, or OUT=); ARGS pass through
 	$(PY) -m pipeline.convert --ckpt $(or $(CKPT),runs/$(MODEL)) --out $(or $(OUT),exports/$(MODEL)) $(ARGS)
 
-infer: setup ## serve an export with the DeepSpeed inference engine
-	@echo "make infer: not built yet (the inference engine issue adds launch/infer.py)"; exit 2
+infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
+	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup ## the paper's experiments as one benchmark suite
-	@echo "make bench: not built yet (the engine, buffering, placement and benchmark issues add it)"; exit 2
+bench: setup ## one MoE layer, every implementation side by side, at EP=1 and EP=NPROC (runs/bench/layer-ep*.json)
+	$(PY) -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json $(ARGS)
+	$(DEEPSPEED) --num_gpus $(NPROC) --module moe_infer.engine.layer_bench --out runs/bench/layer-ep$(NPROC).json $(ARGS)
 
 report: setup ## turn the W&B runs on disk into an HTML + markdown report
 	@echo "make report: not built yet (the benchmark issue adds pipeline.report)"; exit 2

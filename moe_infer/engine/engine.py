@@ -60,13 +60,14 @@ class Engine:
 
     @classmethod
     def start(cls, export_dir: str | Path, options: EngineOptions = EngineOptions()) -> Engine:
-        from pipeline.platform import detect_platform, init_distributed
+        from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
 
         if options.policy not in POLICIES:
             raise EngineError(f"unknown MoE policy {options.policy!r}; expected one of {', '.join(POLICIES)}")
         if options.dtype not in DTYPES:
             raise EngineError(f"unknown dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
         platform = detect_platform()
+        set_threads_per_rank()  # the cores divided among this machine's ranks
         info = init_distributed(platform, timeout_s=options.timeout_s, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         export = Export.open(export_dir)
