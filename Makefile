@@ -53,8 +53,8 @@ infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpe
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
 bench: setup ## one MoE layer, every implementation side by side, at EP=1 and EP=NPROC (runs/bench/layer-ep*.json)
-	$(PY) -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json $(ARGS)
-	$(DEEPSPEED) --num_gpus $(NPROC) --module moe_infer.engine.layer_bench --out runs/bench/layer-ep$(NPROC).json $(ARGS)
+	$(PY) -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json --run-dir runs/bench/layer-ep1 $(ARGS)
+	$(DEEPSPEED) --num_gpus $(NPROC) --module moe_infer.engine.layer_bench --out runs/bench/layer-ep$(NPROC).json --run-dir runs/bench/layer-ep$(NPROC) $(ARGS)
 
 report: setup ## turn the W&B runs on disk into an HTML + markdown report
 	@echo "make report: not built yet (the benchmark issue adds pipeline.report)"; exit 2

@@ -27,13 +27,10 @@ import secrets
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError, PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.config import RunConfig
 
 MODES = ("offline", "online", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -61,6 +58,27 @@ class TrackingConfig:
         if mode not in MODES:
             raise ConfigError("WANDB_MODE", f"expected one of {', '.join(MODES)}, got {mode!r}")
         return mode
+
+
+class TrackedRun(Protocol):
+    """What a Tracker reads from its run: a RunConfig, or any object with these three (the serving CLI's settings)."""
+
+    name: str
+    tracking: TrackingConfig
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class NamedRun:
+    """A TrackedRun for jobs that have no RunConfig (serving, benchmarks): a name and the settings to record."""
+
+    name: str
+    settings: dict[str, Any]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
 
 
 def _plain(value: Any) -> Any:
@@ -113,7 +131,7 @@ class Tracker:
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: TrackedRun,
         run_dir: Path,
         job_type: str,
         is_main: bool = True,
@@ -156,7 +174,7 @@ class Tracker:
         write_atomic(path, run_id + "\n")
         return run_id
 
-    def _init_wandb(self, cfg: RunConfig, settings: TrackingConfig, job_type: str, resume: bool):
+    def _init_wandb(self, cfg: TrackedRun, settings: TrackingConfig, job_type: str, resume: bool):
         import wandb
 
         run_id = self._run_id(resume)

@@ -61,6 +61,11 @@ def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[lis
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
     settings = GenerationSettings(max_new_tokens=5, batch_size=2)
     generated = engine.gather(generate(engine.model, engine.share(prompts), settings, engine.sync), len(prompts))
+    # Sampling is seeded per request id, so a prompt's sample is the same whichever rank serves it.
+    sampling = GenerationSettings(max_new_tokens=5, batch_size=2, temperature=1.0, top_k=20, seed=7)
+    ids = engine.share(range(len(prompts)))
+    sampled = generate(engine.model, engine.share(prompts), sampling, engine.sync, request_ids=ids)
+    generated += engine.gather(sampled, len(prompts))
     engine = Engine.start(mt, EngineOptions(policy="dynamic", timeout_s=60))
     sources = [[5, 6, 7, 3], [8, 3], [9, 10, 11, 12, 3]]
     settings = TranslationSettings(max_len=6, beam_size=2, batch_size=2)
@@ -89,3 +94,29 @@ def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
 def test_an_unknown_policy_is_named():
     with pytest.raises(EngineError, match=r"unknown MoE policy 'fast'; expected one of dynamic, static"):
         Engine.start("anywhere", EngineOptions(policy="fast"))
+
+
+def _layer_bench(out: str) -> None:
+    from moe_infer.engine import layer_bench
+
+    argv = ["--experts", "8", "--hidden", "16", "--ffn", "32", "--tokens", "40", "--capacity-fraction", "1.0"]
+    assert (
+        layer_bench.main([*argv, "--ds-capacity-factor", "8", "--repeats", "1", "--slow-repeats", "1", "--out", out])
+        == 0
+    )
+
+
+def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path):
+    import json
+
+    out = tmp_path / "layer.json"
+    run_distributed(_layer_bench, world_size=2, args=(str(out),), init_process_group=False, timeout_s=120)
+    report = json.loads(out.read_text())
+    by_name = {r["name"]: r for r in report["results"]}
+    assert report["ranks"] == 2
+    assert set(by_name) == {*POLICIES, "floor-matmul", "floor-ffn", "floor-torch-ffn"}
+    for name in POLICIES:  # capacity 1.0 of the tokens per rank, and DeepSpeed's no-drop padding: nothing dropped
+        assert by_name[name]["dropped_fraction"] == 0.0
+        assert by_name[name]["max_diff_vs_dynamic"] < 1e-5
+        assert set(by_name[name]["phases_ms"]) == {"gate", "dispatch", "experts", "combine"}
+    assert by_name["static"]["activation_mb"] > by_name["dynamic"]["activation_mb"]

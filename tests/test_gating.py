@@ -96,8 +96,11 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         x_TD = torch.randn(token_counts[rank], D, generator=gen)
         probs_TK, experts_TK = router(x_TD)
         expected_TD = _reference(x_TD, probs_TK, experts_TK, experts)
+
         # Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert.
-        run_expert = lambda slot, x_ND, p_N, out_ND, experts=experts: out_ND.copy_(experts[local[slot]](x_ND, p_N))
+        def run_expert(slot, x_ND, p_N, out_ND=None, experts=experts):
+            y_ND = experts[local[slot]](x_ND, p_N)
+            return y_ND if out_ND is None else out_ND.copy_(y_ND)
 
         for name, policy in [("dynamic", DynamicGating(placement)), ("static", StaticGating(placement, 1.0))]:
             y_TD, s = policy(x_TD, probs_TK, experts_TK, run_expert)

@@ -1,7 +1,7 @@
 """This rank's experts of one MoE layer, as stacked weights the gating policies run by local slot.
 
     experts = LocalExperts(cfg, [tensors of expert e for e in placement.local_experts(rank)])
-    experts(slot, x_ND, probs_N, out_ND)       the expert at `slot` on its rows, probability applied, into out_ND
+    y_ND = experts(slot, x_ND, probs_N)        the expert at `slot` on its rows, probability applied (or into out_ND=)
     experts.products(slot, x_ND)               its two matrix products alone (the benchmark's floor)
 
 Why stacked tensors and not one module per expert: a policy calls one expert per slot per layer call, so the per-call
@@ -68,15 +68,17 @@ class LocalExperts(nn.Module):
         """Bytes of one expert's weights."""
         return sum(p[0].numel() * p.element_size() for p in self.parameters())
 
-    def forward(self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor) -> None:
-        """The expert at `slot` on its rows, written into `out_ND` (rows x D, contiguous)."""
-        p_N1 = probs_N.unsqueeze(-1).to(out_ND.dtype)
+    def forward(
+        self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The expert at `slot` on its rows, into `out_ND` (rows x D, contiguous) when given, else a new tensor."""
+        p_N1 = probs_N.unsqueeze(-1).to(x_ND.dtype)
         if self.kernel == "onednn":
-            out_ND.copy_(_onednn_expert(self, slot, x_ND, p_N1))
-            return
+            y_ND = _onednn_expert(self, slot, x_ND, p_N1)
+            return y_ND if out_ND is None else out_ND.copy_(y_ND)
         h_NF = activation(self.activation, torch.addmm(self.b1_LF1[slot], x_ND, self.w1_LF1D[slot].t()))
-        torch.addmm(self.b2_LD[slot], h_NF, self.w2_LDF[slot].t(), out=out_ND)
-        out_ND.mul_(p_N1)
+        y_ND = torch.addmm(self.b2_LD[slot], h_NF, self.w2_LDF[slot].t(), out=out_ND)
+        return y_ND.mul_(p_N1)
 
     def products(self, slot: int, x_ND: torch.Tensor) -> torch.Tensor:
         """The expert's two matrix products and nothing else (no bias, activation or probability), with the kernel

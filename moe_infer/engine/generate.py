@@ -136,9 +136,10 @@ def sample_next(
     return torch.cat(draws)
 
 
-def row_generators(settings: GenerationSettings, count: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per prompt, seeded from (seed, prompt index)."""
-    return [torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + i) for i in range(count)]
+def row_generators(settings: GenerationSettings, ids: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per prompt, seeded from (seed, the prompt's request id): a prompt's sample does not depend on
+    which rank serves it or what else is in its batch."""
+    return [torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + i) for i in ids]
 
 
 # ---- the decoding loop ----------------------------------------------------------------------------------------------
@@ -227,14 +228,20 @@ def generate_batch(
 
 
 def generate(
-    model: DecoderLM, prompts: list[list[int]], settings: GenerationSettings, sync: LockStep | None = None
+    model: DecoderLM,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    sync: LockStep | None = None,
+    request_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (EOS excluded), in input order. Every rank of the EP group calls this together,
-    each with its own prompts (possibly none) and the same settings."""
+    each with its own prompts (possibly none) and the same settings. `request_ids` (default 0, 1, ...) are the
+    prompts' ids across the whole job, which seed the sampling."""
     sync = sync or LockStep()
     check_prompts(prompts, model.cfg, settings.max_new_tokens)
     batches = length_sorted_batches(prompts, settings.batch_size)
-    generators = row_generators(settings, len(prompts), model_device(model))
+    ids = range(len(prompts)) if request_ids is None else request_ids
+    generators = row_generators(settings, ids, model_device(model))
     outputs: list[list[int]] = [[] for _ in prompts]
     for r in range(sync.max(len(batches))):
         batch = batches[r] if r < len(batches) else []

@@ -15,6 +15,8 @@ tokens/s over the whole group, time per phase (gate, dispatch, experts, combine)
     floor-matmul   this rank's expert matrix products alone (x W1^T, h W2^T per expert, rows pre-grouped), with the
                    kernel the engine's experts use (moe_infer.engine.experts: oneDNN on CPU, cuBLAS on CUDA)
     floor-ffn      the engine's expert FFNs alone (bias, activation, probability) on the same pre-grouped rows
+    floor-torch-ffn  the same FFNs as a plain torch loop (F.linear, activation, F.linear, scale): what a per-expert
+                   loop costs before any routing, with torch's own kernels
 The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given.
 
 Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts per token, R ranks, L experts per rank.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moe_infer.engine.block import ExpertTensors, RouterTensors
 from moe_infer.engine.experts import LocalExperts
@@ -38,6 +41,7 @@ from moe_infer.engine.layer import POLICIES, BlockOptions, build_block
 from moe_infer.engine.memory import peak_activation_bytes
 from moe_infer.gating import GatingStats
 from moe_infer.model.config import ModelConfig
+from moe_infer.model.layers import activation
 from moe_infer.placement import Placement
 from pipeline.atomic import write_atomic
 from pipeline.errors import PipelineError
@@ -152,7 +156,15 @@ def expert_floors(cfg: ModelConfig, experts: LocalExperts, rows_L: list[int], de
             if x_ND.shape[0]:
                 experts(slot, x_ND, p_N, y_ND)
 
-    return {"floor-matmul": matmuls, "floor-ffn": ffns}
+    w1, b1, w2, b2 = experts.w1_LF1D, experts.b1_LF1, experts.w2_LDF, experts.b2_LD
+
+    def torch_ffns():
+        for slot, (x_ND, p_N) in enumerate(zip(x_L, p_L, strict=True)):
+            if x_ND.shape[0]:
+                h_NF = activation(cfg.activation, F.linear(x_ND, w1[slot], b1[slot]))
+                F.linear(h_NF, w2[slot], b2[slot]) * p_N.unsqueeze(-1)
+
+    return {"floor-matmul": matmuls, "floor-ffn": ffns, "floor-torch-ffn": torch_ffns}
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -184,30 +196,33 @@ def run(args: argparse.Namespace) -> list[Result]:
         calls.update(expert_floors(cfg, blocks["dynamic"].experts, rows_L, device))
 
     # Round robin: every repeat times each implementation once, so a noisy neighbour slows them all alike; the best
-    # of the repeats is the figure (noise only ever adds time).
-    seconds = {name: [] for name in calls}
-    totals = {kind: GatingStats() for kind in blocks}
+    # of the repeats is the figure (noise only ever adds time), with the phase split of that same call. The slow
+    # ones (static: seconds per call and gigabytes of padded buffers that would evict everyone else's data from the
+    # caches) are timed apart, afterwards, `--slow-repeats` times.
+    slow = [name for name in calls if name in SLOW]
+    rounds = [[name for name in calls if name not in SLOW]] * args.repeats + [slow] * args.slow_repeats
+    best: dict[str, tuple[float, GatingStats | None]] = {}
     outputs = {}
     with torch.inference_mode():
         for fn in calls.values():
             for _ in range(args.warmup):
                 fn()
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                elapsed, result = timed_call(fn, device)
-                seconds[name].append(elapsed)
+        for names in rounds:
+            for name in names:
+                elapsed, result = timed_call(calls[name], device)
+                stats = result[1] if name in blocks else None
                 if name in blocks:
                     outputs[name] = result[0]
-                    totals[name].add(result[1])
+                if name not in best or elapsed < best[name][0]:
+                    best[name] = (elapsed, stats)
         activation = {kind: peak_activation_bytes(calls[kind], device) for kind in blocks}
 
     results = []
-    for name, times in seconds.items():
-        best = min(times)
-        result = Result(name=name, ms=best * 1e3, tokens_per_s=args.tokens * ranks / best)
-        if name in blocks:
-            stats = totals[name]
-            result.phases_ms = {p: s / args.repeats * 1e3 for p, s in stats.seconds.items()}
+    for name in calls:
+        seconds, stats = best[name]
+        result = Result(name=name, ms=seconds * 1e3, tokens_per_s=args.tokens * ranks / seconds)
+        if stats is not None:
+            result.phases_ms = {p: s * 1e3 for p, s in stats.seconds.items()}
             result.activation_mb = _slowest(activation[name]) / 2**20
             result.dropped_fraction = stats.dropped_fraction
             if "dynamic" in outputs:
@@ -230,7 +245,7 @@ def _rows_per_local_expert(block, x_TD: torch.Tensor, placement: Placement, rank
 def format_table(results: list[Result], ranks: int) -> str:
     by_name = {r.name: r for r in results}
     base = by_name.get("dynamic")
-    head = f"{'implementation':<14}{'ms/call':>10}{'tok/s':>11}{'x dynamic':>10}"
+    head = f"{'implementation':<16}{'ms/call':>10}{'tok/s':>11}{'x dynamic':>10}"
     head += f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'act MB':>9}{'dropped':>9}{'diff':>10}"
     lines = [f"MoE layer, EP={ranks} (times in ms; 'x dynamic' = time / dynamic's time)", head]
     for r in results:
@@ -240,11 +255,12 @@ def format_table(results: list[Result], ranks: int) -> str:
             phases = f"{'':>35}"
         diff = f"{r.max_diff_vs_dynamic:>10.1e}" if r.max_diff_vs_dynamic is not None else f"{'':>10}"
         extra = f"{r.activation_mb:>9.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
-        lines.append(f"{r.name:<14}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
+        lines.append(f"{r.name:<16}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
     return "\n".join(lines)
 
 
 PHASES = ("gate", "dispatch", "experts", "combine")
+SLOW = ("static",)  # timed apart from the round robin (see run)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -267,7 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slow-repeats", type=int, default=2, help="timed calls of static (seconds each)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--run-dir", type=Path, help="track the run here (W&B offline + metrics.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
@@ -275,9 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [p for p in args.policies if p not in POLICIES]
     if unknown:
         parser.error(f"unknown policies {unknown}; expected some of {', '.join(POLICIES)}")
-    for name in ("experts", "hidden", "ffn", "topk", "tokens", "repeats"):
+    for name in ("experts", "hidden", "ffn", "topk", "tokens", "repeats", "slow_repeats"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -291,14 +309,30 @@ def main(argv: list[str] | None = None) -> int:
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(results, ranks))
+        settings = {k: str(v) for k, v in vars(args).items() if k != "local_rank"}
         if args.out:
-            payload = {
-                "ranks": ranks,
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "results": [asdict(r) for r in results],
-            }
+            payload = {"ranks": ranks, "args": settings, "results": [asdict(r) for r in results]}
             write_atomic(args.out, json.dumps(payload, indent=1))
+        if args.run_dir:
+            track(results, ranks, settings, args.run_dir)
     return 0
+
+
+def track(results: list[Result], ranks: int, settings: dict, run_dir: Path) -> None:
+    """One W&B run (offline by default) per benchmark: a row per implementation, the table, the ratios as summary."""
+    from pipeline.tracking import NamedRun, Tracker
+
+    columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "activation_mb", "dropped", "diff"]
+    base = next((r.ms for r in results if r.name == "dynamic"), None)
+    rows = []
+    with Tracker(NamedRun(f"layer-bench-ep{ranks}", {"ranks": ranks, **settings}), run_dir, "bench") as tracker:
+        for step, r in enumerate(results):
+            ratio = r.ms / base if base else None
+            row = [r.name, r.ms, r.tokens_per_s, ratio, *(r.phases_ms.get(p) for p in PHASES)]
+            rows.append(row + [r.activation_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
+            tracker.log({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
+        tracker.log_table("layer_bench", columns, rows)
+        tracker.summary(**{f"{r.name}_x_dynamic": r.ms / base for r in results if base})
 
 
 if __name__ == "__main__":

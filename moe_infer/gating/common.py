@@ -18,9 +18,10 @@ import torch.distributed as dist
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
-# run_expert(local_slot, x_ND, probs_N, out_ND): this rank's expert at `local_slot` on rows x_ND, routing probability
-# applied, written into out_ND (a slice of the policy's output buffer, so no expert output is copied again).
-RunExpert = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# run_expert(local_slot, x_ND, probs_N, out_ND=None) -> y_ND: this rank's expert at `local_slot` on rows x_ND, routing
+# probability applied; written into out_ND when given (a slice of the policy's output buffer, so it is not copied
+# again), else returned as a new tensor.
+RunExpert = Callable[..., torch.Tensor]
 PHASES = ("gate", "dispatch", "experts", "combine")
 
 

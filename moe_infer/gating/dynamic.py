@@ -6,6 +6,7 @@ exactly the routed rows with a variable-size all-to-all. Nothing is padded, noth
     3. variable all-to-all of the sorted rows and their probabilities, split by those counts
     4. received rows arrive source-major; regroup them by local slot so each expert runs on one contiguous slice
     5. un-group, reverse all-to-all, combine with index_add_ into [T, D]
+With one rank (every expert local) steps 2-5 fold into one loop: per expert, gather its rows, run it, index_add_.
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
 P expert positions (rank-major, E of them), R ranks, L experts per rank.
@@ -40,6 +41,8 @@ class DynamicGating:
         token_N = torch.div(order_N, topk, rounding_mode="floor")  # pair n is (token n // K, choice n % K)
         counts_P = torch.bincount(position_N, minlength=R * L)
         timer.lap("gate")
+        if R == 1:
+            return self._one_rank(x_TD, probs_TK, order_N, token_N, counts_P, run_expert, stats, timer)
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own.
         recv_RL = self.ranks.all_to_all(counts_P, [L] * R, [L] * R, stats).view(R, L)
@@ -52,12 +55,9 @@ class DynamicGating:
         probs_M = self.ranks.all_to_all(probs_TK.reshape(-1).float().index_select(0, order_N), send_R, recv_R, stats)
 
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
-        # With one rank the rows are already grouped by slot (step 1 sorted them so), and nothing moves.
-        group_M = None
-        if R > 1:
-            slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
-            group_M = torch.argsort(slot_M, stable=True)
-            x_MD, probs_M = x_MD.index_select(0, group_M), probs_M.index_select(0, group_M)
+        slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
+        group_M = torch.argsort(slot_M, stable=True)
+        x_MD, probs_M = x_MD.index_select(0, group_M), probs_M.index_select(0, group_M)
         timer.lap("dispatch")
 
         # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
@@ -72,10 +72,28 @@ class DynamicGating:
         timer.lap("experts")
 
         # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
-        if group_M is not None:
-            y_MD = torch.empty_like(y_MD).index_copy_(0, group_M, y_MD)
+        y_MD = torch.empty_like(y_MD).index_copy_(0, group_M, y_MD)
         y_ND = self.ranks.all_to_all(y_MD, recv_R, send_R, stats)
         out_TD = torch.zeros(num_tokens, x_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
         out_TD.index_add_(0, token_N, y_ND)
+        timer.lap("combine")
+        return out_TD, stats
+
+    def _one_rank(self, x_TD, probs_TK, order_N, token_N, counts_P, run_expert, stats: GatingStats, timer: PhaseTimer):
+        """Every expert is on this rank, so nothing is exchanged: each expert gathers its rows, runs, and adds its
+        weighted outputs into its tokens' rows while they are still in cache (no [N, D] staging buffers). The gather
+        and the scatter-add are therefore counted in the experts phase."""
+        probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
+        out_TD = torch.zeros_like(x_TD)
+        timer.lap("dispatch")
+        start = 0
+        for slot, rows in enumerate(counts_P.tolist()):
+            if rows:
+                end = start + rows
+                token_n = token_N[start:end]
+                out_TD.index_add_(0, token_n, run_expert(slot, x_TD.index_select(0, token_n), probs_N[start:end]))
+                start = end
+        stats.expert_rows = token_N.numel()
+        timer.lap("experts")
         timer.lap("combine")
         return out_TD, stats
