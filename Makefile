@@ -59,7 +59,7 @@ bench: setup ## one MoE layer, every implementation side by side, at EP=1 and EP
 report: setup ## turn the W&B runs on disk into an HTML + markdown report
 	@echo "make report: not built yet (the benchmark issue adds pipeline.report)"; exit 2
 
-demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert (verified)
+demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate
 	$(PY) -m pipeline.data build --task all --size fixture
 	$(PY) -m pipeline.tokenizer lm-tiny
 	$(PY) -m pipeline.platform
@@ -67,8 +67,11 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 	rm -rf runs/demo-lm-tiny exports/demo-lm-tiny
 	$(MAKE) --no-print-directory train MODEL=lm-tiny ARGS="--run-dir runs/demo-lm-tiny"
 	$(MAKE) --no-print-directory convert CKPT=runs/demo-lm-tiny OUT=exports/demo-lm-tiny
-	@echo "demo: trained runs/demo-lm-tiny and exported exports/demo-lm-tiny;" \
-		"serving, benchmarks and the report are not built yet"
+	@echo "demo: three samples from exports/demo-lm-tiny, served with EP=$(NPROC) and dynamic gating"
+	printf 'ROMEO:\nJULIET:\nFirst Witch:\n' | OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
+		--nproc_per_node $(NPROC) launch/infer.py --export exports/demo-lm-tiny --max-new-tokens 40 --quiet
+	@echo "demo: trained runs/demo-lm-tiny, exported exports/demo-lm-tiny and served it;" \
+		"the experiment suite and the report are not built yet"
 
 test: setup ## the default test suite (slow tests excluded)
 	$(PY) -m pytest
