@@ -55,6 +55,7 @@ class Result:
     phases_ms: dict[str, float] = field(default_factory=dict)
     activation_mb: float = 0.0
     dropped_fraction: float = 0.0
+    sent_mb: float = 0.0  # bytes this rank sent to the others in the call's all-to-alls (the largest over ranks)
     max_diff_vs_dynamic: float | None = None
 
 
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             result.phases_ms = {p: s * 1e3 for p, s in stats.seconds.items()}
             result.activation_mb = _slowest(activation[name]) / 2**20
             result.dropped_fraction = stats.dropped_fraction
+            result.sent_mb = _slowest(stats.bytes_sent) / 2**20
             if "dynamic" in outputs:
                 diff = outputs[name] - outputs["dynamic"]
                 result.max_diff_vs_dynamic = _slowest(float(diff.abs().max()) if diff.numel() else 0.0)
@@ -246,7 +248,9 @@ def format_table(results: list[Result], ranks: int) -> str:
     by_name = {r.name: r for r in results}
     base = by_name.get("dynamic")
     head = f"{'implementation':<16}{'ms/call':>10}{'tok/s':>11}{'x dynamic':>10}"
-    head += f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'act MB':>9}{'dropped':>9}{'diff':>10}"
+    head += (
+        f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'act MB':>9}{'a2a MB':>8}{'dropped':>9}{'diff':>10}"
+    )
     lines = [f"MoE layer, EP={ranks} (times in ms; 'x dynamic' = time / dynamic's time)", head]
     for r in results:
         ratio = f"{r.ms / base.ms:>10.2f}" if base else f"{'-':>10}"
@@ -254,7 +258,7 @@ def format_table(results: list[Result], ranks: int) -> str:
         if not r.phases_ms:
             phases = f"{'':>35}"
         diff = f"{r.max_diff_vs_dynamic:>10.1e}" if r.max_diff_vs_dynamic is not None else f"{'':>10}"
-        extra = f"{r.activation_mb:>9.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
+        extra = f"{r.activation_mb:>9.1f}{r.sent_mb:>8.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
         lines.append(f"{r.name:<16}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
     return "\n".join(lines)
 
@@ -322,14 +326,15 @@ def track(results: list[Result], ranks: int, settings: dict, run_dir: Path) -> N
     """One W&B run (offline by default) per benchmark: a row per implementation, the table, the ratios as summary."""
     from pipeline.tracking import NamedRun, Tracker
 
-    columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "activation_mb", "dropped", "diff"]
+    columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "activation_mb", "sent_mb", "dropped"]
+    columns.append("diff")
     base = next((r.ms for r in results if r.name == "dynamic"), None)
     rows = []
     with Tracker(NamedRun(f"layer-bench-ep{ranks}", {"ranks": ranks, **settings}), run_dir, "bench") as tracker:
         for step, r in enumerate(results):
             ratio = r.ms / base if base else None
             row = [r.name, r.ms, r.tokens_per_s, ratio, *(r.phases_ms.get(p) for p in PHASES)]
-            rows.append(row + [r.activation_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
+            rows.append(row + [r.activation_mb, r.sent_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
             tracker.log({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
         tracker.log_table("layer_bench", columns, rows)
         tracker.summary(**{f"{r.name}_x_dynamic": r.ms / base for r in results if base})
