@@ -140,8 +140,11 @@ def timed_call(fn, device: torch.device):
     return _slowest(time.perf_counter() - start), result
 
 
-def expert_floors(cfg: ModelConfig, experts: LocalExperts, rows_L: list[int], device: torch.device) -> dict:
-    """This rank's expert work alone, on rows already grouped by expert (`rows_L` per local slot): name -> fn."""
+def expert_floors(
+    cfg: ModelConfig, experts: LocalExperts, weights_L: list[dict], rows_L: list[int], device: torch.device
+) -> dict:
+    """This rank's expert work alone, on rows already grouped by expert (`rows_L` per local slot; `weights_L` the
+    same experts' plain tensors): name -> fn."""
     gen = torch.Generator(device=device).manual_seed(1)
     x_L = [torch.randn(n, cfg.hidden_size, generator=gen, device=device) for n in rows_L]
     p_L = [torch.ones(n, device=device) for n in rows_L]
@@ -157,13 +160,11 @@ def expert_floors(cfg: ModelConfig, experts: LocalExperts, rows_L: list[int], de
             if x_ND.shape[0]:
                 experts(slot, x_ND, p_N, y_ND)
 
-    w1, b1, w2, b2 = experts.w1_LF1D, experts.b1_LF1, experts.w2_LDF, experts.b2_LD
-
     def torch_ffns():
-        for slot, (x_ND, p_N) in enumerate(zip(x_L, p_L, strict=True)):
+        for x_ND, p_N, w in zip(x_L, p_L, weights_L, strict=True):
             if x_ND.shape[0]:
-                h_NF = activation(cfg.activation, F.linear(x_ND, w1[slot], b1[slot]))
-                F.linear(h_NF, w2[slot], b2[slot]) * p_N.unsqueeze(-1)
+                h_NF = activation(cfg.activation, F.linear(x_ND, w["fc1.weight"], w["fc1.bias"]))
+                F.linear(h_NF, w["fc2.weight"], w["fc2.bias"]) * p_N.unsqueeze(-1)
 
     return {"floor-matmul": matmuls, "floor-ffn": ffns, "floor-torch-ffn": torch_ffns}
 
@@ -194,7 +195,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     calls = {kind: (lambda b=block: b(x_TD)) for kind, block in blocks.items()}
     if "dynamic" in blocks:
         rows_L = _rows_per_local_expert(blocks["dynamic"], x_TD, placement, rank)
-        calls.update(expert_floors(cfg, blocks["dynamic"].experts, rows_L, device))
+        weights_L = [local[e] for e in placement.local_experts(rank)]
+        calls.update(expert_floors(cfg, blocks["dynamic"].experts, weights_L, rows_L, device))
 
     # Round robin: every repeat times each implementation once, so a noisy neighbour slows them all alike; the best
     # of the repeats is the figure (noise only ever adds time), with the phase split of that same call. The slow
