@@ -62,7 +62,7 @@ def random_export_config(
     }
 
 
-def write_random_export(path: Path, config: dict, seed: int = 0) -> Path:
+def write_random_export(path: Path, config: dict, seed: int = 0, tokenizer: bytes = b"a sentencepiece model") -> Path:
     gen = torch.Generator().manual_seed(seed)
 
     def random(shapes):
@@ -70,5 +70,5 @@ def write_random_export(path: Path, config: dict, seed: int = 0) -> Path:
 
     experts = {key: random(fmt.expert_shapes(config)) for key in fmt.expert_keys(config)}
     path.mkdir(parents=True)
-    write_export(path, config, random(fmt.dense_shapes(config)), experts, b"a sentencepiece model")
+    write_export(path, config, random(fmt.dense_shapes(config)), experts, tokenizer)
     return path

@@ -8,19 +8,17 @@ text goes in and comes out. Subprocesses run the launchers as a user would; the 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from random_exports import random_export_config
+from random_exports import random_export_config, write_random_export
 
-from moe_infer import export_format as fmt
 from moe_infer.engine.cli import main
 from moe_infer.engine.generate import GenerationSettings, generate
 from moe_infer.model import load_model
-from pipeline.convert.export import write_export
 from pipeline.platform.device import free_port
 from pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
@@ -33,17 +31,9 @@ GENERATE = ["--max-new-tokens", "6", "--quiet"]
 
 
 def _write_export(path: Path, config: dict, tokenizer: Tokenizer, seed: int = 0) -> str:
-    """A random export (as tests/random_exports.py writes them) whose tokenizer is a real one of the same vocab."""
+    """A random export whose tokenizer is a real one of the same vocabulary."""
     config["model"]["vocab_size"] = config["tokenizer"]["vocab_size"] = tokenizer.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-
-    def random(shapes):
-        return {name: torch.randn(shape, generator=gen) * 0.3 for name, shape in shapes.items()}
-
-    experts = {key: random(fmt.expert_shapes(config)) for key in fmt.expert_keys(config)}
-    path.mkdir(parents=True)
-    write_export(path, config, random(fmt.dense_shapes(config)), experts, tokenizer.model_proto)
-    return str(path)
+    return str(write_random_export(path, config, seed, tokenizer.model_proto))
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +167,19 @@ def test_two_ranks_on_three_experts_fail_at_once_with_one_message(setup):
     assert "3 experts per MoE layer, which cannot be split evenly over 2 ranks" in result.stderr
     assert result.stderr.count("cannot be split evenly") == 1  # rank 0 speaks for both
     assert "Traceback" not in result.stderr
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_the_cause(setup, tmp_path):
+    """Rank 1 alone reads experts 2 and 3: a corrupt expert 3 stops it at load time, and rank 0, already waiting in a
+    collective, is ended too (the launcher stops it; the collective timeout is the backstop), never a hang."""
+    export = shutil.copytree(setup["lm"], tmp_path / "lm")
+    victim = export / "experts" / "decoder.layer02.expert0003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    args = ["--export", str(export), "--input", str(setup["root"] / "prompts.txt"), *GENERATE, "--timeout", "60"]
+    result = _run(args, launcher=_deepspeed(2), timeout=90)
+    assert result.returncode != 0
+    assert (
+        "error (rank 1 of 2)" in result.stderr and "decoder.layer02.expert0003.safetensors has sha256" in result.stderr
+    )
