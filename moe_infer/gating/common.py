@@ -108,12 +108,32 @@ class ExpertGroup:
         self, x: torch.Tensor, send_R: list[int], recv_R: list[int], stats: GatingStats | None
     ) -> torch.Tensor:
         """Rows send_R[r] of `x` (in rank order) go to rank r; recv_R[r] rows come back from rank r, in rank order."""
+        return self.start_all_to_all(x, send_R, recv_R, stats).wait()
+
+    def start_all_to_all(
+        self, x: torch.Tensor, send_R: list[int], recv_R: list[int], stats: GatingStats | None
+    ) -> InFlight:
+        """The same exchange, started in the background: `.wait()` returns the rows. Every rank must start its
+        exchanges in the same order."""
         if self.size == 1:
-            return x
+            return InFlight(x, None)
         out = x.new_empty((sum(recv_R), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_R, send_R, group=self.group)
+        work = dist.all_to_all_single(out, x.contiguous(), recv_R, send_R, group=self.group, async_op=True)
         if stats is not None:
             row_bytes = math.prod(x.shape[1:]) * x.element_size()
             stats.bytes_sent += (sum(send_R) - send_R[self.rank]) * row_bytes
             stats.bytes_received += (sum(recv_R) - recv_R[self.rank]) * row_bytes
-        return out
+        return InFlight(out, work)
+
+
+@dataclass
+class InFlight:
+    """An all-to-all under way: its output buffer and the collective's handle (None: nothing to wait for)."""
+
+    out: torch.Tensor
+    work: dist.Work | None
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.out

@@ -44,20 +44,25 @@ class DynamicGating:
         if R == 1:
             return self._one_rank(x_TD, probs_TK, order_N, token_N, counts_P, run_expert, stats, timer)
 
-        # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own.
-        recv_RL = self.ranks.all_to_all(counts_P, [L] * R, [L] * R, stats).view(R, L)
+        # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
+        # paper says, the count exchange starts as soon as the counts exist and the rows are gathered meanwhile.
+        counts_in_flight = self.ranks.start_all_to_all(counts_P, [L] * R, [L] * R, stats)
+        # (index_select: a plain row gather, several times faster than x[idx] on CPU.) The probabilities travel
+        # separately to stay fp32 whatever x's dtype.
+        x_ND = x_TD.index_select(0, token_N)
+        probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
         send_R = counts_P.view(R, L).sum(1).tolist()
+        recv_RL = counts_in_flight.wait().view(R, L)
         recv_R = recv_RL.sum(1).tolist()
 
-        # 3. Exactly the routed rows (index_select: a plain row gather, several times faster than x[idx] on CPU);
-        # the probabilities travel separately to stay fp32 whatever x's dtype.
-        x_MD = self.ranks.all_to_all(x_TD.index_select(0, token_N), send_R, recv_R, stats)
-        probs_M = self.ranks.all_to_all(probs_TK.reshape(-1).float().index_select(0, order_N), send_R, recv_R, stats)
-
+        # 3. Exactly the routed rows. While they travel, work out how to regroup what arrives.
+        rows_in_flight = self.ranks.start_all_to_all(x_ND, send_R, recv_R, stats)
+        probs_in_flight = self.ranks.start_all_to_all(probs_N, send_R, recv_R, stats)
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
-        slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_MD.device)
+        slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_TD.device)
         group_M = torch.argsort(slot_M, stable=True)
-        x_MD, probs_M = x_MD.index_select(0, group_M), probs_M.index_select(0, group_M)
+        x_MD = rows_in_flight.wait().index_select(0, group_M)
+        probs_M = probs_in_flight.wait().index_select(0, group_M)
         timer.lap("dispatch")
 
         # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
