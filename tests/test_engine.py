@@ -56,6 +56,29 @@ def test_every_policy_equals_the_reference_model(exports, ranks, routing):
         assert max(diffs.values()) < 1e-5, diffs
 
 
+def _serve_with_placements(export: str) -> float:
+    """Each MoE layer with its own shuffled placement (not contiguous): the logits do not change."""
+    from moe_infer.engine.engine import moe_layer_names
+    from moe_infer.model.loader import Export
+    from moe_infer.placement import Placement
+
+    names = moe_layer_names(Export.open(export))
+    shuffles = [[[3, 0], [1, 2]], [[2, 1], [0, 3]]]
+    placements = {name: Placement.from_rank_lists(shuffles[i % 2], 4) for i, name in enumerate(names)}
+    engine = Engine.start(export, EngineOptions(policy="dynamic", placement=placements, timeout_s=60))
+    assert [engine.placements[n].local_experts(engine.rank) for n in names[:2]] == [s[engine.rank] for s in shuffles]
+    tokens = torch.randint(4, 50, (2 + engine.rank, 6), generator=torch.Generator().manual_seed(engine.rank))
+    with torch.inference_mode():
+        return float((engine.model(tokens) - load_model(export)(tokens)).abs().max())
+
+
+def test_a_placement_per_layer_changes_where_experts_live_not_the_outputs(exports):
+    diffs = run_distributed(
+        _serve_with_placements, world_size=2, args=(str(exports["top2"]),), init_process_group=False
+    )
+    assert max(diffs) < 1e-5
+
+
 def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[list[int]]]:
     engine = Engine.start(lm, EngineOptions(policy="dynamic", timeout_s=60))
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]

@@ -332,14 +332,14 @@ def serving_settings(args: argparse.Namespace, mode: str, cfg):
 def prepare(args: argparse.Namespace) -> Job:
     """Open the export, read and check every request and flag. Identical on every rank: the only collectives are the
     process group's start and (stdin under a launcher) one broadcast of the lines, which every rank reaches."""
-    from moe_infer.engine.engine import expert_placement
+    from moe_infer.engine.engine import expert_placements
     from pipeline.platform import init_distributed
     from pipeline.tokenizer import Tokenizer
 
     rank, world = launcher_rank()
     export = open_export(args.export)
     mode = resolve_mode(args.mode, export)
-    expert_placement(export, world, None)  # the EP degree must divide the experts: say so before any collective
+    expert_placements(export, world, None)  # the EP degree must divide the experts: say so before any collective
     job = Job(args, export, mode, rank, world)
     if mode == "bench":
         from moe_infer.engine.bench import check_bench

@@ -41,7 +41,9 @@ class EngineOptions:
     policy: str = "dynamic"
     block: BlockOptions = field(default_factory=BlockOptions)
     dtype: str = "float32"
-    placement: Placement | None = None  # None: contiguous (rank r holds experts r*E/R ... (r+1)*E/R - 1)
+    # One map for every MoE layer, or one per layer by name ("decoder.layers.2"); None: contiguous (rank r holds
+    # experts r*E/R ... (r+1)*E/R - 1), which is also what the deepspeed and megatron baselines require.
+    placement: Placement | dict[str, Placement] | None = None
     timeout_s: float = 300.0  # bounds every collective: a rank that fails makes the others fail, never hang
     deepspeed_inference: bool = True  # wrap with deepspeed.init_inference
 
@@ -50,7 +52,7 @@ class EngineOptions:
 class Engine:
     export: Export
     model: DecoderLM | EncoderDecoder
-    placement: Placement
+    placements: dict[str, Placement]  # MoE layer name -> where its experts live
     options: EngineOptions
     rank: int
     world_size: int
@@ -71,9 +73,9 @@ class Engine:
         info = init_distributed(platform, timeout_s=options.timeout_s, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         export = Export.open(export_dir)
-        placement = expert_placement(export, info.world_size, options.placement)
-        model = load_served_model(export, placement, info.rank, options, device)
-        engine = cls(export, model, placement, options, info.rank, info.world_size, device, LockStep(device=device))
+        placements = expert_placements(export, info.world_size, options.placement)
+        model = load_served_model(export, placements, info.rank, options, device)
+        engine = cls(export, model, placements, options, info.rank, info.world_size, device, LockStep(device=device))
         if options.deepspeed_inference:
             engine.ds_engine = _wrap_with_deepspeed(model, DTYPES[options.dtype])
         return engine
@@ -103,32 +105,53 @@ class Engine:
         return ordered
 
 
-def expert_placement(export: Export, ranks: int, placement: Placement | None) -> Placement:
+def moe_layer_names(export: Export) -> list[str]:
+    """The export's MoE layers by name, as the served model calls them ("encoder.layers.1", "decoder.layers.2")."""
+    cfg = export.model_config
+    return [f"{stack}.layers.{n}" for stack in ("encoder", "decoder") for n in cfg.moe_layers.get(stack, ())]
+
+
+def expert_placements(
+    export: Export, ranks: int, placement: Placement | dict[str, Placement] | None
+) -> dict[str, Placement]:
+    """Every MoE layer's placement, checked against the export and the number of ranks."""
     num_experts = export.model_config.num_experts
     if num_experts % ranks:
         raise EngineError(
             f"{export.path}: the export has {num_experts} experts per MoE layer, which cannot be split evenly over "
             f"{ranks} ranks (the EP degree is the number of ranks: use one that divides {num_experts})"
         )
-    placement = placement or Placement.contiguous(num_experts, ranks)
-    if placement.ranks != ranks or placement.num_experts != num_experts:
-        raise EngineError(
-            f"the placement is for {placement.num_experts} experts on {placement.ranks} ranks; this job has "
-            f"{num_experts} experts on {ranks} ranks"
-        )
-    return placement
+    names = moe_layer_names(export)
+    if isinstance(placement, dict):
+        unknown, missing = sorted(set(placement) - set(names)), [n for n in names if n not in placement]
+        if unknown or missing:
+            raise EngineError(
+                f"the placement does not match {export.path}: layers {unknown} are not MoE layers of the export, "
+                f"layers {missing} have no placement (expected exactly {names})"
+            )
+        per_layer = dict(placement)
+    else:
+        per_layer = dict.fromkeys(names, placement or Placement.contiguous(num_experts, ranks))
+    for name, layer_placement in per_layer.items():
+        if layer_placement.ranks != ranks or layer_placement.num_experts != num_experts:
+            raise EngineError(
+                f"the placement of {name} is for {layer_placement.num_experts} experts on {layer_placement.ranks} "
+                f"ranks; this job has {num_experts} experts on {ranks} ranks"
+            )
+    return per_layer
 
 
 def load_served_model(
-    export: Export, placement: Placement, rank: int, options: EngineOptions, device: torch.device
+    export: Export, placements: dict[str, Placement], rank: int, options: EngineOptions, device: torch.device
 ) -> DecoderLM | EncoderDecoder:
     """The dense model (no experts loaded by the loader) with each MoE layer replaced by a served block holding this
     rank's experts. Blocks are built in the same order on every rank (DeepSpeed's first block creates its groups)."""
     dtype = DTYPES[options.dtype]
     model = load_model(export, experts=lambda stack, layer, expert: False, device=device, dtype=dtype)
-    local = placement.local_experts(rank)
     capacity_fraction = float(export.config["moe"]["capacity_fraction"])
     for stack, layer, moe in _moe_layers(model):
+        placement = placements[moe.name]
+        local = placement.local_experts(rank)
         experts = {
             e: {k: t.to(device=device, dtype=dtype) for k, t in read_expert(export, stack, layer, e).items()}
             for e in local
@@ -162,4 +185,4 @@ def _wrap_with_deepspeed(model: torch.nn.Module, dtype: torch.dtype):
     return ds_engine
 
 
-__all__ = ["DTYPES", "Engine", "EngineError", "EngineOptions", "expert_placement"]
+__all__ = ["DTYPES", "Engine", "EngineError", "EngineOptions", "expert_placements", "moe_layer_names"]
