@@ -79,6 +79,37 @@ def test_a_placement_per_layer_changes_where_experts_live_not_the_outputs(export
     assert max(diffs) < 1e-5
 
 
+CALLS = [[(2, 5), (1, 5)], [(0, 5), (3, 5)], [(0, 5), (0, 5)]]  # per model call, per rank: (sequences, length)
+
+
+def _call_tokens(call: int, rank: int) -> torch.Tensor:
+    batch, length = CALLS[call][rank]
+    return torch.randint(4, 50, (batch, length), generator=torch.Generator().manual_seed(10 * call + rank))
+
+
+def _record_loads(export: str) -> dict[str, list]:
+    """Serve CALLS with a load recorder; one process serves every rank's tokens of a call as one batch."""
+    from moe_infer.engine.trace import LoadRecorder
+
+    engine = Engine.start(export, EngineOptions(policy="dynamic", timeout_s=60))
+    recorder = LoadRecorder(engine)
+    with torch.inference_mode():
+        for call in range(len(CALLS)):
+            ranks = [engine.rank] if engine.world_size > 1 else range(len(CALLS[call]))
+            engine.model(torch.cat([_call_tokens(call, rank) for rank in ranks]))
+    return {name: counts.tolist() for name, counts in recorder.gather().items()}
+
+
+def test_recorded_expert_loads_are_the_groups_and_skip_empty_calls(exports):
+    args = (str(exports["top2"]),)
+    single = run_distributed(_record_loads, world_size=1, args=args, init_process_group=False)[0]
+    both = run_distributed(_record_loads, world_size=2, args=args, init_process_group=False)
+    assert both[0] == both[1] == single
+    for counts in single.values():
+        assert len(counts) == 2  # the third call had no tokens anywhere
+        assert [sum(row) for row in counts] == [3 * 5 * 2, 3 * 5 * 2]  # sequences x length x top-2
+
+
 def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[list[int]]]:
     engine = Engine.start(lm, EngineOptions(policy="dynamic", timeout_s=60))
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]

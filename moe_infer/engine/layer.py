@@ -56,7 +56,11 @@ class PolicyBlock(nn.Module):
         rank = dist.get_rank() if placement.ranks > 1 else 0
         self.router = load_router(cfg, router, next(iter(experts.values()))["fc1.weight"].device)
         self.experts = LocalExperts(cfg, [experts[e] for e in placement.local_experts(rank)])
-        self.policy = policy
+        self.policy, self.num_experts = policy, cfg.num_experts
+
+    def expert_counts(self, experts_TK: torch.Tensor) -> torch.Tensor:
+        """int64 [E]: this call's (token, expert) pairs per global expert, for load histories."""
+        return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
         cuda = x_TD.device.type == "cuda"
@@ -67,7 +71,12 @@ class PolicyBlock(nn.Module):
         routed = time.perf_counter()
         y_TD, stats = self.policy(x_TD, probs_TK, experts_TK, self.experts)
         stats.seconds["gate"] += routed - start
+        if self.recording:
+            self.counts.append(self.expert_counts(experts_TK).cpu())
         return y_TD.to(x_TD.dtype), stats
+
+    recording = False  # set by LoadRecorder (moe_infer.engine.trace): keep each call's expert counts in `counts`
+    counts: list[torch.Tensor]
 
 
 def build_block(
