@@ -72,6 +72,29 @@ def _serve_with_placements(export: str) -> float:
         return float((engine.model(tokens) - load_model(export)(tokens)).abs().max())
 
 
+def _serve_with_replicas(export: str) -> float:
+    """Expert 1 copied onto both ranks in one layer, experts 0 and 3 in the other: logits unchanged."""
+    from moe_infer.engine.engine import moe_layer_names
+    from moe_infer.model.loader import Export
+    from moe_infer.placement.replicas import ReplicatedPlacement
+
+    names = moe_layer_names(Export.open(export))
+    lists = [[[0, 1], [2, 3, 1]], [[0, 1, 3], [2, 3, 0]]]
+    placements = {name: ReplicatedPlacement.from_rank_lists(lists[i % 2], 4) for i, name in enumerate(names)}
+    engine = Engine.start(export, EngineOptions(policy="dynamic", placement=placements, timeout_s=60))
+    tokens = torch.randint(4, 50, (3, 7), generator=torch.Generator().manual_seed(engine.rank))
+    with torch.inference_mode():
+        diff = float((engine.model(tokens) - load_model(export)(tokens)).abs().max())
+    with pytest.raises(EngineError, match=r"replicas, which only the dynamic policy serves"):
+        Engine.start(export, EngineOptions(policy="static", placement=placements, timeout_s=60))
+    return diff
+
+
+def test_expert_replicas_change_where_tokens_go_not_the_outputs(exports):
+    diffs = run_distributed(_serve_with_replicas, world_size=2, args=(str(exports["top2"]),), init_process_group=False)
+    assert max(diffs) < 1e-5
+
+
 def test_a_placement_per_layer_changes_where_experts_live_not_the_outputs(exports):
     diffs = run_distributed(
         _serve_with_placements, world_size=2, args=(str(exports["top2"]),), init_process_group=False

@@ -183,3 +183,25 @@ def test_a_failure_on_one_rank_ends_every_rank_with_the_cause(setup, tmp_path):
     assert (
         "error (rank 1 of 2)" in result.stderr and "decoder.layer02.expert0003.safetensors has sha256" in result.stderr
     )
+
+
+def test_a_placement_file_with_replicas_and_a_recorded_load_history(setup, tmp_path):
+    """Two ranks serve with a placement that copies expert 1 onto both: the same text as the default placement; the
+    recorded load history covers both MoE layers and can be fitted from."""
+    from moe_infer.placement.files import write_placement_file
+    from moe_infer.placement.history import LoadHistory
+
+    placement = tmp_path / "placement.json"
+    layers = {"decoder.layers.2": [[3, 1], [0, 2, 1]], "decoder.layers.4": [[2, 0, 1], [3, 1]]}
+    write_placement_file(placement, layers, num_experts=4, algorithm="hand-made", source="test")
+    history = tmp_path / "loads.npz"
+    args = ["--export", setup["lm"], "--input", str(setup["root"] / "prompts.txt"), *GENERATE]
+    default = _run(args, launcher=_torchrun(2))
+    placed = _run([*args, "--placement", str(placement), "--record-trace", str(history)], launcher=_torchrun(2))
+    assert default.returncode == 0 and placed.returncode == 0, placed.stderr
+    assert placed.stdout == default.stdout
+    loads = LoadHistory.read(history)
+    assert loads.layer_names == ["decoder.layers.2", "decoder.layers.4"]
+    assert all(counts_BE.sum() > 0 for counts_BE in loads.counts_BE.values())
+    wrong = _run([*args, "--placement", str(placement)])  # a file for 2 ranks, served by one
+    assert wrong.returncode != 0 and "placement for 2 ranks" in wrong.stderr

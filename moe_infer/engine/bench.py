@@ -334,7 +334,7 @@ def run_bench(job, out: IO[str]) -> int:
             save()
 
         for policy in args.policies:
-            engine = Engine.start(export.path, engine_options(args, policy))
+            engine = Engine.start(export.path, engine_options(args, policy, job.placements))
             if not meta.get("device"):
                 meta["device"] = str(engine.device)
                 meta["memory"] = "cuda max_memory_allocated" if engine.device.type == "cuda" else "cpu peak RSS"

@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     serve.add_argument(
+        "--placement",
+        type=Path,
+        help="where each expert lives, per MoE layer (a file from `python -m moe_infer.placement fit`); "
+        "default contiguous. Replicas need --policy dynamic",
+    )
+    serve.add_argument(
+        "--record-trace",
+        type=Path,
+        help="save each MoE call's per-expert token counts (summed over ranks) here, for `moe_infer.placement`",
+    )
+    serve.add_argument("--record-calls", type=int, default=4096, help="--record-trace keeps the last N calls per layer")
+    serve.add_argument(
         "--timeout", type=_positive_float, default=120.0, help="seconds any collective may wait (default 120)"
     )
     io_ = parser.add_argument_group("input and output")
@@ -134,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_batch", "prompt_len", "decode_steps"):
+    for name in ("max_batch", "prompt_len", "decode_steps", "record_calls"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
@@ -275,6 +287,7 @@ class Job:
     references: list[str] | None = None
     settings: Any = None
     tokenizer: Any = None
+    placements: Any = None  # {MoE layer name: Placement | ReplicatedPlacement} from --placement, else None
 
 
 def open_export(path: Path):
@@ -295,7 +308,7 @@ def resolve_mode(requested: str | None, export) -> str:
     )
 
 
-def engine_options(args: argparse.Namespace, policy: str):
+def engine_options(args: argparse.Namespace, policy: str, placements=None):
     from moe_infer.engine.engine import EngineOptions
     from moe_infer.engine.layer import BlockOptions
 
@@ -304,7 +317,7 @@ def engine_options(args: argparse.Namespace, policy: str):
         capacity_factor=args.ds_capacity_factor,
         drop_tokens=args.ds_drop_tokens,
     )
-    return EngineOptions(policy=policy, block=block, dtype=args.dtype, timeout_s=args.timeout)
+    return EngineOptions(policy=policy, block=block, dtype=args.dtype, timeout_s=args.timeout, placement=placements)
 
 
 def serving_settings(args: argparse.Namespace, mode: str, cfg):
@@ -329,6 +342,18 @@ def serving_settings(args: argparse.Namespace, mode: str, cfg):
     )
 
 
+def read_placements(path: Path | None, export, world: int):
+    """--placement's maps for every MoE layer of the export, checked against it and the number of ranks."""
+    if path is None:
+        return None
+    from moe_infer.engine.engine import moe_layer_names
+    from moe_infer.placement.files import placements_for_export, read_placement_file
+
+    names = moe_layer_names(export)
+    pfile = read_placement_file(path, num_experts=export.model_config.num_experts, layer_names=names, ranks=world)
+    return placements_for_export(pfile, names)
+
+
 def prepare(args: argparse.Namespace) -> Job:
     """Open the export, read and check every request and flag. Identical on every rank: the only collectives are the
     process group's start and (stdin under a launcher) one broadcast of the lines, which every rank reaches."""
@@ -339,8 +364,9 @@ def prepare(args: argparse.Namespace) -> Job:
     rank, world = launcher_rank()
     export = open_export(args.export)
     mode = resolve_mode(args.mode, export)
-    expert_placements(export, world, None)  # the EP degree must divide the experts: say so before any collective
-    job = Job(args, export, mode, rank, world)
+    job = Job(args, export, mode, rank, world, placements=read_placements(args.placement, export, world))
+    # The EP degree must divide the experts (or the placement must fit the ranks): say so before any collective.
+    expert_placements(export, world, job.placements)
     if mode == "bench":
         from moe_infer.engine.bench import check_bench
 
@@ -373,7 +399,12 @@ def serve(job: Job) -> tuple[list[list[int]], float, dict[str, float]]:
     from moe_infer.engine.generate import generate
     from moe_infer.engine.translate import translate
 
-    engine = Engine.start(job.export.path, engine_options(job.args, job.args.policy))
+    engine = Engine.start(job.export.path, engine_options(job.args, job.args.policy, job.placements))
+    recorder = None
+    if job.args.record_trace is not None:
+        from moe_infer.engine.trace import LoadRecorder
+
+        recorder = LoadRecorder(engine, job.args.record_calls)
     progress(
         job.args,
         job.rank,
@@ -388,7 +419,20 @@ def serve(job: Job) -> tuple[list[list[int]], float, dict[str, float]]:
         mine = translate(engine.model, engine.share(job.requests), job.settings, engine.sync)
     outputs = engine.gather(mine, len(job.requests))
     seconds = time.perf_counter() - start
+    if recorder is not None:
+        save_load_history(recorder, job)
     return outputs, seconds, moe_figures(engine)
+
+
+def save_load_history(recorder, job: Job) -> None:
+    """--record-trace: the group's per-call expert counts, written by rank 0 (gathering them is a collective)."""
+    from moe_infer.placement.history import LoadHistory
+
+    counts = {name: counts_CE.numpy() for name, counts_CE in recorder.gather().items()}
+    if job.rank == 0:
+        source = f"served {job.export.path} ({job.mode}, {len(job.requests)} requests, {job.world} ranks)"
+        LoadHistory(counts, job.export.model_config.num_experts, source).save(job.args.record_trace)
+        progress(job.args, job.rank, f"expert loads of {len(counts)} MoE layers written to {job.args.record_trace}")
 
 
 def moe_figures(engine) -> dict[str, float]:

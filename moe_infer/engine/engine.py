@@ -27,6 +27,7 @@ from moe_infer.model.loader import Export, load_model, read_expert
 from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
 from moe_infer.placement import Placement
+from moe_infer.placement.replicas import ReplicatedPlacement
 from pipeline.errors import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,7 +44,7 @@ class EngineOptions:
     dtype: str = "float32"
     # One map for every MoE layer, or one per layer by name ("decoder.layers.2"); None: contiguous (rank r holds
     # experts r*E/R ... (r+1)*E/R - 1), which is also what the deepspeed and megatron baselines require.
-    placement: Placement | dict[str, Placement] | None = None
+    placement: Placement | dict[str, Placement | ReplicatedPlacement] | None = None
     timeout_s: float = 300.0  # bounds every collective: a rank that fails makes the others fail, never hang
     deepspeed_inference: bool = True  # wrap with deepspeed.init_inference
 
@@ -74,6 +75,12 @@ class Engine:
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         export = Export.open(export_dir)
         placements = expert_placements(export, info.world_size, options.placement)
+        replicated = [name for name, p in placements.items() if isinstance(p, ReplicatedPlacement)]
+        if replicated and options.policy != "dynamic":
+            raise EngineError(
+                f"layers {replicated} have expert replicas, which only the dynamic policy serves "
+                f"(policy {options.policy!r} keeps one copy of each expert)"
+            )
         model = load_served_model(export, placements, info.rank, options, device)
         engine = cls(export, model, placements, options, info.rank, info.world_size, device, LockStep(device=device))
         if options.deepspeed_inference:
@@ -112,11 +119,11 @@ def moe_layer_names(export: Export) -> list[str]:
 
 
 def expert_placements(
-    export: Export, ranks: int, placement: Placement | dict[str, Placement] | None
+    export: Export, ranks: int, placement: Placement | dict[str, Placement | ReplicatedPlacement] | None
 ) -> dict[str, Placement]:
     """Every MoE layer's placement, checked against the export and the number of ranks."""
     num_experts = export.model_config.num_experts
-    if num_experts % ranks:
+    if num_experts % ranks and not isinstance(placement, dict):
         raise EngineError(
             f"{export.path}: the export has {num_experts} experts per MoE layer, which cannot be split evenly over "
             f"{ranks} ranks (the EP degree is the number of ranks: use one that divides {num_experts})"

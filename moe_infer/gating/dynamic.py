@@ -25,7 +25,6 @@ class DynamicGating:
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
         self.placement = placement
         self.ranks = ExpertGroup(placement, group)
-        self._position_of_E = placement.position_of_E
 
     def __call__(
         self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
@@ -36,7 +35,7 @@ class DynamicGating:
         timer = PhaseTimer(stats, x_TD.device)
 
         # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
-        position_N = self._position_of_E.to(experts_TK.device)[experts_TK.reshape(-1)]
+        position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         order_N = torch.argsort(position_N, stable=True)
         token_N = torch.div(order_N, topk, rounding_mode="floor")  # pair n is (token n // K, choice n % K)
         counts_P = torch.bincount(position_N, minlength=R * L)

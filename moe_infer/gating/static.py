@@ -30,6 +30,11 @@ from pipeline.errors import PipelineError
 
 class StaticGating:
     def __init__(self, placement: Placement, capacity_fraction: float, group: dist.ProcessGroup | None = None):
+        if not hasattr(placement, "position_of_E"):
+            raise PipelineError(
+                "static gating: expert replicas are not supported (its buffers hold one block per expert); "
+                "serve a placement with replicas with the dynamic policy"
+            )
         if not capacity_fraction > 0:
             raise PipelineError(f"static gating: capacity_fraction must be > 0, got {capacity_fraction}")
         self.placement, self.capacity_fraction = placement, capacity_fraction

@@ -116,6 +116,11 @@ class Placement:
         """int64 [E]: rank * L + slot, the order in which the policies lay out per-expert blocks."""
         return self.rank_of_E * self.experts_per_rank + self.slot_of_E
 
+    def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
+        """int64 [T*K] (token-major): the position of each (token, expert) pair's expert. One copy per expert here;
+        ReplicatedPlacement (moe_infer.placement.replicas) spreads pairs over copies behind the same method."""
+        return self.position_of_E.to(experts_TK.device)[experts_TK.reshape(-1)]
+
     def local_experts(self, rank: int) -> list[int]:
         """Rank `rank`'s global expert ids in local-slot order."""
         if not 0 <= rank < self.ranks:
