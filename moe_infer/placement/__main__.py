@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit a placement file from a routing trace")
-    fit.add_argument("--trace", type=Path, required=True, help="routing trace (launch/train.py --record-traces) or load history (launch/infer.py --record-trace)")
+    fit.add_argument(
+        "--trace",
+        type=Path,
+        required=True,
+        help="routing trace (launch/train.py --record-traces) or load history (launch/infer.py --record-trace)",
+    )
     fit.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks D")
     fit.add_argument("--algorithm", choices=ALGORITHMS, default="greedy")
     fit.add_argument("--replicas", type=int, default=0, help="extra expert slots per layer for hot-expert replicas")
