@@ -10,72 +10,22 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from moe_layers import D, E, layer_config, random_layer, reference_moe
 
 from moe_infer.engine.baselines.deepspeed_block import UPSTREAM_PINS, DeepSpeedBlock
-from moe_infer.model import ExpertFFN, ModelConfig, Router, combine, dispatch
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed, upstream_source_sha256
 
-E, D, F = 8, 16, 32
 # (topk, router pre_softmax, router bias): the combinations DeepSpeed's gates compute.
 CASES = [(1, True, True), (1, True, False), (2, False, True), (2, False, False)]
 SMALL_CAPACITY = 0.5  # C = ceil(T_max / E * 0.5 * k): drops pairs at these token counts
-
-
-def _cfg(topk: int, pre_softmax: bool, bias: bool) -> ModelConfig:
-    return ModelConfig(
-        architecture="decoder",
-        hidden_size=D,
-        ffn_hidden_size=F,
-        num_attention_heads=2,
-        head_dim=D // 2,
-        num_layers=2,
-        encoder_layers=0,
-        max_positions=16,
-        vocab_size=32,
-        norm="layernorm",
-        norm_eps=1e-5,
-        activation="gelu",
-        position_embedding="learned",
-        rope_base=10000.0,
-        attention_scale=1.0,
-        tie_embeddings=True,
-        lm_head_bias=False,
-        num_experts=E,
-        topk=topk,
-        moe_layers={"decoder": (2,)},
-        router_pre_softmax=pre_softmax,
-        router_bias=bias,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-    )
-
-
-def _randomized(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    module = module.to_empty(device="cpu").requires_grad_(False)
-    for param in module.parameters():
-        param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return module
-
-
-def _layer(cfg: ModelConfig) -> tuple[Router, list[ExpertFFN]]:
-    """The same router and full expert set on every rank (one seed); the block gets only the local experts."""
-    gen = torch.Generator().manual_seed(1234)
-    return _randomized(Router(cfg), gen), [_randomized(ExpertFFN(cfg), gen) for _ in range(E)]
 
 
 def _block(cfg, router, experts, placement, rank, capacity_factor, drop_tokens) -> DeepSpeedBlock:
     router_tensors = {name: p.detach() for name, p in router.named_parameters()}
     local = {e: {n: p.detach() for n, p in experts[e].named_parameters()} for e in placement.local_experts(rank)}
     return DeepSpeedBlock(cfg, router_tensors, local, placement, capacity_factor, drop_tokens)
-
-
-def _reference(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
-    plan = dispatch(experts_TK, probs_TK, E)
-    y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
-    return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
 
 
 def _capture_routes(block: DeepSpeedBlock) -> list:
@@ -95,8 +45,8 @@ def _check_block(world: int, token_counts_per_call: list[list[int]]) -> list[dic
     placement = Placement.contiguous(E, world)
     results = []
     for case, (topk, pre_softmax, bias) in enumerate(CASES):
-        cfg = _cfg(topk, pre_softmax, bias)
-        router, experts = _layer(cfg)
+        cfg = layer_config(topk, pre_softmax, bias)
+        router, experts = random_layer(cfg)
         full = _block(cfg, router, experts, placement, rank, 1.0, drop_tokens=False)
         small = _block(cfg, router, experts, placement, rank, SMALL_CAPACITY, drop_tokens=True)
         small_routes = _capture_routes(small)
@@ -107,7 +57,7 @@ def _check_block(world: int, token_counts_per_call: list[list[int]]) -> list[dic
             where = f"case {case} call {call} rank {rank}"
 
             y_TD, s = full(x_TD)
-            torch.testing.assert_close(y_TD, _reference(x_TD, probs_TK, experts_TK, experts), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y_TD, reference_moe(x_TD, probs_TK, experts_TK, experts), rtol=1e-5, atol=1e-5)
             assert y_TD.shape == (x_TD.shape[0], D), where
             assert s.pairs_dropped == 0 and s.pairs_routed == x_TD.shape[0] * topk, where
             # No drop: C is the largest per-expert count on any rank; every rank pads each expert to it.
@@ -135,7 +85,7 @@ def _check_block(world: int, token_counts_per_call: list[list[int]]) -> list[dic
             if topk > 1:
                 kept_probs_TK = kept_probs_TK / kept_probs_TK.sum(1, keepdim=True).clamp(min=torch.finfo().eps)
             torch.testing.assert_close(
-                y_TD, _reference(x_TD, kept_probs_TK, experts_TK, experts), rtol=1e-5, atol=1e-5, msg=where
+                y_TD, reference_moe(x_TD, kept_probs_TK, experts_TK, experts), rtol=1e-5, atol=1e-5, msg=where
             )
             results.append(dict(name="small", case=case, call=call, stats=s))
     return results
@@ -188,8 +138,8 @@ def test_deepspeed_block_equals_the_reference_on_two_ranks():
 
 
 def _one_rank_block(topk=1, pre_softmax=True, bias=True, placement=None):
-    cfg = _cfg(topk, pre_softmax, bias)
-    router, experts = _layer(cfg)
+    cfg = layer_config(topk, pre_softmax, bias)
+    router, experts = random_layer(cfg)
     return _block(cfg, router, experts, placement or Placement.contiguous(E, 1), 0, 1.0, False)
 
 

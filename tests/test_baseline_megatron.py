@@ -11,67 +11,18 @@ its GatingStats so the test can check the sums across ranks.
 import pytest
 import torch
 import torch.distributed as dist
+from moe_layers import D, E, layer_config, random_layer, reference_moe
 
 from moe_infer.engine.baselines.megatron_block import MegatronBlock
 from moe_infer.gating import GatingStats
-from moe_infer.model import ExpertFFN, ModelConfig, Router, combine, dispatch
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed
 
-E, D, F = 8, 16, 32
 # (topk, router pre_softmax, activation, router bias)
-CASES = [(1, True, "gelu", True), (2, False, "gelu", True), (2, True, "gelu", True)]
-EXTRA_CASES = [(2, False, "swiglu", True), (2, True, "gelu", False)]  # EP=1 only: the activation and the zero bias
-
-
-def _cfg(topk: int, pre_softmax: bool, act: str, router_bias: bool) -> ModelConfig:
-    return ModelConfig(
-        architecture="decoder",
-        hidden_size=D,
-        ffn_hidden_size=F,
-        num_attention_heads=2,
-        head_dim=D // 2,
-        num_layers=2,
-        encoder_layers=0,
-        max_positions=16,
-        vocab_size=32,
-        norm="layernorm",
-        norm_eps=1e-5,
-        activation=act,
-        position_embedding="learned",
-        rope_base=10000.0,
-        attention_scale=1.0,
-        tie_embeddings=True,
-        lm_head_bias=False,
-        num_experts=E,
-        topk=topk,
-        moe_layers={"decoder": (2,)},
-        router_pre_softmax=pre_softmax,
-        router_bias=router_bias,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-    )
-
-
-def _layer(cfg: ModelConfig) -> tuple[Router, list[ExpertFFN]]:
-    """The same router and full expert set on every rank (one seed); the block gets only the local experts."""
-    gen = torch.Generator().manual_seed(1234)
-
-    def randomized(module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to_empty(device="cpu").requires_grad_(False)
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-        return module
-
-    return randomized(Router(cfg)), [randomized(ExpertFFN(cfg)) for _ in range(E)]
-
-
-def _reference(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
-    plan = dispatch(experts_TK, probs_TK, E)
-    y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
-    return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
+# (topk, router pre_softmax, router bias, activation): layer_config's arguments.
+CASES = [(1, True, True, "gelu"), (2, False, True, "gelu"), (2, True, True, "gelu")]
+EXTRA_CASES = [(2, False, True, "swiglu"), (2, True, False, "gelu")]  # EP=1 only: the activation and the zero bias
 
 
 def _tokens(case: int, rank: int, count: int) -> torch.Tensor:
@@ -85,8 +36,8 @@ def _check_megatron(token_count_sets: list[list[int]], cases: list[tuple]) -> li
     local = placement.local_experts(rank)
     out = []
     for case, params in enumerate(cases):
-        cfg = _cfg(*params)
-        router, experts = _layer(cfg)
+        cfg = layer_config(*params)
+        router, experts = random_layer(cfg)
         block = MegatronBlock(
             cfg,
             {name: t.clone() for name, t in router.state_dict().items()},
@@ -104,7 +55,7 @@ def _check_megatron(token_count_sets: list[list[int]], cases: list[tuple]) -> li
             x_TD = _tokens(case, rank, counts[rank])
             y_TD, s = block(x_TD)
             probs_TK, experts_TK = router(x_TD)
-            expected_TD = _reference(x_TD, probs_TK, experts_TK, experts)
+            expected_TD = reference_moe(x_TD, probs_TK, experts_TK, experts)
             assert y_TD.shape == (counts[rank], D)
             torch.testing.assert_close(y_TD, expected_TD, rtol=1e-5, atol=1e-5, msg=f"case {params} counts {counts}")
 
@@ -132,8 +83,8 @@ def _check_ep_size_mismatch(params: tuple) -> None:
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=1)
-    cfg = _cfg(*params)
-    router, experts = _layer(cfg)
+    cfg = layer_config(*params)
+    router, experts = random_layer(cfg)
     local = Placement.contiguous(E, 2).local_experts(dist.get_rank())
     with pytest.raises(PipelineError, match="already initialized in this process with expert_model_parallel_size=1"):
         MegatronBlock(cfg, router.state_dict(), {e: experts[e].state_dict() for e in local}, Placement.contiguous(E, 2))
@@ -153,7 +104,7 @@ def test_megatron_block_equals_the_reference_on_two_ranks():
 
 
 def test_a_non_contiguous_placement_is_refused():
-    cfg = _cfg(1, True, "gelu", True)
+    cfg = layer_config(1, True)
     placement = Placement.from_rank_lists([[0, 2, 4, 6], [1, 3, 5, 7]], num_experts=E)
     with pytest.raises(PipelineError, match=r"rank 0 holds experts \[0, 2, 4, 6\].*only places experts contiguously"):
         MegatronBlock(cfg, {}, {}, placement)
@@ -163,6 +114,6 @@ def test_a_non_contiguous_placement_is_refused():
 
 
 def test_without_torch_distributed_the_error_says_so():
-    cfg = _cfg(1, True, "gelu", True)
+    cfg = layer_config(1, True)
     with pytest.raises(PipelineError, match="torch.distributed is not initialized"):
         MegatronBlock(cfg, {}, {}, Placement.contiguous(E, 1))

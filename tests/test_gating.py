@@ -11,64 +11,14 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from moe_layers import D, E, layer_config, random_layer, reference_moe
 
 from moe_infer.gating import DynamicGating, GatingStats, StaticGating
-from moe_infer.model import ExpertFFN, ModelConfig, Router, combine, dispatch
 from moe_infer.placement import Placement, PlacementError
 from pipeline.platform.testing import run_distributed
 
-E, D, F = 8, 16, 32
 CASES = [(1, True), (1, False), (2, True), (2, False)]  # (topk, router pre_softmax)
 SMALL_CAPACITY = 0.1  # drops pairs for these token counts: C = max(1, ceil(0.1 * T_max))
-
-
-def _cfg(topk: int, pre_softmax: bool) -> ModelConfig:
-    return ModelConfig(
-        architecture="decoder",
-        hidden_size=D,
-        ffn_hidden_size=F,
-        num_attention_heads=2,
-        head_dim=D // 2,
-        num_layers=2,
-        encoder_layers=0,
-        max_positions=16,
-        vocab_size=32,
-        norm="layernorm",
-        norm_eps=1e-5,
-        activation="gelu",
-        position_embedding="learned",
-        rope_base=10000.0,
-        attention_scale=1.0,
-        tie_embeddings=True,
-        lm_head_bias=False,
-        num_experts=E,
-        topk=topk,
-        moe_layers={"decoder": (2,)},
-        router_pre_softmax=pre_softmax,
-        router_bias=True,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-    )
-
-
-def _randomized(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    module = module.to_empty(device="cpu").requires_grad_(False)
-    for param in module.parameters():
-        param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return module
-
-
-def _layer(topk: int, pre_softmax: bool) -> tuple[Router, list[ExpertFFN]]:
-    """The same router and full expert set on every rank (one seed); policies then use only the local experts."""
-    cfg, gen = _cfg(topk, pre_softmax), torch.Generator().manual_seed(1234)
-    return _randomized(Router(cfg), gen), [_randomized(ExpertFFN(cfg), gen) for _ in range(E)]
-
-
-def _reference(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
-    plan = dispatch(experts_TK, probs_TK, E)
-    y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
-    return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
 
 
 def _kept_within_capacity(experts_TK: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -91,11 +41,11 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
     local = placement.local_experts(rank)
     stats = []
     for case, (topk, pre_softmax) in enumerate(CASES):
-        router, experts = _layer(topk, pre_softmax)
+        router, experts = random_layer(layer_config(topk, pre_softmax))
         gen = torch.Generator().manual_seed(100 * case + rank)
         x_TD = torch.randn(token_counts[rank], D, generator=gen)
         probs_TK, experts_TK = router(x_TD)
-        expected_TD = _reference(x_TD, probs_TK, experts_TK, experts)
+        expected_TD = reference_moe(x_TD, probs_TK, experts_TK, experts)
 
         # Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert.
         def run_expert(slot, x_ND, p_N, out_ND=None, experts=experts):
@@ -118,7 +68,7 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         assert s.expert_rows == world * len(local) * capacity
         # A dropped pair contributes nothing: the reference with its probability zeroed (p scales the whole output).
         torch.testing.assert_close(
-            y_TD, _reference(x_TD, probs_TK * kept_TK, experts_TK, experts), rtol=1e-5, atol=1e-5
+            y_TD, reference_moe(x_TD, probs_TK * kept_TK, experts_TK, experts), rtol=1e-5, atol=1e-5
         )
         stats.append(("static-small", s))
     return stats

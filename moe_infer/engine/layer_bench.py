@@ -60,34 +60,9 @@ class Result:
 
 
 def layer_config(experts: int, hidden: int, ffn: int, topk: int, activation: str = "gelu") -> ModelConfig:
-    """A ModelConfig holding just what one MoE layer needs (the other fields are never read by a block)."""
-    return ModelConfig(
-        architecture="decoder",
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_attention_heads=1,
-        head_dim=hidden,
-        num_layers=1,
-        encoder_layers=0,
-        max_positions=1,
-        vocab_size=1,
-        norm="layernorm",
-        norm_eps=1e-5,
-        activation=activation,
-        position_embedding="learned",
-        rope_base=10000.0,
-        attention_scale=1.0,
-        tie_embeddings=True,
-        lm_head_bias=False,
-        num_experts=experts,
-        topk=topk,
-        moe_layers={"decoder": (1,)},
-        # DeepSpeed's top-1 takes the softmax over all experts, its top-2 renormalises the two: match it either way.
-        router_pre_softmax=topk == 1,
-        router_bias=False,
-        pad_id=0,
-        bos_id=0,
-        eos_id=0,
+    # DeepSpeed's top-1 takes the softmax over all experts, its top-2 renormalises the two: match it either way.
+    return ModelConfig.for_moe_layer(
+        experts, hidden, ffn, topk, router_pre_softmax=topk == 1, router_bias=False, activation=activation
     )
 
 

@@ -65,5 +65,47 @@ class ModelConfig:
             eos_id=tok["eos_id"],
         )
 
+    @classmethod
+    def for_moe_layer(
+        cls,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        topk: int,
+        *,
+        router_pre_softmax: bool,
+        router_bias: bool,
+        activation: str = "gelu",
+    ) -> ModelConfig:
+        """What one MoE layer reads (router, experts), the rest of a one-layer model filled in: for benchmarks and
+        tests that build a layer without an export."""
+        return cls(
+            architecture="decoder",
+            hidden_size=hidden_size,
+            ffn_hidden_size=ffn_hidden_size,
+            num_attention_heads=1,
+            head_dim=hidden_size,
+            num_layers=1,
+            encoder_layers=0,
+            max_positions=1,
+            vocab_size=1,
+            norm="layernorm",
+            norm_eps=1e-5,
+            activation=activation,
+            position_embedding="learned",
+            rope_base=10000.0,
+            attention_scale=1.0,
+            tie_embeddings=True,
+            lm_head_bias=False,
+            num_experts=num_experts,
+            topk=topk,
+            moe_layers={"decoder": (1,)},
+            router_pre_softmax=router_pre_softmax,
+            router_bias=router_bias,
+            pad_id=0,
+            bos_id=0,
+            eos_id=0,
+        )
+
     def is_moe_layer(self, stack: str, layer: int) -> bool:
         return layer in self.moe_layers.get(stack, ())

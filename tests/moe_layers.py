@@ -1,0 +1,39 @@
+"""One small random MoE layer for the gating and baseline tests, and the single-process reference it must match.
+
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = random_layer(cfg)          the same weights on every rank (one seed), all E experts
+    y_TD = reference_moe(x_TD, *router(x_TD), experts)
+
+Shape legend: T tokens, K experts per token, D model dim, E experts.
+"""
+
+import torch
+
+from moe_infer.model import ExpertFFN, ModelConfig, Router, combine, dispatch
+
+E, D, F = 8, 16, 32
+
+
+def layer_config(topk: int, pre_softmax: bool, router_bias: bool = True, activation: str = "gelu") -> ModelConfig:
+    return ModelConfig.for_moe_layer(
+        E, D, F, topk, router_pre_softmax=pre_softmax, router_bias=router_bias, activation=activation
+    )
+
+
+def _randomized(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    module = module.to_empty(device="cpu").requires_grad_(False)
+    for param in module.parameters():
+        param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return module
+
+
+def random_layer(cfg: ModelConfig) -> tuple[Router, list[ExpertFFN]]:
+    """The same router and full expert set on every rank (one seed); a policy or block then uses the local ones."""
+    gen = torch.Generator().manual_seed(1234)
+    return _randomized(Router(cfg), gen), [_randomized(ExpertFFN(cfg), gen) for _ in range(E)]
+
+
+def reference_moe(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
+    plan = dispatch(experts_TK, probs_TK, E)
+    y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
+    return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
