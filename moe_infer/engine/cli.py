@@ -184,11 +184,9 @@ def results_stdout() -> Iterator[IO[str]]:
 
 
 def configure_process(quiet: bool) -> None:
-    from pipeline.platform import quiet_known_warnings, set_threads_per_rank
+    from pipeline.platform import quiet_known_warnings
 
-    quiet_known_warnings()
-    if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) thread count wins; else share the cores
-        set_threads_per_rank()
+    quiet_known_warnings()  # (threads per rank: Engine.start decides)
     if quiet:
         import logging
 

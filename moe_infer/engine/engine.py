@@ -13,6 +13,7 @@ expert files its placement assigns it (moe_infer.model.loader reads nothing else
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,8 @@ class Engine:
         if options.dtype not in DTYPES:
             raise EngineError(f"unknown dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
         platform = detect_platform()
-        set_threads_per_rank()  # the cores divided among this machine's ranks
+        if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) thread count wins; else share the cores
+            set_threads_per_rank()
         info = init_distributed(platform, timeout_s=options.timeout_s, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         export = Export.open(export_dir)

@@ -33,6 +33,7 @@ class Placement:
     slot_of_E: torch.Tensor  # int64 [E]: its slot among that rank's experts
     ranks: int
     _local: list[list[int]] = field(init=False, repr=False, compare=False)
+    _position_of_E: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         rank_of_E = torch.as_tensor(self.rank_of_E, dtype=torch.int64).reshape(-1)
@@ -70,6 +71,8 @@ class Placement:
                 f"placement: ranks hold {sizes} experts; every rank must hold the same number ({num_experts} / {ranks})"
             )
         object.__setattr__(self, "_local", local)
+        # Read on every MoE call (pair_positions): computed once here.
+        object.__setattr__(self, "_position_of_E", rank_of_E * len(local[0]) + slot_of_E)
 
     @classmethod
     def contiguous(cls, num_experts: int, ranks: int) -> Placement:
@@ -114,7 +117,7 @@ class Placement:
     @property
     def position_of_E(self) -> torch.Tensor:
         """int64 [E]: rank * L + slot, the order in which the policies lay out per-expert blocks."""
-        return self.rank_of_E * self.experts_per_rank + self.slot_of_E
+        return self._position_of_E
 
     def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
         """int64 [T*K] (token-major): the position of each (token, expert) pair's expert. One copy per expert here;
