@@ -1,5 +1,6 @@
 """History-based expert placement: algorithms on hand-made loads, metrics, load histories and placement files."""
 
+import itertools
 import json
 
 import numpy as np
@@ -8,7 +9,16 @@ import torch
 
 from moe_infer.placement import Placement, PlacementError
 from moe_infer.placement.__main__ import main as placement_cli
-from moe_infer.placement.algorithms import anti_correlation, contiguous, greedy, pearson_corr, replicate
+from moe_infer.placement.algorithms import (
+    anti_correlation,
+    contiguous,
+    eplb,
+    greedy,
+    pack_copies,
+    pearson_corr,
+    replica_counts,
+    replicate,
+)
 from moe_infer.placement.files import placement_for_layer, read_placement_file, write_placement_file
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.metrics import placement_metrics, rank_loads
@@ -81,6 +91,75 @@ def test_replication_never_makes_the_fitted_balance_worse():
     assert replicate(load_E, greedy(load_E, 2), extra_slots=1) == greedy(load_E, 2)
 
 
+def test_eplb_spreads_a_dominant_expert_over_every_rank():
+    load_E = np.array([20.0, 1, 1, 1, 1, 1, 1, 1])
+    # Water-filling: 20 -> 10 -> 6.7 -> 5 per copy, then expert 0 is on all 4 ranks and the 4th slot goes to expert 1.
+    np.testing.assert_array_equal(replica_counts(load_E, 4, 4), [4, 2, 1, 1, 1, 1, 1, 1])
+    placement = eplb(load_E, 4, extra_slots=3)
+    assert all(0 in rank for rank in placement)
+    assert sorted(len(rank) for rank in placement) == [2, 3, 3, 3]  # 11 slots: 11 // 4 each, 11 % 4 ranks one more
+    loads_D = [sum(load_E[e] / 4 if e == 0 else load_E[e] for e in rank) for rank in placement]
+    assert sorted(loads_D) == [6, 7, 7, 7]  # greedy without copies cannot go below 20
+
+
+def _best_max_load(load_E, copies_E, ranks):
+    """Brute force: the smallest largest rank load over every packing of the copies (one per rank per expert, slot
+    counts differing by at most one)."""
+    per_copy_E = np.asarray(load_E, dtype=float) / copies_E
+    best = np.inf
+    for holders in itertools.product(*[itertools.combinations(range(ranks), c) for c in copies_E]):
+        sizes_D, loads_D = np.zeros(ranks), np.zeros(ranks)
+        for expert, held_by in enumerate(holders):
+            sizes_D[list(held_by)] += 1
+            loads_D[list(held_by)] += per_copy_E[expert]
+        if sizes_D.max() - sizes_D.min() <= 1:
+            best = min(best, loads_D.max())
+    return best
+
+
+@pytest.mark.parametrize("load_E, ranks, extra", [([9, 7, 6, 2, 2, 1], 3, 3), ([12, 5, 4, 4, 3, 2, 1, 1], 2, 2)])
+def test_eplb_packing_reaches_the_brute_force_optimum(load_E, ranks, extra):
+    copies_E = replica_counts(np.array(load_E, dtype=float), ranks, extra)
+    placement = eplb(load_E, ranks, extra)
+    per_copy_E = np.array(load_E) / copies_E
+    assert max(sum(per_copy_E[e] for e in rank) for rank in placement) == pytest.approx(
+        _best_max_load(load_E, copies_E, ranks)
+    )
+
+
+def test_eplb_placements_are_well_formed_and_conserve_tokens():
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        ranks = int(rng.choice([2, 3, 4, 8]))
+        num_experts = ranks * int(rng.integers(1, 4))
+        extra = int(rng.integers(0, num_experts * (ranks - 1) + 1))
+        load_E = rng.pareto(1.0, num_experts) * rng.integers(0, 2, num_experts)  # heavy tail, some experts idle
+        placement = eplb(load_E, ranks, extra)
+        sizes = [len(rank) for rank in placement]
+        assert sum(sizes) == num_experts + extra and max(sizes) - min(sizes) <= 1
+        assert all(len(set(rank)) == len(rank) for rank in placement)  # never two copies on one rank
+        counts_BE = rng.integers(0, 30, size=(5, num_experts))
+        np.testing.assert_allclose(rank_loads(counts_BE, placement).sum(axis=1), counts_BE.sum(axis=1))
+        if extra == 0:
+            assert placement == greedy(load_E, ranks)
+
+
+def test_eplb_packing_never_strands_an_experts_copies():
+    # Expert 1 (no load, so packed last) needs a slot on all 4 ranks; least-loaded-first would fill one rank before
+    # it comes, so the packing has to fall back to the ranks with the most free slots.
+    copies_E = np.array([2, 4, 1, 2, 1, 2])
+    placement = pack_copies(np.array([4.0, 0, 1, 2, 4, 1]), copies_E, 4)
+    assert all(1 in rank for rank in placement) and [len(rank) for rank in placement] == [3, 3, 3, 3]
+    assert [sum(e in rank for rank in placement) for e in range(6)] == copies_E.tolist()
+
+
+def test_eplb_refuses_impossible_slot_counts():
+    with pytest.raises(PlacementError, match="at most one copy of an expert per rank"):
+        eplb([1.0, 2.0], 2, extra_slots=3)
+    with pytest.raises(PlacementError, match="expected 1 ... 2 copies"):
+        pack_copies(np.array([1.0, 2.0]), np.array([3, 1]), 2)
+
+
 # ---- metrics --------------------------------------------------------------------------------------------------------
 
 
@@ -92,6 +171,7 @@ def test_metrics_on_a_hand_example():
     assert scores["max_load"] == pytest.approx(1.0)
     assert scores["avg_max_load"] == pytest.approx((1.0 + 0.5) / 2)
     assert scores["balancedness"] == pytest.approx((2 / 4 + 2 / 2) / 2)
+    assert scores["total_balancedness"] == pytest.approx(((6 + 2) / 2) / 6)  # ranks carry 6 and 2 in all
 
 
 def test_metrics_refuse_an_expert_placed_nowhere():
@@ -173,11 +253,14 @@ def test_cli_fits_and_evaluates(tmp_path, capsys):
     assert placement_cli(fit) == 0
     pfile = read_placement_file(out, num_experts=4, layer_names=["decoder.layers.2"], ranks=2)
     assert pfile.algorithm == "greedy"
+    assert placement_cli([*fit[:-3], "eplb", "--replicas", "1", "--out", str(out)]) == 0
+    pfile = read_placement_file(out, num_experts=4, layer_names=["decoder.layers.2"], ranks=2)
+    assert pfile.algorithm == "eplb+1 replicas" and sum(map(len, pfile.layers["decoder.layers.2"])) == 5
     assert placement_cli(["evaluate", "--trace", str(trace), "--ranks", "2,4", "--run-dir", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
-    assert "anti-correlation" in printed and "greedy+1 replica" in printed
+    assert "anti-correlation" in printed and "greedy+1 replica" in printed and "eplb+1" in printed
     table = json.loads((tmp_path / "run" / "placement.table.json").read_text())
-    assert len(table["rows"]) == 1 * 2 * 4  # layers x rank counts x algorithms
+    assert len(table["rows"]) == 1 * 2 * 5  # layers x rank counts x algorithms
     assert placement_cli(["evaluate", "--trace", str(trace), "--ranks", "3"]) == 2
 
 

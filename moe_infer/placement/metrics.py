@@ -10,6 +10,8 @@ expert), so a perfect spread over D ranks gives every rank 1/D:
     avg_max_load   the mean over batches of the largest rank share (the paper's Avg Max Load)
     balancedness   the mean over batches of mean rank load / max rank load (1 = perfectly even, 1/D = one rank
                    does everything)
+    total_balancedness   mean / max of the rank loads summed over all batches: the long-run spread, without the
+                   batch-to-batch noise a small batch (a decode step of a few tokens) cannot avoid
 
 An expert placed on several ranks (a replica) has its tokens split evenly over its copies. Batches without tokens
 tell nothing about balance and are skipped.
@@ -62,4 +64,5 @@ def placement_metrics(counts_BE: np.ndarray, placement: list[list[int]]) -> dict
         "max_load": float(max_share_B.max()),
         "avg_max_load": float(max_share_B.mean()),
         "balancedness": float((loads_BD.mean(axis=1) / loads_BD.max(axis=1)).mean()),
+        "total_balancedness": float(loads_BD.sum(axis=0).mean() / loads_BD.sum(axis=0).max()),
     }
