@@ -7,6 +7,7 @@ import pytest
 import torch
 from random_exports import random_export_config, write_random_export
 
+from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
 from moe_infer.engine.engine import Engine, EngineError, EngineOptions
 from moe_infer.engine.generate import GenerationSettings, generate
 from moe_infer.engine.layer import POLICIES, BlockOptions
@@ -26,6 +27,9 @@ def exports(tmp_path_factory):
         "top1": write_random_export(root / "top1", random_export_config("decoder", topk=1, pre_softmax=True), seed=1),
         "top2": write_random_export(root / "top2", random_export_config("decoder", topk=2, pre_softmax=False), seed=2),
         "mt": write_random_export(root / "mt", random_export_config("encoder-decoder", num_experts=4), seed=3),
+        "top2-e8": write_random_export(
+            root / "top2-e8", random_export_config("decoder", num_experts=8, topk=2, pre_softmax=False), seed=4
+        ),
     }
 
 
@@ -133,8 +137,9 @@ def test_recorded_expert_loads_are_the_groups_and_skip_empty_calls(exports):
         assert [sum(row) for row in counts] == [3 * 5 * 2, 3 * 5 * 2]  # sequences x length x top-2
 
 
-def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[list[int]]]:
-    engine = Engine.start(lm, EngineOptions(policy="dynamic", timeout_s=60))
+def _generate_and_translate(lm: str, mt: str, block: BlockOptions | None = None) -> tuple[list, list]:
+    block = block or BlockOptions()
+    engine = Engine.start(lm, EngineOptions(policy="dynamic", block=block, timeout_s=60))
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
     settings = GenerationSettings(max_new_tokens=5, batch_size=2)
     generated = engine.gather(generate(engine.model, engine.share(prompts), settings, engine.sync), len(prompts))
@@ -143,11 +148,25 @@ def _generate_and_translate(lm: str, mt: str) -> tuple[list[list[int]], list[lis
     ids = engine.share(range(len(prompts)))
     sampled = generate(engine.model, engine.share(prompts), sampling, engine.sync, request_ids=ids)
     generated += engine.gather(sampled, len(prompts))
-    engine = Engine.start(mt, EngineOptions(policy="dynamic", timeout_s=60))
+    _check_buffering(engine, block)
+    engine = Engine.start(mt, EngineOptions(policy="dynamic", block=block, timeout_s=60))
     sources = [[5, 6, 7, 3], [8, 3], [9, 10, 11, 12, 3]]
     settings = TranslationSettings(max_len=6, beam_size=2, batch_size=2)
     translated = engine.gather(translate(engine.model, engine.share(sources), settings, engine.sync), len(sources))
+    _check_buffering(engine, block)
     return generated, translated
+
+
+def _check_buffering(engine: Engine, block: BlockOptions) -> None:
+    """Buffering is on exactly when there are fewer slots than local experts, and then it copied experts in (in some
+    layer: with a few tokens, a layer may never need more than the experts it starts with)."""
+    misses = 0
+    for layer in engine.moe_layers:
+        local = len(engine.placements[layer.name].local_experts(engine.rank))
+        buffered = block.expert_slots is not None and block.expert_slots < local
+        assert isinstance(layer.block.experts, BufferedExperts) == buffered, (layer.name, block)
+        misses += layer.block.experts.stats.misses if buffered else 0
+    assert misses > 0 or not block.expert_slots or block.expert_slots >= 2, "buffering with one slot copied nothing"
 
 
 def test_generation_and_translation_under_two_ranks_equal_one_process(exports):
@@ -156,6 +175,27 @@ def test_generation_and_translation_under_two_ranks_equal_one_process(exports):
     both = run_distributed(_generate_and_translate, world_size=2, args=args, init_process_group=False, timeout_s=180)
     assert both[0] == both[1] == single
     assert all(len(tokens) > 0 for tokens in single[0])
+
+
+def _with_every_buffering(lm: str, mt: str) -> dict[tuple[str, int], tuple]:
+    outputs = {}
+    for eviction in ENGINE_EVICTIONS:
+        for slots in (1, 2, 3):  # the MT export's 2 local experts are all resident from 2 slots on
+            outputs[eviction, slots] = _generate_and_translate(
+                lm, mt, BlockOptions(expert_slots=slots, eviction=eviction)
+            )
+    return outputs
+
+
+def test_expert_buffering_changes_no_output_under_two_ranks(exports):
+    """Generation and beam translation with K = 1, 2, 3 device slots per layer (of 4 and 2 local experts) and every
+    eviction policy equal the unbuffered single process, token for token."""
+    args = (str(exports["top2-e8"]), str(exports["mt"]))
+    single = run_distributed(_generate_and_translate, world_size=1, args=args, init_process_group=False)[0]
+    both = run_distributed(_with_every_buffering, world_size=2, args=args, init_process_group=False, timeout_s=300)
+    for outputs in both:
+        for setting, output in outputs.items():
+            assert output == single, setting
 
 
 def _start(export: str) -> None:

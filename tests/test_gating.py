@@ -34,6 +34,24 @@ def _kept_within_capacity(experts_TK: torch.Tensor, capacity: int) -> torch.Tens
     return kept_TK
 
 
+class _SlotExperts:
+    """Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert. Checks
+    the RunExpert contract too: the policy names the slots it will run before running exactly those, in that order."""
+
+    def __init__(self, experts):
+        self.experts, self.planned = experts, None
+
+    def prepare(self, active_L, overlapped):
+        assert self.planned is None or self.planned == [], f"slots {self.planned} were prepared but not run"
+        self.planned = list(active_L)
+
+    def __call__(self, slot, x_ND, p_N, out_ND=None):
+        assert self.planned and self.planned[0] == slot, f"slot {slot} runs but the policy prepared {self.planned}"
+        self.planned.pop(0)
+        y_ND = self.experts[slot](x_ND, p_N)
+        return y_ND if out_ND is None else out_ND.copy_(y_ND)
+
+
 def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -47,10 +65,7 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         probs_TK, experts_TK = router(x_TD)
         expected_TD = reference_moe(x_TD, probs_TK, experts_TK, experts)
 
-        # Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert.
-        def run_expert(slot, x_ND, p_N, out_ND=None, experts=experts):
-            y_ND = experts[local[slot]](x_ND, p_N)
-            return y_ND if out_ND is None else out_ND.copy_(y_ND)
+        run_expert = _SlotExperts([experts[e] for e in local])
 
         for name, policy in [("dynamic", DynamicGating(placement)), ("static", StaticGating(placement, 1.0))]:
             y_TD, s = policy(x_TD, probs_TK, experts_TK, run_expert)

@@ -5,6 +5,9 @@
     torchrun --nproc-per-node 2 launch/infer.py --export exports/mt-tiny --input src.txt --references ref.txt \\
         --beam-size 4 --output hyp.txt
     python launch/infer.py --export exports/lm-tiny --mode bench --max-batch 16        see moe_infer.engine.bench
+    python launch/infer.py --export exports/mt-tiny --expert-slots 2 --input src.txt   expert buffering: 2 slots/layer
+    python launch/infer.py --export exports/mt-tiny --mode bench-buffering --input src.txt --slots-sweep 1,2,3
+                                                                                 see moe_infer.buffering.bench
 
 Each input line is one request: a prompt (generate) or a source sentence (translate). Prompts are the plain token ids
 of the line (the LM was trained on a stream of documents without BOS); sources are ids + EOS, as the MT model was
@@ -36,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from moe_infer.buffering.policies import ONLINE_POLICIES as ENGINE_EVICTIONS
 from pipeline.errors import ConfigError, PipelineError
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("generate", "translate", "bench")
+MODES = ("generate", "translate", "bench", "bench-buffering")
 TASK_MODE = {"decoder": "generate", "encoder-decoder": "translate"}  # the mode each architecture serves
 DEFAULT_MAX_LEN = 128  # translation steps when --max-len is not given (capped at the model's learned positions)
 
@@ -52,6 +56,30 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [_positive_int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _evictions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(n not in ENGINE_EVICTIONS for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(ENGINE_EVICTIONS)}")
+    return names
 
 
 def _policies(text: str) -> list[str]:
@@ -106,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--record-calls", type=int, default=4096, help="--record-trace keeps the last N calls per layer")
     serve.add_argument(
+        "--expert-slots",
+        type=_positive_int,
+        help="expert buffering: device slots per MoE layer on each rank (default: every local expert resident); "
+        "dynamic and static policies",
+    )
+    serve.add_argument(
+        "--eviction",
+        choices=ENGINE_EVICTIONS,
+        default="paper",
+        help="expert buffering: which expert leaves a full set of slots (paper: not needed later in the call, then "
+        "last in first out)",
+    )
+    serve.add_argument(
         "--timeout", type=_positive_float, default=120.0, help="seconds any collective may wait (default 120)"
     )
     io_ = parser.add_argument_group("input and output")
@@ -138,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-batch", type=int, default=64, help="batch sizes 1, 2, 4, ... up to this, per rank")
     bench.add_argument("--prompt-len", type=int, default=32, help="tokens per synthetic prompt / source")
     bench.add_argument("--decode-steps", type=int, default=16, help="KV-cached decoding steps after the prefill")
+    buf = parser.add_argument_group("bench-buffering (see moe_infer.buffering.bench)")
+    buf.add_argument("--slots-sweep", type=_int_list, default=[1, 2], help="device slots per layer to compare")
+    buf.add_argument(
+        "--evictions", type=_evictions, default=["paper"], help=f"comma-separated of {', '.join(ENGINE_EVICTIONS)}"
+    )
+    buf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best is kept")
     # The deepspeed launcher passes --local_rank=N; the rank comes from the environment (LOCAL_RANK) either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -297,6 +344,8 @@ def open_export(path: Path):
 def resolve_mode(requested: str | None, export) -> str:
     architecture = export.model_config.architecture
     native = TASK_MODE[architecture]
+    if requested == "bench-buffering":  # it serves the export's own requests
+        return native
     if requested is None or requested in ("bench", native):
         return requested or native
     other = {"generate": "an LM (decoder) export", "translate": "an MT (encoder-decoder) export"}[requested]
@@ -314,6 +363,8 @@ def engine_options(args: argparse.Namespace, policy: str, placements=None):
         capacity_fraction=args.capacity_fraction,
         capacity_factor=args.ds_capacity_factor,
         drop_tokens=args.ds_drop_tokens,
+        expert_slots=args.expert_slots,
+        eviction=args.eviction,
     )
     return EngineOptions(policy=policy, block=block, dtype=args.dtype, timeout_s=args.timeout, placement=placements)
 
@@ -365,6 +416,8 @@ def prepare(args: argparse.Namespace) -> Job:
     job = Job(args, export, mode, rank, world, placements=read_placements(args.placement, export, world))
     # The EP degree must divide the experts (or the placement must fit the ranks): say so before any collective.
     expert_placements(export, world, job.placements)
+    if args.expert_slots is not None and args.policy not in ("dynamic", "static"):
+        raise ConfigError("--expert-slots", f"expert buffering needs --policy dynamic or static, not {args.policy}")
     if mode == "bench":
         from moe_infer.engine.bench import check_bench
 
@@ -590,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                     from moe_infer.engine.bench import run_bench
 
                     return run_bench(job, out)
+                if args.mode == "bench-buffering":
+                    from moe_infer.buffering.bench import run_buffering_bench
+
+                    return run_buffering_bench(job, out)
                 return run_serving(job, out)
             except PipelineError as err:
                 return _fail(err, rank, world, same_everywhere=False)

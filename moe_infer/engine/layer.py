@@ -7,6 +7,7 @@ one module that the model calls in place of its reference MoELayer.
 
     dynamic    our router + DynamicGating (sort, count, variable all-to-all) + LocalExperts
     static     our router + StaticGating (capacity fraction C, padded buffers, drops) + LocalExperts
+               (either with BufferedExperts instead when BlockOptions.expert_slots asks for expert buffering)
     deepspeed  deepspeed.moe.layer.MoE (TopKGate), capacity factor and drop_tokens from the options
     megatron   megatron-core's MoELayer, dropless, alltoall dispatcher (imported only when chosen)
 
@@ -40,6 +41,10 @@ class BlockOptions:
     capacity_fraction: float | None = None  # static: slots per expert as a fraction of the tokens per rank
     capacity_factor: float = 1.0  # deepspeed: DeepSpeed's capacity factor (capacity = ceil(k * T / E * factor))
     drop_tokens: bool = True  # deepspeed: False pads every expert to the largest count instead of dropping
+    # dynamic / static: device slots per MoE layer for expert buffering (moe_infer.buffering.store); None, or at least
+    # the rank's local experts: every expert resident (buffering off)
+    expert_slots: int | None = None
+    eviction: str = "paper"  # which expert leaves a full set of slots (moe_infer.buffering.store.ENGINE_EVICTIONS)
 
 
 def load_router(cfg: ModelConfig, tensors: RouterTensors, device: torch.device | str = "cpu") -> Router:
@@ -51,11 +56,26 @@ def load_router(cfg: ModelConfig, tensors: RouterTensors, device: torch.device |
 class PolicyBlock(nn.Module):
     """Our router, a gating policy (dynamic or static) and this rank's experts."""
 
-    def __init__(self, cfg: ModelConfig, router: RouterTensors, experts: ExpertTensors, placement: Placement, policy):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        router: RouterTensors,
+        experts: ExpertTensors,
+        placement: Placement,
+        policy,
+        options: BlockOptions = BlockOptions(),
+    ):
         super().__init__()
         rank = dist.get_rank() if placement.ranks > 1 else 0
-        self.router = load_router(cfg, router, next(iter(experts.values()))["fc1.weight"].device)
-        self.experts = LocalExperts(cfg, [experts[e] for e in placement.local_experts(rank)])
+        device = next(iter(experts.values()))["fc1.weight"].device
+        self.router = load_router(cfg, router, device)
+        local = [experts[e] for e in placement.local_experts(rank)]
+        if options.expert_slots is not None and options.expert_slots < len(local):
+            from moe_infer.buffering.store import BufferedExperts
+
+            self.experts = BufferedExperts(cfg, local, options.expert_slots, options.eviction, device)
+        else:
+            self.experts = LocalExperts(cfg, local)
         self.policy, self.num_experts = policy, cfg.num_experts
 
     def expert_counts(self, experts_TK: torch.Tensor) -> torch.Tensor:
@@ -90,10 +110,15 @@ def build_block(
 ) -> MoEBlock:
     """One MoE layer's block of the given kind; `experts` holds this rank's experts (global id -> tensors)."""
     if kind == "dynamic":
-        return PolicyBlock(cfg, router, experts, placement, DynamicGating(placement))
+        return PolicyBlock(cfg, router, experts, placement, DynamicGating(placement), options)
     if kind == "static":
         fraction = options.capacity_fraction if options.capacity_fraction is not None else export_capacity_fraction
-        return PolicyBlock(cfg, router, experts, placement, StaticGating(placement, fraction))
+        return PolicyBlock(cfg, router, experts, placement, StaticGating(placement, fraction), options)
+    if options.expert_slots is not None:
+        raise PipelineError(
+            f"expert buffering (--expert-slots) works with the dynamic and static policies, not {kind!r}: the "
+            "baselines keep every expert in their own modules"
+        )
     if kind == "deepspeed":
         from moe_infer.engine.baselines.deepspeed_block import DeepSpeedBlock
 

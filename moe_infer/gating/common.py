@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,10 +17,22 @@ import torch.distributed as dist
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
-# run_expert(local_slot, x_ND, probs_N, out_ND=None) -> y_ND: this rank's expert at `local_slot` on rows x_ND, routing
-# probability applied; written into out_ND when given (a slice of the policy's output buffer, so it is not copied
-# again), else returned as a new tensor.
-RunExpert = Callable[..., torch.Tensor]
+
+class RunExpert(Protocol):
+    """This rank's experts of one layer, by local slot (moe_infer.engine.experts.LocalExperts, or the buffered store
+    in moe_infer.buffering.store). A policy first says which slots the call will run, in the order it runs them (a
+    buffered store starts copying missing experts then; `overlapped`: an all-to-all is in flight meanwhile), then
+    calls each of them once: run_expert(local_slot, x_ND, probs_N, out_ND=None) -> y_ND, the expert on rows x_ND with
+    the routing probability applied, written into out_ND when given (a slice of the policy's output buffer, so it is
+    not copied again), else returned as a new tensor."""
+
+    def prepare(self, active_L: list[int], overlapped: bool) -> None: ...
+
+    def __call__(
+        self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 PHASES = ("gate", "dispatch", "experts", "combine")
 
 

@@ -60,6 +60,9 @@ class DynamicGating:
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
         slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_TD.device)
         group_M = torch.argsort(slot_M, stable=True)
+        rows_L = recv_RL.sum(0).tolist()
+        # A buffered expert store copies in the missing active experts while the rows travel.
+        run_expert.prepare([slot for slot, rows in enumerate(rows_L) if rows], overlapped=True)
         x_MD = rows_in_flight.wait().index_select(0, group_M)
         probs_M = probs_in_flight.wait().index_select(0, group_M)
         timer.lap("dispatch")
@@ -67,7 +70,7 @@ class DynamicGating:
         # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
         y_MD = torch.empty_like(x_MD)
         start = 0
-        for slot, rows in enumerate(recv_RL.sum(0).tolist()):
+        for slot, rows in enumerate(rows_L):
             if rows:
                 end = start + rows
                 run_expert(slot, x_MD[start:end], probs_M[start:end], y_MD[start:end])
@@ -89,9 +92,11 @@ class DynamicGating:
         and the scatter-add are therefore counted in the experts phase."""
         probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
         out_TD = torch.zeros_like(x_TD)
+        rows_L = counts_P.tolist()
+        run_expert.prepare([slot for slot, rows in enumerate(rows_L) if rows], overlapped=False)
         timer.lap("dispatch")
         start = 0
-        for slot, rows in enumerate(counts_P.tolist()):
+        for slot, rows in enumerate(rows_L):
             if rows:
                 end = start + rows
                 token_n = token_N[start:end]

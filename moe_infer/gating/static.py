@@ -74,8 +74,12 @@ class StaticGating:
         buf_PCD = torch.einsum("tpc,td->pcd", dispatch_TPC, x_TD)
         # Position-major buffers: rank r's block of L experts goes to rank r; what comes back is [source, slot, C].
         blocks = [L * C] * R
-        recv_RLCD = self.ranks.all_to_all(buf_PCD.reshape(E * C, D), blocks, blocks, stats).view(R, L, C, D)
-        recv_RLC = self.ranks.all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats).view(R, L, C)
+        rows_in_flight = self.ranks.start_all_to_all(buf_PCD.reshape(E * C, D), blocks, blocks, stats)
+        probs_in_flight = self.ranks.start_all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats)
+        # Every expert computes its slots, empty or not; a buffered store copies them in while the buffers travel.
+        run_expert.prepare(list(range(L)), overlapped=R > 1)
+        recv_RLCD = rows_in_flight.wait().view(R, L, C, D)
+        recv_RLC = probs_in_flight.wait().view(R, L, C)
         timer.lap("dispatch")
 
         # Every slot of every expert is computed, padding included: the waste this scheme is known for.

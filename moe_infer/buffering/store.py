@@ -1,0 +1,216 @@
+"""The engine's expert store with buffering (the paper's second technique): every local expert of a layer in host
+memory, a fixed number K of device slots, and an eviction policy deciding which expert leaves a slot.
+
+    experts = BufferedExperts(cfg, tensors_L, slots=K, eviction="paper", device=device)
+    experts.prepare(active_L, overlapped=True)    this call's active local experts, in run order: copies start now
+    y_ND = experts(slot, x_ND, probs_N, out_ND)   waits for that expert's copy only, then runs it (LocalExperts' API)
+    experts.stats                                  BufferStats summed over every call (hits, misses, bytes, times)
+
+The decisions (hit or miss, which slot, which expert is evicted) are made by moe_infer.buffering.cache.ExpertCache, the
+same code the trace replay tool runs, so served and replayed miss rates are the same figure. The cache starts holding
+local experts 0..K-1 (loaded with the layer). Inactive experts are never fetched. When more experts are active than
+there are slots, they run in rounds: a slot is reused by a later expert of the same call only after the expert that
+held it has run, and that copy is issued right after it.
+
+The two tiers, by device:
+    CUDA    host tier: the stacked weights in pinned host memory. Device tier: K stacked slot buffers. A miss is a
+            non-blocking copy on a side stream; each slot has an event, and the compute stream waits only for the slot
+            of the expert it is about to run. Copies issued by `prepare` run while the all-to-all moves the rows.
+    CPU     both tiers in RAM, both in the layout the kernel runs (oneDNN's packed layout, packed once when the layer
+            is built): a copy reads and writes the expert's bytes once, as a host-to-device copy would. Copies issued
+            by `prepare` run on this thread while gloo moves the rows in its own. `stats` reports the bytes a GPU
+            would hold (`device_bytes`) and would have copied.
+Stall time is the time the experts phase waited for weights: on CPU every copy not overlapped with an all-to-all; on
+CUDA the compute stream's waits on copy events, measured with CUDA events.
+
+Shape legend: L local experts, K device slots, N rows, D model dim, F1 fc1 rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from moe_infer.buffering.cache import ExpertCache
+from moe_infer.buffering.policies import ONLINE_POLICIES
+from moe_infer.engine.experts import ExpertKernel, ExpertWeights, stack_experts
+from moe_infer.model.config import ModelConfig
+from pipeline.errors import PipelineError
+
+ENGINE_EVICTIONS = ONLINE_POLICIES  # belady needs the future: trace replay only
+
+
+@dataclass
+class BufferStats:
+    """One layer on one rank, summed over calls."""
+
+    calls: int = 0
+    hits: int = 0  # active experts found in a slot
+    misses: int = 0  # active experts copied in
+    bytes_copied: int = 0  # host -> device
+    copy_seconds: float = 0.0
+    stall_seconds: float = 0.0  # the experts phase waiting for weights
+    device_bytes: int = 0  # expert weights resident on the device: K slots (all L experts when unbuffered)
+    host_bytes: int = 0  # every local expert in host memory
+
+    @property
+    def miss_rate(self) -> float:
+        return self.misses / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    def add(self, other: BufferStats) -> None:
+        for name in ("calls", "hits", "misses", "bytes_copied", "copy_seconds", "stall_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.device_bytes += other.device_bytes
+        self.host_bytes += other.host_bytes
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "miss_rate": self.miss_rate}
+
+
+class BufferedExperts(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        experts: list[dict[str, torch.Tensor]],
+        slots: int,
+        eviction: str = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if eviction not in ENGINE_EVICTIONS:
+            raise PipelineError(
+                f"expert buffering: eviction policy {eviction!r} cannot serve; expected one of "
+                f"{', '.join(ENGINE_EVICTIONS)} (belady is an offline oracle: replay a recorded trace with "
+                "`python -m moe_infer.buffering replay`)"
+            )
+        num_local = len(experts)
+        if not 1 <= slots <= num_local:
+            raise PipelineError(
+                f"expert buffering: --expert-slots must be between 1 and the {num_local} local experts of a layer, "
+                f"got {slots}"
+            )
+        device = torch.device(device or experts[0]["fc1.weight"].device)
+        self.cuda = device.type == "cuda"
+        # Host tier: every local expert in the layout the kernel runs (packed once for oneDNN, so a copy is a plain
+        # copy of bytes); pinned on CUDA so copies can be asynchronous.
+        stacked = stack_experts(experts, "cpu", dtype)
+        if self.cuda:
+            stacked = tuple(t.pin_memory() for t in stacked)
+        expert_bytes = sum(t[0].numel() * t.element_size() for t in stacked)
+        self.kernel = ExpertKernel.choose(cfg, tuple(t[0].to(device) for t in stacked))
+        self.host_L = [self.kernel.pack(tuple(t[e] for t in stacked)) for e in range(num_local)]
+        # Device tier: K slots, preallocated. A packed oneDNN weight is an opaque tensor that cannot be copied into,
+        # so its slot gets a clone of the host's packed tensor (the slot's old one is freed at once).
+        buffers = [torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in stacked]
+        self.slot_weights: list[ExpertWeights] = [tuple(b[s] for b in buffers) for s in range(slots)]
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready_K: list[torch.cuda.Event | None] = [None] * slots
+        self.cache = ExpertCache(slots, eviction, initial=range(slots))
+        for slot in range(slots):
+            self._copy_in(slot, slot)
+        self.totals = BufferStats(device_bytes=slots * expert_bytes, host_bytes=num_local * expert_bytes)
+        self._expert_bytes, self.num_local, self.num_slots = expert_bytes, num_local, slots
+        self._slot_of: dict[int, int] = {}  # this call: local expert -> device slot
+        self._after: dict[int, list[tuple[int, int]]] = {}  # expert -> (expert, slot) copies waiting for it to run
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA timings not yet read
+
+    def expert_bytes(self) -> int:
+        return self._expert_bytes
+
+    @property
+    def stats(self) -> BufferStats:
+        self._read_cuda_timings()
+        return self.totals
+
+    def reset_stats(self) -> None:
+        self._read_cuda_timings()
+        self.totals = BufferStats(device_bytes=self.totals.device_bytes, host_bytes=self.totals.host_bytes)
+
+    def prepare(self, active_L: list[int], overlapped: bool) -> None:
+        """Decide this call's hits and misses and start every copy whose slot is free now; a copy into a slot that an
+        earlier expert of this call still needs waits until that expert has run."""
+        self._read_cuda_timings()
+        self._slot_of, self._after = {}, {}
+        self.totals.calls += 1
+        user_of_slot: dict[int, int] = {}  # slot -> the last expert of this call placed in it so far
+        for access in self.cache.step(active_L):
+            self._slot_of[access.expert] = access.slot
+            if access.hit:
+                self.totals.hits += 1
+            elif access.slot in user_of_slot:
+                self._after.setdefault(user_of_slot[access.slot], []).append((access.expert, access.slot))
+            else:
+                self._timed_copy(access.expert, access.slot, stalls=not overlapped)
+            user_of_slot[access.slot] = access.expert
+
+    def forward(
+        self, local: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        slot = self._slot_of.get(local)
+        if slot is None:
+            raise PipelineError(f"expert buffering: local expert {local} runs but the policy did not prepare it")
+        if self.cuda and self.ready_K[slot] is not None:
+            self._wait(self.ready_K[slot])
+        y_ND = self.kernel(self.slot_weights[slot], x_ND, probs_N, out_ND)
+        for expert, next_slot in self._after.pop(local, []):  # its slot is free for the next round now
+            self._timed_copy(expert, next_slot, stalls=True)
+        return y_ND
+
+    def _timed_copy(self, expert: int, slot: int, stalls: bool) -> None:
+        self.totals.misses += 1
+        self.totals.bytes_copied += self._expert_bytes
+        if self.cuda:  # asynchronous: the time is read from CUDA events once they have completed
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self._copy_in(expert, slot)
+            end.record(self.stream)
+            self._events.append(("copy", start, end))
+            return
+        begin = time.perf_counter()
+        self._copy_in(expert, slot)
+        seconds = time.perf_counter() - begin
+        self.totals.copy_seconds += seconds
+        if stalls:
+            self.totals.stall_seconds += seconds
+
+    def _copy_in(self, expert: int, slot: int) -> None:
+        """Host expert `expert` into device slot `slot`."""
+        host = self.host_L[expert]
+        if self.kernel.name == "onednn":  # CPU
+            _, b1, _, b2 = self.slot_weights[slot]
+            self.slot_weights[slot] = (host[0].clone(), b1.copy_(host[1]), host[2].clone(), b2.copy_(host[3]))
+            return
+        if not self.cuda:
+            for dst, src in zip(self.slot_weights[slot], host, strict=True):
+                dst.copy_(src)
+            return
+        # The slot's previous expert may still be computing on the compute stream: the copy waits for that first.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for dst, src in zip(self.slot_weights[slot], host, strict=True):
+                dst.copy_(src, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.ready_K[slot] = ready
+
+    def _wait(self, ready: torch.cuda.Event) -> None:
+        compute = torch.cuda.current_stream()
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(ready)
+        after.record(compute)
+        self._events.append(("stall", before, after))
+
+    def _read_cuda_timings(self) -> None:
+        for kind, start, end in self._events:
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+            if kind == "copy":
+                self.totals.copy_seconds += seconds
+            else:
+                self.totals.stall_seconds += seconds
+        self._events.clear()

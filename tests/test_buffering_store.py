@@ -1,0 +1,101 @@
+"""The engine's expert store with buffering (moe_infer.buffering.store): the same outputs as every expert resident,
+for every eviction policy and slot count, and the same hit/miss figures as the cache replay.
+
+Shape legend: T tokens, D model dim, E experts.
+"""
+
+import pytest
+import torch
+from moe_layers import D, E, layer_config, random_layer
+
+from moe_infer.buffering.cache import simulate
+from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
+from moe_infer.engine.experts import LocalExperts
+from moe_infer.engine.layer import BlockOptions, build_block
+from moe_infer.placement import Placement
+from pipeline.errors import PipelineError
+
+CALLS = [12, 1, 2, 30, 3, 1, 7]  # tokens per call: decode-sized calls activate few experts, prefill-sized most
+
+
+def _tensors(cfg):
+    router, experts = random_layer(cfg)
+    return dict(router.state_dict()), {e: dict(ffn.state_dict()) for e, ffn in enumerate(experts)}
+
+
+def _calls(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, D, generator=gen) for t in CALLS]
+
+
+@pytest.mark.parametrize("eviction", ENGINE_EVICTIONS)
+@pytest.mark.parametrize("policy", ["dynamic", "static"])
+def test_buffered_outputs_equal_resident_at_every_slot_count(policy, eviction):
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    placement = Placement.contiguous(E, 1)
+    resident = build_block(policy, cfg, router, experts, placement, BlockOptions(capacity_fraction=4.0))
+    expected = [resident(x_TD)[0] for x_TD in _calls()]
+    for slots in range(1, E):
+        options = BlockOptions(capacity_fraction=4.0, expert_slots=slots, eviction=eviction)
+        block = build_block(policy, cfg, router, experts, placement, options)
+        assert isinstance(block.experts, BufferedExperts)
+        for x_TD, y_TD in zip(_calls(), expected, strict=True):
+            assert torch.equal(block(x_TD)[0], y_TD), (policy, eviction, slots)
+        stats = block.experts.stats
+        assert stats.calls == len(CALLS) and stats.bytes_copied == stats.misses * block.experts.expert_bytes()
+        assert stats.device_bytes == slots * block.experts.expert_bytes()
+        assert stats.host_bytes == E * block.experts.expert_bytes()
+
+
+def test_store_hits_and_misses_are_the_replayed_cache_figures():
+    """The store decides with the same cache the replay tool simulates: same active sets, same misses."""
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    placement = Placement.contiguous(E, 1)
+    for eviction in ENGINE_EVICTIONS:
+        block = build_block("dynamic", cfg, router, experts, placement, BlockOptions(expert_slots=3, eviction=eviction))
+        block.recording, block.counts = True, []
+        for x_TD in _calls(seed=1):
+            block(x_TD)
+        active = [torch.nonzero(counts_E).flatten().tolist() for counts_E in block.counts]
+        replayed = simulate(active, slots=3, policy=eviction, initial=[0, 1, 2])
+        stats = block.experts.stats
+        assert (stats.hits, stats.misses) == (replayed.hits, replayed.misses), eviction
+        assert stats.misses > 0  # the calls are chosen so that buffering has work to do
+
+
+def test_slots_at_least_the_local_experts_mean_buffering_off():
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    block = build_block("dynamic", cfg, router, experts, Placement.contiguous(E, 1), BlockOptions(expert_slots=E))
+    assert isinstance(block.experts, LocalExperts)
+
+
+def test_bad_buffering_settings_are_refused():
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    local = [experts[e] for e in range(E)]
+    with pytest.raises(PipelineError, match="between 1 and the 8 local experts"):
+        BufferedExperts(cfg, local, slots=0)
+    with pytest.raises(PipelineError, match="belady is an offline oracle"):
+        BufferedExperts(cfg, local, slots=2, eviction="belady")
+    with pytest.raises(PipelineError, match="dynamic and static policies, not 'megatron'"):
+        build_block("megatron", cfg, router, experts, Placement.contiguous(E, 1), BlockOptions(expert_slots=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy path needs a CUDA device")
+def test_cuda_copy_path_matches_resident():
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    experts = {e: {k: v.cuda() for k, v in t.items()} for e, t in experts.items()}
+    router = {k: v.cuda() for k, v in router.items()}
+    placement = Placement.contiguous(E, 1)
+    resident = build_block("dynamic", cfg, router, experts, placement)
+    block = build_block("dynamic", cfg, router, experts, placement, BlockOptions(expert_slots=2))
+    assert block.experts.host_L[0][0].is_pinned()
+    for x_TD in _calls():
+        x_TD = x_TD.cuda()
+        torch.testing.assert_close(block(x_TD)[0], resident(x_TD)[0], rtol=0, atol=0)
+    stats = block.experts.stats
+    assert stats.misses > 0 and stats.copy_seconds > 0
