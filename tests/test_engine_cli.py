@@ -205,3 +205,27 @@ def test_a_placement_file_with_replicas_and_a_recorded_load_history(setup, tmp_p
     assert all(counts_BE.sum() > 0 for counts_BE in loads.counts_BE.values())
     wrong = _run([*args, "--placement", str(placement)])  # a file for 2 ranks, served by one
     assert wrong.returncode != 0 and "placement for 2 ranks" in wrong.stderr
+
+
+def test_bench_serving_compares_buffering_and_placements_on_the_same_requests(setup, tmp_path):
+    """Two ranks: the baseline, expert buffering with one slot (of 2 local experts) and a replicated placement serve
+    the same prompts with the same outputs (the bench fails otherwise), and each gets its figures."""
+    from moe_infer.placement.files import write_placement_file
+
+    placement = tmp_path / "replicas.json"
+    layers = {"decoder.layers.2": [[3, 1], [0, 2, 1]], "decoder.layers.4": [[2, 0, 1], [3, 1]]}
+    write_placement_file(placement, layers, num_experts=4, algorithm="hand-made", source="test")
+    run_dir = tmp_path / "serving"
+    args = ["--export", setup["lm"], "--mode", "bench-serving", "--input", str(setup["root"] / "prompts.txt")]
+    args += [*GENERATE, "--slots-sweep", "1", "--evictions", "paper,lru", "--placements", str(placement)]
+    args += ["--repeats", "1", "--run-dir", str(run_dir), "--quiet"]
+    result = _run(args, launcher=_torchrun(2), timeout=180)
+    assert result.returncode == 0, result.stderr
+    rows = {r["variant"]: r for r in json.loads((run_dir / "serving.json").read_text())["rows"]}
+    assert list(rows) == ["baseline", "paper K=1", "lru K=1", "placement replicas"]
+    for name in ("paper K=1", "lru K=1"):
+        assert rows[name]["memory_saving"] == pytest.approx(2.0) and rows[name]["misses"] > 0
+        assert rows[name]["copied_mb"] > 0 and rows[name]["hits"] + rows[name]["misses"] > 0
+    assert rows["baseline"]["misses"] == 0 and rows["placement replicas"]["expert_mb_per_rank"] > 0
+    assert all(0 < r["rank_balance"] <= 1 and r["tok_s"] > 0 for r in rows.values())
+    assert "placement replicas" in result.stdout

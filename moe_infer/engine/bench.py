@@ -15,7 +15,8 @@ process's peak RSS so far (it never goes down, so it is the peak of everything r
 moe_infer.engine.memory.peak_activation_bytes around one call of the first MoE layer of the prefill on the hidden
 states it received, after the timed region. Dropped fraction: pairs past capacity over pairs routed, over all ranks,
 for prefill and decode separately. Per MoE layer, the phase times (gate, dispatch, experts, combine) of prefill and
-decode from the layers' GatingStats, the slowest rank's.
+decode from the layers' GatingStats, the slowest rank's. With --expert-slots K (expert buffering), each row also has
+the store's figures (BUFFER_COLUMNS: hits, misses, MB copied host -> device, stall ms, device-resident expert MB).
 
 An out-of-memory error (torch.OutOfMemoryError, MemoryError, a RuntimeError saying "out of memory") ends that policy's
 sweep: the batch size is recorded as its limit and the next policy starts. With several ranks this is recovered only
@@ -61,6 +62,9 @@ COLUMNS = [
     "dropped_decode",
     *(f"{p}_ms" for p in PHASES),  # summed over the MoE layers, prefill and decode
 ]
+# Expert buffering (--expert-slots), prefill + decode over every MoE layer: misses and bytes summed over the ranks,
+# stall time and device-resident expert MB the largest rank's.
+BUFFER_COLUMNS = ["expert_hits", "expert_misses", "copied_mb", "stall_ms", "device_expert_mb"]
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Row:
     dropped_prefill: float
     dropped_decode: float
     layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # layer -> stage -> phase -> ms
+    buffering: dict[str, float] = field(default_factory=dict)  # BUFFER_COLUMNS, when experts are buffered
 
     def phase_totals(self) -> dict[str, float]:
         return {p: sum(stage.get(p, 0.0) for layer in self.layers.values() for stage in layer.values()) for p in PHASES}
@@ -85,7 +90,7 @@ class Row:
 
     def metrics(self) -> dict[str, float]:
         """What W&B gets for this row: `<policy>/<figure>`, so each policy is a line over the batch sizes."""
-        named = dict(zip(COLUMNS[1:], self.table_row()[1:], strict=True))
+        named = {**dict(zip(COLUMNS[1:], self.table_row()[1:], strict=True)), **self.buffering}
         return {f"{self.policy}/{k}": v for k, v in named.items()}
 
 
@@ -142,6 +147,24 @@ def _stage_figures(engine) -> tuple[dict[str, dict[str, float]], list[float]]:
     return phases, counts
 
 
+def _buffer_figures(engine) -> tuple[list[float], list[float]]:
+    """This rank's ([hits, misses, bytes copied], [stall s, device expert bytes]) over its buffered MoE layers."""
+    sums, maxima = [0.0, 0.0, 0.0], [0.0, 0.0]
+    for layer in engine.moe_layers:
+        stats = getattr(getattr(layer.block, "experts", None), "stats", None)
+        if stats is not None:
+            sums = [a + b for a, b in zip(sums, (stats.hits, stats.misses, stats.bytes_copied), strict=True)]
+            maxima = [maxima[0] + stats.stall_seconds, maxima[1] + stats.device_bytes]
+    return sums, maxima
+
+
+def _reset_buffers(engine) -> None:
+    for layer in engine.moe_layers:
+        reset = getattr(getattr(layer.block, "experts", None), "reset_stats", None)
+        if reset is not None:
+            reset()
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -186,6 +209,7 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     decoder_only = model.cfg.architecture == "decoder"
     probe = _Probe(engine)
     engine.reset_stats()
+    _reset_buffers(engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _barrier(engine)
@@ -216,11 +240,20 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     decode_s = _now(device) - start
     decode_phases, decode_counts = _stage_figures(engine)
     peak = _peak_memory_bytes(device)
+    buffer_sums, buffer_maxima = _buffer_figures(engine)  # before the activation call adds one more
     activation = probe.activation_bytes(device)
-    return _group_row(
+    row = _group_row(
         engine, policy, batch, prompt_len, decode_steps, (prefill_s, decode_s, peak, activation),
         (prefill_phases, decode_phases), prefill_counts + decode_counts,
     )  # fmt: skip
+    if engine.options.block.expert_slots is not None:
+        from moe_infer.engine.cli import group_reduce
+
+        hits, misses, copied = group_reduce(engine, buffer_sums, "sum")
+        stall, device_bytes = group_reduce(engine, buffer_maxima, "max")
+        values = (hits, misses, copied / 2**20, stall * 1e3, device_bytes / 2**20)
+        row.buffering = dict(zip(BUFFER_COLUMNS, values, strict=True))
+    return row
 
 
 def _group_row(engine, policy, batch, prompt_len, decode_steps, local, phases, counts) -> Row:
@@ -302,6 +335,11 @@ def format_table(rows: list[Row], limits: dict[str, int | None], header: str) ->
         for title, value, width in zip(titles[2:], cells[2:], widths[2:], strict=True):
             text += f"{value:>{width}.3f}" if title.startswith(("dropped", "MoE")) else f"{value:>{width}.1f}"
         lines.append(text)
+    if any(row.buffering for row in rows):
+        lines.append("expert buffering: hits, misses, MB copied (all ranks), stall ms, device expert MB (per rank)")
+        for row in rows:
+            figures = "  ".join(f"{k} {v:.1f}" for k, v in row.buffering.items())
+            lines.append(f"{row.policy:<{widths[0]}}B={row.batch_per_rank:<5}{figures}")
     for policy, limit in limits.items():
         if limit is not None:
             lines.append(f"{policy}: out of memory at batch size {limit} per rank (the sweep stopped there)")
@@ -344,7 +382,10 @@ def run_bench(job, out: IO[str]) -> int:
             _free(engine)
             del engine
         save()
-        tracker.log_table(TABLE_KEY, COLUMNS, [r.table_row() for r in rows])
+        buffered = any(r.buffering for r in rows)
+        columns = COLUMNS + (BUFFER_COLUMNS if buffered else [])
+        table = [r.table_row() + ([r.buffering.get(c, 0.0) for c in BUFFER_COLUMNS] if buffered else []) for r in rows]
+        tracker.log_table(TABLE_KEY, columns, table)
         header = (
             f"{export.path.name} on {job.world} rank(s), {meta.get('device')}: prompt {args.prompt_len} tokens, "
             f"{args.decode_steps} decode steps; B is per rank, tokens/s count all ranks; times are the slowest "

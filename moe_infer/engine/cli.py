@@ -6,8 +6,8 @@
         --beam-size 4 --output hyp.txt
     python launch/infer.py --export exports/lm-tiny --mode bench --max-batch 16        see moe_infer.engine.bench
     python launch/infer.py --export exports/mt-tiny --expert-slots 2 --input src.txt   expert buffering: 2 slots/layer
-    python launch/infer.py --export exports/mt-tiny --mode bench-buffering --input src.txt --slots-sweep 1,2,3
-                                                                                 see moe_infer.buffering.bench
+    python launch/infer.py --export exports/mt-tiny --mode bench-serving --input src.txt --slots-sweep 1,2,3
+                                                                                 see moe_infer.engine.serving_bench
 
 Each input line is one request: a prompt (generate) or a source sentence (translate). Prompts are the plain token ids
 of the line (the LM was trained on a stream of documents without BOS); sources are ids + EOS, as the MT model was
@@ -43,7 +43,7 @@ from moe_infer.buffering.policies import ONLINE_POLICIES as ENGINE_EVICTIONS
 from pipeline.errors import ConfigError, PipelineError
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("generate", "translate", "bench", "bench-buffering")
+MODES = ("generate", "translate", "bench", "bench-serving")
 TASK_MODE = {"decoder": "generate", "encoder-decoder": "translate"}  # the mode each architecture serves
 DEFAULT_MAX_LEN = 128  # translation steps when --max-len is not given (capped at the model's learned positions)
 
@@ -65,13 +65,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _paths(text: str) -> list[Path]:
+    return [Path(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def _int_list(text: str) -> list[int]:
+    if text.strip() == "none":
+        return []
     try:
         values = [_positive_int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         values = []
     if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (or none), got {text!r}")
     return values
 
 
@@ -179,12 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-batch", type=int, default=64, help="batch sizes 1, 2, 4, ... up to this, per rank")
     bench.add_argument("--prompt-len", type=int, default=32, help="tokens per synthetic prompt / source")
     bench.add_argument("--decode-steps", type=int, default=16, help="KV-cached decoding steps after the prefill")
-    buf = parser.add_argument_group("bench-buffering (see moe_infer.buffering.bench)")
-    buf.add_argument("--slots-sweep", type=_int_list, default=[1, 2], help="device slots per layer to compare")
-    buf.add_argument(
+    variants = parser.add_argument_group("bench-serving (see moe_infer.engine.serving_bench)")
+    variants.add_argument(
+        "--slots-sweep", type=_int_list, default=[], help="expert buffering: device slots per layer to compare (1,2)"
+    )
+    variants.add_argument(
         "--evictions", type=_evictions, default=["paper"], help=f"comma-separated of {', '.join(ENGINE_EVICTIONS)}"
     )
-    buf.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best is kept")
+    variants.add_argument(
+        "--placements", type=_paths, default=[], help="comma-separated placement files to compare with contiguous"
+    )
+    variants.add_argument("--repeats", type=_positive_int, default=3, help="interleaved rounds; the best is kept")
     # The deepspeed launcher passes --local_rank=N; the rank comes from the environment (LOCAL_RANK) either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -344,7 +355,7 @@ def open_export(path: Path):
 def resolve_mode(requested: str | None, export) -> str:
     architecture = export.model_config.architecture
     native = TASK_MODE[architecture]
-    if requested == "bench-buffering":  # it serves the export's own requests
+    if requested == "bench-serving":  # it serves the export's own requests
         return native
     if requested is None or requested in ("bench", native):
         return requested or native
@@ -552,7 +563,12 @@ def track(job: Job, texts: list[str], metrics: dict[str, float]) -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "local_rank"}
+    def plain(value):
+        return (
+            str(value) if isinstance(value, Path) else [plain(v) for v in value] if isinstance(value, list) else value
+        )
+
+    return {k: plain(v) for k, v in vars(args).items() if k != "local_rank"}
 
 
 def run_serving(job: Job, out: IO[str]) -> int:
@@ -643,10 +659,10 @@ def main(argv: list[str] | None = None) -> int:
                     from moe_infer.engine.bench import run_bench
 
                     return run_bench(job, out)
-                if args.mode == "bench-buffering":
-                    from moe_infer.buffering.bench import run_buffering_bench
+                if args.mode == "bench-serving":
+                    from moe_infer.engine.serving_bench import run_serving_bench
 
-                    return run_buffering_bench(job, out)
+                    return run_serving_bench(job, out)
                 return run_serving(job, out)
             except PipelineError as err:
                 return _fail(err, rank, world, same_everywhere=False)

@@ -1,0 +1,243 @@
+"""`launch/infer.py --mode bench-serving`: the same real requests served under several engine settings, side by side:
+every expert resident in the contiguous placement (the baseline), expert buffering (K device slots per MoE layer x
+eviction policy) and placement files (moe_infer.placement fit).
+
+    deepspeed --num_gpus 2 launch/infer.py --export exports/mt-tiny --mode bench-serving --input src.txt \\
+        --slots-sweep 1,2,3 --evictions paper,lru --repeats 3 [--beam-size 4]
+    deepspeed --num_gpus 2 launch/infer.py --export exports/lm-tiny-e64 --mode bench-serving --input prompts.txt \\
+        --slots-sweep none --placements greedy.json,eplb.json --max-new-tokens 32
+
+Every variant gets its own Engine, all built up front, and the variants are timed round-robin (--repeats rounds, each
+starting one variant later; the best round kept), so machine noise hits them alike. One round serves every request
+(translate or generate, with the serving flags: --batch-size, --beam-size, --max-new-tokens, ...) and is timed from a
+barrier to the slowest rank's end. Each variant's outputs must equal the baseline's token for token (buffering moves
+weights and a placement moves experts; neither may change a result); a difference is an error.
+
+Per variant: output tokens/s and the ratio to the baseline; device-resident expert MB per rank (all MoE layers, and
+the decoder's alone: the paper's MT decoder figure) and the saving against the baseline; over the best round, summed
+over ranks: hits, misses, miss rate, MB copied host -> device, and the slowest rank's copy and stall ms; rank balance,
+the mean over max of the expert rows each rank computed (1 = even). Output: the table (rank 0), `serving.json`
+(atomic) and a W&B run in --run-dir (default runs/bench-serving-<export>).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.atomic import write_atomic
+from pipeline.errors import PipelineError
+
+RESULT_FILE = "serving.json"
+COLUMNS = [
+    "variant", "placement", "slots", "eviction", "seconds", "tok_s", "x_baseline", "expert_mb_per_rank",
+    "decoder_expert_mb", "memory_saving", "decoder_memory_saving", "hits", "misses", "miss_rate", "copied_mb",
+    "copy_ms", "stall_ms", "rank_balance",
+]  # fmt: skip
+
+
+@dataclass
+class Variant:
+    label: str
+    placement: str  # "contiguous" or a placement file
+    slots: int | None  # None: every expert resident
+    eviction: str
+
+
+@dataclass
+class Result:
+    variant: str
+    placement: str
+    slots: int | None
+    eviction: str
+    seconds: float  # best round, slowest rank
+    tok_s: float
+    x_baseline: float  # tokens/s over the baseline's tokens/s
+    expert_mb_per_rank: float  # expert weights on the device, all MoE layers, the largest rank
+    decoder_expert_mb: float  # the decoder's MoE layers alone
+    memory_saving: float  # the baseline's expert MB / this variant's
+    decoder_memory_saving: float
+    hits: int
+    misses: int
+    miss_rate: float
+    copied_mb: float
+    copy_ms: float
+    stall_ms: float
+    rank_balance: float  # mean / max over ranks of the expert rows computed (all MoE layers, best round)
+
+    def table_row(self) -> list[Any]:
+        return [getattr(self, c) for c in COLUMNS]
+
+
+def variants(slots_sweep: list[int], evictions: list[str], placements: list[Path]) -> list[Variant]:
+    chosen = [Variant("baseline", "contiguous", None, "-")]
+    chosen += [Variant(f"{eviction} K={k}", "contiguous", k, eviction) for k in slots_sweep for eviction in evictions]
+    chosen += [Variant(f"placement {p.stem}", str(p), None, "-") for p in placements]
+    return chosen
+
+
+def _layer_figures(engine) -> tuple[list[float], list[float]]:
+    """This rank's ([device bytes, decoder device bytes], [hits, misses, bytes copied, copy s, stall s, rows])."""
+    device = [0.0, 0.0]
+    counts = [0.0] * 6
+    for layer in engine.moe_layers:
+        experts = layer.block.experts
+        stats = getattr(experts, "stats", None)
+        resident = stats.device_bytes if stats else experts.num_local * experts.expert_bytes()
+        device[0] += resident
+        device[1] += resident if layer.name.startswith("decoder.") else 0.0
+        if stats:
+            for i, value in enumerate((stats.hits, stats.misses, stats.bytes_copied, stats.copy_seconds)):
+                counts[i] += value
+            counts[4] += stats.stall_seconds
+        counts[5] += layer.totals.expert_rows
+    return device, counts
+
+
+def _reset(engine) -> None:
+    engine.reset_stats()
+    for layer in engine.moe_layers:
+        reset = getattr(layer.block.experts, "reset_stats", None)
+        if reset:
+            reset()
+
+
+def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
+    from moe_infer.engine.generate import generate
+    from moe_infer.engine.translate import translate
+
+    _reset(engine)
+    engine.sync.max(0)  # a barrier: every rank starts the clock together
+    start = time.perf_counter()
+    if job.mode == "generate":
+        ids = engine.share(range(len(job.requests)))
+        mine = generate(engine.model, engine.share(job.requests), job.settings, engine.sync, request_ids=ids)
+    else:
+        mine = translate(engine.model, engine.share(job.requests), job.settings, engine.sync)
+    outputs = engine.gather(mine, len(job.requests))  # also where the slowest rank is waited for
+    return time.perf_counter() - start, outputs
+
+
+def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
+    from moe_infer.engine.cli import engine_options, read_placements
+    from moe_infer.engine.engine import Engine
+
+    engines = {}
+    for v in chosen:
+        placements = None if v.placement == "contiguous" else read_placements(Path(v.placement), job.export, job.world)
+        options = engine_options(job.args, job.args.policy, placements)
+        block = replace(options.block, expert_slots=v.slots, eviction=v.eviction if v.slots else "paper")
+        engines[v.label] = Engine.start(job.export.path, replace(options, block=block))
+    return engines
+
+
+def run_serving_bench(job, out: IO[str]) -> int:
+    """`job`: moe_infer.engine.cli.Job with requests read (generate or translate)."""
+    from moe_infer.engine.cli import REPO, _flags, group_reduce, progress
+    from pipeline.tracking import NamedRun, Tracker
+
+    args = job.args
+    if args.slots_sweep and args.policy not in ("dynamic", "static"):
+        raise PipelineError(f"bench-serving: expert buffering needs --policy dynamic or static, not {args.policy}")
+    if job.placements is not None:
+        raise PipelineError("bench-serving: give placement files with --placements (the baseline is contiguous)")
+    run_dir = Path(args.run_dir or REPO / "runs" / f"bench-serving-{job.export.path.name}")
+    chosen = variants(args.slots_sweep, args.evictions, args.placements)
+    engines = _start_engines(job, chosen)
+    first = engines["baseline"]
+    progress(args, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "
+             f"{len(job.requests)} {job.mode} requests on {first.world_size} rank(s) ({first.device})")  # fmt: skip
+    best: dict[str, tuple[float, list[float]]] = {}
+    reference = None
+    for round_ in range(args.repeats):
+        # Each round starts one variant later, so no variant always runs first (just after the previous round's
+        # last one) or last.
+        for v in chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]:
+            engine = engines[v.label]
+            seconds, outputs = _serve_once(engine, job)
+            reference = outputs if reference is None else reference
+            if outputs != reference:
+                raise PipelineError(f"bench-serving: {v.label} changed the outputs")
+            (seconds,) = group_reduce(engine, [seconds], "max")
+            if v.label not in best or seconds < best[v.label][0]:
+                best[v.label] = (seconds, _layer_figures(engine)[1])
+    tokens = sum(map(len, reference))
+    rows = _results(chosen, engines, best, tokens)
+    if job.rank == 0:
+        meta = {"export": str(job.export.path), "ranks": job.world, "device": str(first.device), "mode": job.mode,
+                "requests": len(job.requests), "output_tokens": tokens,
+                "settings": _flags(args)}  # fmt: skip
+        write_atomic(run_dir / RESULT_FILE, json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    run = NamedRun(f"bench-serving-{job.export.path.name}", {"export": str(job.export.path), **_flags(args)})
+    with Tracker(run, run_dir, "bench-serving", is_main=job.rank == 0) as tracker:
+        tracker.log_table("serving", COLUMNS, [r.table_row() for r in rows])
+        tracker.summary(**{f"{r.variant}/{c}": getattr(r, c) for r in rows for c in COLUMNS[4:]})
+    if job.rank == 0:
+        out.write(format_table(rows, job, first) + f"\nresults: {run_dir / RESULT_FILE}\n")
+        out.flush()
+    return 0
+
+
+def _results(chosen: list[Variant], engines: dict, best: dict, tokens: int) -> list[Result]:
+    """The group's figures per variant (collectives: every rank calls this in the same order)."""
+    from moe_infer.engine.cli import group_reduce
+
+    measured = []
+    for v in chosen:
+        engine = engines[v.label]
+        device = group_reduce(engine, _layer_figures(engine)[0], "max")
+        seconds, counts = best[v.label]
+        sums = group_reduce(engine, counts[:3], "sum")
+        times = group_reduce(engine, counts[3:5], "max")
+        rows_R = [0.0] * engine.world_size
+        rows_R[engine.rank] = counts[5]
+        rows_R = group_reduce(engine, rows_R, "sum")
+        balance = (sum(rows_R) / len(rows_R)) / max(rows_R) if max(rows_R) else 1.0
+        measured.append((v, seconds, device, sums, times, balance))
+    base_seconds, base_device = measured[0][1], measured[0][2]
+    return [
+        Result(
+            variant=v.label,
+            placement=Path(v.placement).stem,
+            slots=v.slots,
+            eviction=v.eviction,
+            seconds=seconds,
+            tok_s=tokens / seconds,
+            x_baseline=base_seconds / seconds,
+            expert_mb_per_rank=device[0] / 2**20,
+            decoder_expert_mb=device[1] / 2**20,
+            memory_saving=base_device[0] / device[0],
+            decoder_memory_saving=base_device[1] / device[1] if device[1] else 0.0,
+            hits=int(sums[0]),
+            misses=int(sums[1]),
+            miss_rate=sums[1] / (sums[0] + sums[1]) if sums[0] + sums[1] else 0.0,
+            copied_mb=sums[2] / 2**20,
+            copy_ms=times[0] * 1e3,
+            stall_ms=times[1] * 1e3,
+            rank_balance=balance,
+        )  # fmt: skip
+        for v, seconds, device, sums, times, balance in measured
+    ]
+
+
+def format_table(rows: list[Result], job, engine) -> str:
+    header = (
+        f"{job.export.path.name}: {len(job.requests)} {job.mode} requests on {job.world} rank(s), {engine.device}; "
+        f"best of {job.args.repeats} interleaved rounds; expert MB = expert weights on the device per rank (all MoE "
+        "layers / decoder only); hits, misses and MB copied summed over ranks; copy and stall ms the slowest rank's; "
+        "balance = mean/max expert rows per rank"
+    )
+    titles = ["variant", "s", "tok/s", "x base", "expert MB", "dec MB", "saving", "dec saving", "hits", "misses"]
+    titles += ["miss rate", "copied MB", "copy ms", "stall ms", "balance"]
+    width = max(12, *(len(r.variant) + 1 for r in rows))
+    lines = [header, f"{titles[0]:<{width}}" + "".join(f"{t:>11}" for t in titles[1:])]
+    for r in rows:
+        values = [f"{r.seconds:.3f}", f"{r.tok_s:.1f}", f"{r.x_baseline:.3f}", f"{r.expert_mb_per_rank:.2f}"]
+        values += [f"{r.decoder_expert_mb:.2f}", f"{r.memory_saving:.2f}x", f"{r.decoder_memory_saving:.2f}x"]
+        values += [str(r.hits), str(r.misses), f"{r.miss_rate:.3f}", f"{r.copied_mb:.1f}", f"{r.copy_ms:.1f}"]
+        values += [f"{r.stall_ms:.1f}", f"{r.rank_balance:.3f}"]
+        lines.append(f"{r.variant:<{width}}" + "".join(f"{v:>11}" for v in values))
+    return "\n".join(lines)
