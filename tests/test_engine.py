@@ -231,7 +231,8 @@ def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path
     report = json.loads(out.read_text())
     by_name = {r["name"]: r for r in report["results"]}
     assert report["ranks"] == 2
-    assert set(by_name) == {*POLICIES, "floor-matmul", "floor-ffn", "floor-torch-ffn"}
+    assert set(by_name) == {*POLICIES, "floor-matmul", "floor-ffn", "floor-torch-ffn", "dense-equivalent"}
+    assert by_name["dense-equivalent"]["activation_mb"] > 0 and by_name["dense-equivalent"]["ms"] > 0
     for name in POLICIES:  # capacity 1.0 of the tokens per rank, and DeepSpeed's no-drop padding: nothing dropped
         assert by_name[name]["dropped_fraction"] == 0.0
         assert by_name[name]["max_diff_vs_dynamic"] < 1e-5

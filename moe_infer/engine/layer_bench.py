@@ -17,6 +17,9 @@ tokens/s over the whole group, time per phase (gate, dispatch, experts, combine)
     floor-ffn      the engine's expert FFNs alone (bias, activation, probability) on the same pre-grouped rows
     floor-torch-ffn  the same FFNs as a plain torch loop (F.linear, activation, F.linear, scale): what a per-expert
                    loop costs before any routing, with torch's own kernels
+And the MoE-vs-dense characterisation: `dense-equivalent`, one dense FFN of K*F hidden units on every token of the
+rank (the same FLOPs per token as top-K routing, with the engine's kernel; no router, no exchange), with its time and
+activation memory.
 The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given.
 
 Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts per token, R ranks, L experts per rank.
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         rows_L = _rows_per_local_expert(blocks["dynamic"], x_TD, placement, rank)
         weights_L = [local[e] for e in placement.local_experts(rank)]
         calls.update(expert_floors(cfg, blocks["dynamic"].experts, weights_L, rows_L, device))
+    calls[DENSE] = dense_equivalent(args, x_TD, device)
 
     # Round robin: every repeat times each implementation once, so a noisy neighbour slows them all alike; the best
     # of the repeats is the figure (noise only ever adds time), with the phase split of that same call. The slow
@@ -193,15 +197,16 @@ def run(args: argparse.Namespace) -> list[Result]:
                     outputs[name] = result[0]
                 if name not in best or elapsed < best[name][0]:
                     best[name] = (elapsed, stats)
-        activation = {kind: peak_activation_bytes(calls[kind], device) for kind in blocks}
+        activation = {kind: peak_activation_bytes(calls[kind], device) for kind in [*blocks, DENSE]}
 
     results = []
     for name in calls:
         seconds, stats = best[name]
         result = Result(name=name, ms=seconds * 1e3, tokens_per_s=args.tokens * ranks / seconds)
+        if name in activation:
+            result.activation_mb = _slowest(activation[name]) / 2**20
         if stats is not None:
             result.phases_ms = {p: s * 1e3 for p, s in stats.seconds.items()}
-            result.activation_mb = _slowest(activation[name]) / 2**20
             result.dropped_fraction = stats.dropped_fraction
             result.sent_mb = _slowest(stats.bytes_sent) / 2**20
             if "dynamic" in outputs:
@@ -209,6 +214,15 @@ def run(args: argparse.Namespace) -> list[Result]:
                 result.max_diff_vs_dynamic = _slowest(float(diff.abs().max()) if diff.numel() else 0.0)
         results.append(result)
     return results
+
+
+def dense_equivalent(args: argparse.Namespace, x_TD: torch.Tensor, device: torch.device):
+    """A call of the dense FFN with the MoE layer's FLOPs per token: K*F hidden units, every token."""
+    cfg = layer_config(1, args.hidden, args.topk * args.ffn, 1, args.activation)
+    _, experts = random_layer(cfg, args.seed)
+    dense = LocalExperts(cfg, [{k: v.to(device) for k, v in experts[0].items()}])
+    ones_T = torch.ones(x_TD.shape[0], device=device)
+    return lambda: dense(0, x_TD, ones_T)
 
 
 def _rows_per_local_expert(block, x_TD: torch.Tensor, placement: Placement, rank: int) -> list[int]:
@@ -236,12 +250,14 @@ def format_table(results: list[Result], ranks: int) -> str:
             phases = f"{'':>35}"
         diff = f"{r.max_diff_vs_dynamic:>10.1e}" if r.max_diff_vs_dynamic is not None else f"{'':>10}"
         extra = f"{r.activation_mb:>9.1f}{r.sent_mb:>8.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
+        extra = extra or (f"{r.activation_mb:>9.1f}" if r.activation_mb else "")
         lines.append(f"{r.name:<16}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
     return "\n".join(lines)
 
 
 PHASES = ("gate", "dispatch", "experts", "combine")
 SLOW = ("static",)  # timed apart from the round robin (see run)
+DENSE = "dense-equivalent"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
