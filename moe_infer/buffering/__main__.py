@@ -8,6 +8,14 @@ Prints one miss-rate table per MoE layer and their total (rows: policies, Belady
 K per rank), then each policy's misses over Belady's at K = L/2. Each rank's cache starts full with its local
 experts 0..K-1, as the engine's store does. With --run-dir the rows are also logged through the project's Tracker
 (table + summary, W&B offline) and written to replay.json.
+
+    python -m moe_infer.buffering prefetch --trace runs/lm-tiny-e64/traces/served-decode-heldout.npz --ranks 2 \\
+        [--slots 8,16,24] [--policies paper,lru] [--threshold 0.5] [--predictor transition|base] [--run-dir DIR]
+
+The cross-layer prefetch study (prefetch.py): fit on the first half, replay the second; per layer and the total,
+on-demand misses (stalls) and copies without / with prefetching layer l+1's predicted experts while layer l
+computes. --predictor base is the control that ignores layer l (every call predicted at the base rate). With
+--run-dir: Tracker table + summary and prefetch.json.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from moe_infer.buffering import prefetch
 from moe_infer.buffering.policies import POLICIES
 from moe_infer.buffering.replay import COLUMNS, ORACLE, TOTAL, format_tables, ratios_to_belady, replay_history
 from moe_infer.placement.history import LoadHistory
@@ -85,16 +94,6 @@ def cmd_replay(args) -> int:
             "policies": [p for p in policies if p != ORACLE] + [ORACLE],
             "layers": layers,
         }
-        _log(args.run_dir, settings, rows, half, ratios)
-    return 0
-
-
-def _log(run_dir: Path, settings: dict, rows: list[list], half: int, ratios: dict) -> None:
-    from pipeline.atomic import atomic_path
-    from pipeline.tracking import NamedRun, Tracker
-
-    with Tracker(NamedRun("buffering", settings), run_dir, "buffering") as tracker:
-        tracker.log_table("buffering", COLUMNS, rows)
         # One summary figure per (layer, policy, K), so runs compare without opening the table.
         summary = {f"{layer}/{policy}/K{k}/miss_rate": rate for layer, policy, k, *_, rate in rows}
         summary |= {
@@ -103,9 +102,57 @@ def _log(run_dir: Path, settings: dict, rows: list[list], half: int, ratios: dic
             for policy, ratio in by_policy.items()
             if ratio is not None
         }
+        doc = {**settings, "columns": COLUMNS, "rows": rows, "half_slots": half, "misses_over_belady": ratios}
+        _log(args.run_dir, "buffering", settings, COLUMNS, rows, summary, doc, "replay.json")
+    return 0
+
+
+def cmd_prefetch(args) -> int:
+    history = LoadHistory.read(args.trace)
+    if args.ranks < 1 or history.num_experts % args.ranks:
+        raise PipelineError(f"--ranks: {args.ranks} ranks do not split the {history.num_experts} experts evenly")
+    local = history.num_experts // args.ranks
+    slots = _int_list(args.slots, "--slots") if args.slots else sorted({max(1, local * q // 4) for q in (1, 2, 3)})
+    if not slots or any(not 1 <= k <= local for k in slots):
+        raise PipelineError(f"--slots: each K must be in 1..{local} (the local experts per rank), got {slots}")
+    policies = _names(args.policies)
+    rows = prefetch.prefetch_study(history, args.ranks, slots, policies, args.threshold, args.predictor)
+    pairs = ", ".join(f"{a} -> {b}" for a, b in prefetch.layer_pairs(history))
+    print(f"{args.trace}: {history.num_experts} experts, {args.ranks} rank(s), L={local}, predicted: {pairs}")
+    print(
+        f"fit on the first {history.num_batches // 2} calls, replayed on the rest; predictor {args.predictor}, ", end=""
+    )
+    print(f"threshold {args.threshold}; stalls = on-demand misses, copies+pf = stalls+pf + prefetched\n")
+    print(prefetch.format_tables(rows))
+    if args.run_dir:
+        settings = {
+            "trace": str(args.trace),
+            "ranks": args.ranks,
+            "num_experts": history.num_experts,
+            "local_experts": local,
+            "slots": slots,
+            "policies": policies,
+            "threshold": args.threshold,
+            "predictor": args.predictor,
+            "layers": history.layer_names,
+        }
+        names = prefetch.COLUMNS
+        summary = {f"{r[0]}/{r[1]}/K{r[2]}/{names[i]}": r[i] for r in rows for i in (4, 5, 6, 8, 10)}
+        doc = {**settings, "columns": names, "rows": rows}
+        _log(args.run_dir, "prefetch", settings, names, rows, summary, doc, "prefetch.json")
+    return 0
+
+
+def _log(
+    run_dir: Path, key: str, settings: dict, columns: list[str], rows: list[list], summary: dict, doc: dict, name: str
+) -> None:
+    from pipeline.atomic import atomic_path
+    from pipeline.tracking import NamedRun, Tracker
+
+    with Tracker(NamedRun("buffering", settings), run_dir, "buffering") as tracker:
+        tracker.log_table(key, columns, rows)
         tracker.summary(**summary)
-    doc = {**settings, "columns": COLUMNS, "rows": rows, "half_slots": half, "misses_over_belady": ratios}
-    with atomic_path(Path(run_dir) / "replay.json") as tmp:
+    with atomic_path(Path(run_dir) / name) as tmp:
         tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
@@ -136,9 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     replay.add_argument("--layers", help="comma-separated MoE layer names (default: every layer of the trace)")
     replay.add_argument("--run-dir", type=Path, help="also log the rows here (Tracker table + summary, replay.json)")
+    study = sub.add_parser(
+        "prefetch",
+        help="cross-layer prefetch study: on-demand misses and copies without / with prefetch (held-out half)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("--trace", type=Path, required=True, help="load history or routing trace (as for replay)")
+    study.add_argument("--ranks", type=int, default=1, help="expert-parallel ranks D, contiguous placement (default 1)")
+    study.add_argument("--slots", help="comma-separated device slots K per rank (default: L/4, L/2, 3L/4)")
+    study.add_argument("--policies", default="paper,lru", help=f"comma-separated, of {', '.join(POLICIES[:-1])}")
+    study.add_argument(
+        "--threshold",
+        type=float,
+        default=prefetch.DEFAULT_THRESHOLD,
+        help=f"prefetch experts predicted to run with at least this probability (default {prefetch.DEFAULT_THRESHOLD})",
+    )
+    study.add_argument("--predictor", choices=prefetch.PREDICTORS, default="transition", help="base: the control")
+    study.add_argument("--run-dir", type=Path, help="also log the rows here (Tracker table + summary, prefetch.json)")
     args = parser.parse_args(argv)
     try:
-        return cmd_replay(args)
+        return cmd_prefetch(args) if args.command == "prefetch" else cmd_replay(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

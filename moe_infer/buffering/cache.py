@@ -5,6 +5,7 @@
         [Access(expert=0, hit=True, slot=0, evicted=None), Access(expert=2, hit=False, slot=..., evicted=...), ...]
     cache.resident               {expert: slot}
     cache.hits, cache.misses, cache.batches
+    cache.prefetch([4, 5])       copy predicted experts in before a batch; not an access (cache.prefetches)
     simulate(batches, slots=2, policy="lru", initial=[0, 1]) -> CacheStats(hits, misses, accesses, miss_rate)
 
 A rank holds L local experts in host memory and K <= L of them in device slots. Each batch (one call of one MoE
@@ -68,6 +69,7 @@ class ExpertCache:
             raise PipelineError(f"expert cache: {len(initial)} initial experts {initial} do not fit in {slots} slots")
         self.slots = slots
         self.hits = self.misses = self.batches = 0
+        self.prefetches = 0  # copies made by prefetch(), outside any batch
         self._slot_of: dict[int, int] = {}
         self._free = deque(range(len(initial), slots))  # never grows back: a slot is emptied only to be refilled
         self._clock = 0
@@ -115,6 +117,39 @@ class ExpertCache:
         accesses = [self._access(expert) for expert in active]
         self.batches += 1
         return accesses
+
+    def prefetch(self, experts: Sequence[int], policy: EvictionPolicy | None = None) -> list[Access]:
+        """Copy the non-resident `experts` into slots before the batch predicted to need them (prefetch.py issues
+        them while the previous MoE layer computes). Not an access: hits, misses and use counts are untouched, so
+        the next `step` reports only the on-demand misses; each copy counts in `prefetches`. Victims are picked
+        among the cached experts outside `experts` (so a prefetch never evicts an expert predicted to run) by
+        `policy` when given (a predictor's own ranking), else by the cache's. Returns one Access (hit=False) per
+        copy, in the order given."""
+        experts = [int(e) for e in experts]
+        _check_batch(experts, "prefetch")
+        policy = policy or self.policy
+        for oracle in (p for p in (self.policy, policy) if p.needs_future):
+            # Belady's MIN is the demand-loading optimum; letting it prefetch would measure a different oracle.
+            raise PipelineError(f"expert cache: policy {oracle.name!r} is a replay oracle; it does not prefetch")
+        if len(experts) > self.slots:
+            raise PipelineError(f"expert cache: {len(experts)} prefetched experts {experts} exceed {self.slots} slots")
+        copies = []
+        for expert in experts:
+            if expert in self._slot_of:
+                continue
+            evicted = None
+            if self._free:
+                slot = self._free.popleft()
+            else:
+                evicted = policy.victim([e for e in self._slot_of if e not in experts], self._view)
+                slot = self._slot_of.pop(evicted)
+                del self._inserted_at[evicted], self._last_used[evicted]
+            self._slot_of[expert] = slot
+            # A load counts as a use, as for the initial experts, so lru/lfu rank it like a fresh arrival.
+            self._inserted_at[expert] = self._last_used[expert] = self._tick()
+            self.prefetches += 1
+            copies.append(Access(expert, hit=False, slot=slot, evicted=evicted))
+        return copies
 
     def _access(self, expert: int) -> Access:
         # Removed before the decision: the policy sees only the experts that run *after* this one.
