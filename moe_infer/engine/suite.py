@@ -1,0 +1,295 @@
+"""The paper's experiments as one suite (`make bench`): each experiment is one or more commands of the project's own
+tools, run one after another, each writing its figures (JSON + an offline W&B run) under --out for `make report`.
+
+    python -m moe_infer.engine.suite [--lm exports/lm-tiny] [--mt exports/mt-tiny] [--out runs/bench] [--quick]
+
+    layer        moe_infer.engine.layer_bench at EP=1 and EP=N: every MoE implementation on one paper-shaped layer
+                 (untrained weights at the paper LM's waste factor), the FLOP-equivalent dense FFN, the floors
+    policies-*   launch/infer.py --mode bench: throughput vs batch size per gating policy (LM: prefill + decode;
+                 MT: encoder + decoder), peak memory, until --max-batch or out of memory
+    traces-*     the trained models serving held-out text with --record-trace: the expert-load histories below
+    replay-*     python -m moe_infer.buffering replay: miss rate vs cache size per eviction policy, Belady's MIN
+    buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
+    placement-lm python -m moe_infer.placement evaluate (Max Load, Avg Max Load per algorithm and D), then
+                 bench-serving of the fitted placements against contiguous on held-out prompts
+
+An experiment whose model is missing (no export) is skipped and says so; a command that fails is recorded and the
+suite goes on. Progress: one line per command with the elapsed time and an estimate of what is left. The record of
+what ran (commands, seconds, exit status) is written to <out>/suite.json, atomically after every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.atomic import write_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE_FILE = "suite.json"
+PROMPT_WORDS = 24  # words per LM prompt cut from held-out scenes
+MAX_SOURCE_WORDS = 36  # MT sources longer than this may not fit mt-tiny's 64 learned positions
+
+
+@dataclass
+class Step:
+    experiment: str
+    command: list[str]
+    seconds: float = 0.0
+    status: str = "pending"  # pending, ok, failed (exit N), skipped (why)
+
+
+@dataclass
+class Suite:
+    out: Path
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, experiment: str, *command: str | Path) -> None:
+        self.steps.append(Step(experiment, [str(c) for c in command]))
+
+    def skip(self, experiment: str, why: str) -> None:
+        self.steps.append(Step(experiment, [], status=f"skipped ({why})"))
+
+    def save(self) -> None:
+        write_atomic(self.out / SUITE_FILE, json.dumps({"steps": [asdict(s) for s in self.steps]}, indent=1) + "\n")
+
+    def run(self) -> int:
+        todo = [s for s in self.steps if s.status == "pending"]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(REPO)}
+        start, failed = time.perf_counter(), 0
+        for i, step in enumerate(todo, 1):
+            elapsed = time.perf_counter() - start
+            eta = f", ~{elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
+            print(f"[suite {i}/{len(todo)} {elapsed / 60:.1f} min{eta}] {step.experiment}: {' '.join(step.command)}")
+            sys.stdout.flush()
+            begin = time.perf_counter()
+            code = subprocess.run(step.command, cwd=REPO, env=env).returncode
+            step.seconds = time.perf_counter() - begin
+            step.status = "ok" if code == 0 else f"failed (exit {code})"
+            failed += code != 0
+            self.save()
+        for step in self.steps:
+            if step.status.startswith("skipped"):
+                print(f"[suite] {step.experiment}: {step.status}")
+        print(
+            f"[suite] {len(todo) - failed} of {len(todo)} commands ok in {(time.perf_counter() - start) / 60:.1f} "
+            f"min; record in {self.out / SUITE_FILE}"
+        )
+        return 1 if failed else 0
+
+
+def held_out_inputs(out: Path, quick: bool) -> tuple[Path, Path, Path]:
+    """Prompts (LM: PROMPT_WORDS-word windows of held-out scenes) and sources (MT: held-out verses that fit the model)
+    from the bundled corpora's valid and test splits, written under out/inputs/: (prompts to record the load history
+    from, other prompts to serve the placements fitted on it, sources)."""
+    from pipeline.config import load_config
+    from pipeline.data.prepare import prepare_corpus
+
+    def rows(config: str) -> list[dict]:
+        directory = prepare_corpus(load_config(config).data)
+        lines = []
+        for split in ("valid", "test"):
+            lines += (directory / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    prompts = []
+    for row in rows("lm-tiny"):  # consecutive PROMPT_WORDS-word windows of each held-out scene
+        words = row["text"].split()
+        prompts += [" ".join(words[i : i + PROMPT_WORDS]) for i in range(0, len(words), PROMPT_WORDS)]
+    sources = [r["src"].replace("\n", " ") for r in rows("mt-tiny") if len(r["src"].split()) <= MAX_SOURCE_WORDS]
+    half = min(32 if quick else 96, len(prompts) // 2)
+    sources = sources[: 32 if quick else 96]
+    paths = [out / "inputs" / name for name in ("lm-prompts-fit.txt", "lm-prompts-serve.txt", "mt-sources.txt")]
+    for path, lines in zip(paths, (prompts[:half], prompts[half : 2 * half], sources), strict=True):
+        write_atomic(path, "\n".join(lines) + "\n")
+    return paths[0], paths[1], paths[2]
+
+
+def plan(args: argparse.Namespace) -> Suite:
+    out, nproc, quick = args.out, args.nproc, args.quick
+    suite = Suite(out)
+    py = sys.executable
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    infer = [*torchrun, "launch/infer.py", "--quiet"]
+    repeats = ["--repeats", "2" if quick else "3"]
+    lm_prompts, lm_serve, mt_sources = held_out_inputs(out, quick)
+
+    layer = ["--repeats", "2", "--slow-repeats", "1"] if quick else ["--repeats", "5"]
+    suite.add(
+        "layer",
+        py,
+        "-m",
+        "moe_infer.engine.layer_bench",
+        *layer,
+        "--out",
+        out / "layer-ep1.json",
+        "--run-dir",
+        out / "layer-ep1",
+    )
+    suite.add(
+        "layer",
+        *torchrun,
+        "-m",
+        "moe_infer.engine.layer_bench",
+        *layer,
+        "--out",
+        out / f"layer-ep{nproc}.json",
+        "--run-dir",
+        out / f"layer-ep{nproc}",
+    )
+
+    max_batch = "8" if quick else "32"
+    for name, export, inputs in (("lm", args.lm, lm_prompts), ("mt", args.mt, mt_sources)):
+        if not (export / "config.json").is_file():
+            suite.skip(f"policies-{name}", f"no export at {export}: make train convert MODEL={export.name}")
+            continue
+        suite.add(
+            f"policies-{name}",
+            *infer,
+            "--export",
+            export,
+            "--mode",
+            "bench",
+            "--max-batch",
+            max_batch,
+            "--prompt-len",
+            "24",
+            "--decode-steps",
+            "8" if quick else "16",
+            "--run-dir",
+            out / f"policies-{name}",
+        )
+        trace = out / "traces" / f"{name}.npz"
+        serve = ["--max-new-tokens", "24"] if name == "lm" else ["--max-len", "48"]
+        suite.add(
+            f"traces-{name}",
+            *infer,
+            "--export",
+            export,
+            "--input",
+            inputs,
+            *serve,
+            "--batch-size",
+            "8",
+            "--record-trace",
+            trace,
+            "--record-calls",
+            "100000",
+            "--output",
+            out / "traces" / f"{name}-out.txt",
+        )
+        suite.add(
+            f"replay-{name}",
+            py,
+            "-m",
+            "moe_infer.buffering",
+            "replay",
+            "--trace",
+            trace,
+            "--ranks",
+            nproc,
+            "--run-dir",
+            out / f"replay-{name}",
+        )
+        if name == "mt":
+            suite.add(
+                "buffering-mt",
+                *infer,
+                "--export",
+                export,
+                "--mode",
+                "bench-serving",
+                "--input",
+                inputs,
+                "--max-len",
+                "48",
+                "--batch-size",
+                "8",
+                "--slots-sweep",
+                "1,2,3",
+                "--evictions",
+                "paper,lru",
+                *repeats,
+                "--run-dir",
+                out / "buffering-mt",
+            )
+        else:
+            placements = [out / "placement-lm" / f"{a}.json" for a in ("greedy", "anti-correlation")]
+            suite.add(
+                "placement-lm",
+                py,
+                "-m",
+                "moe_infer.placement",
+                "evaluate",
+                "--trace",
+                trace,
+                "--ranks",
+                "2,4,8",
+                "--run-dir",
+                out / "placement-lm",
+            )
+            for algorithm, path in zip(("greedy", "anti-correlation"), placements, strict=True):
+                suite.add(
+                    "placement-lm",
+                    py,
+                    "-m",
+                    "moe_infer.placement",
+                    "fit",
+                    "--trace",
+                    trace,
+                    "--ranks",
+                    nproc,
+                    "--algorithm",
+                    algorithm,
+                    "--out",
+                    path,
+                )
+            suite.add(
+                "placement-lm",
+                *infer,
+                "--export",
+                export,
+                "--mode",
+                "bench-serving",
+                "--input",
+                lm_serve,
+                "--max-new-tokens",
+                "24",
+                "--batch-size",
+                "8",
+                "--slots-sweep",
+                "none",
+                "--placements",
+                ",".join(map(str, placements)),
+                *repeats,
+                "--run-dir",
+                out / "placement-serving-lm",
+            )
+    return suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_infer.engine.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--lm", type=Path, default=REPO / "exports/lm-tiny", help="the trained LM export")
+    parser.add_argument("--mt", type=Path, default=REPO / "exports/mt-tiny", help="the trained MT export")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/bench", help="where every experiment writes")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch sizes and requests (the demo's)")
+    args = parser.parse_args(argv)
+    suite = plan(args)
+    suite.save()
+    return suite.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
