@@ -56,8 +56,8 @@ bench: setup ## one MoE layer, every implementation side by side, at EP=1 and EP
 	$(PY) -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json --run-dir runs/bench/layer-ep1 $(ARGS)
 	$(DEEPSPEED) --num_gpus $(NPROC) --module moe_infer.engine.layer_bench --out runs/bench/layer-ep$(NPROC).json --run-dir runs/bench/layer-ep$(NPROC) $(ARGS)
 
-report: setup ## turn the W&B runs on disk into an HTML + markdown report
-	@echo "make report: not built yet (the benchmark issue adds pipeline.report)"; exit 2
+report: setup ## turn the W&B runs on disk into an HTML + markdown report (reports/report.html, .md); ARGS pass through
+	$(PY) -m pipeline.report $(ARGS)
 
 demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate
 	$(PY) -m pipeline.data build --task all --size fixture
