@@ -52,14 +52,18 @@ convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup ## one MoE layer, every implementation side by side, at EP=1 and EP=NPROC (runs/bench/layer-ep*.json)
-	$(PY) -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json --run-dir runs/bench/layer-ep1 $(ARGS)
-	$(DEEPSPEED) --num_gpus $(NPROC) --module moe_infer.engine.layer_bench --out runs/bench/layer-ep$(NPROC).json --run-dir runs/bench/layer-ep$(NPROC) $(ARGS)
+bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny (trained and converted first if missing): runs/bench/, then `make report`
+	$(PY) -m moe_infer.engine.suite --out runs/bench --nproc $(NPROC) $(ARGS)
+
+# A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.
+exports/%/manifest.json:
+	test -e runs/$*/checkpoints/latest || $(MAKE) --no-print-directory train MODEL=$*
+	$(MAKE) --no-print-directory convert MODEL=$* ARGS=--force
 
 report: setup ## turn the W&B runs on disk into an HTML + markdown report (reports/report.html, .md); ARGS pass through
 	$(PY) -m pipeline.report $(ARGS)
 
-demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate
+demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate, a short benchmark, the report
 	$(PY) -m pipeline.data build --task all --size fixture
 	$(PY) -m pipeline.tokenizer lm-tiny
 	$(PY) -m pipeline.platform
@@ -70,8 +74,11 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 	@echo "demo: three samples from exports/demo-lm-tiny, served with EP=$(NPROC) and dynamic gating"
 	printf 'ROMEO:\nJULIET:\nFirst Witch:\n' | OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
 		--nproc_per_node $(NPROC) launch/infer.py --export exports/demo-lm-tiny --max-new-tokens 40 --quiet
-	@echo "demo: trained runs/demo-lm-tiny, exported exports/demo-lm-tiny and served it;" \
-		"the experiment suite and the report are not built yet"
+	@echo "demo: a short benchmark of exports/demo-lm-tiny (the layer bench, policies, buffering replay, placement)"
+	rm -rf runs/demo-bench
+	$(PY) -m moe_infer.engine.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
+		--out runs/demo-bench --nproc $(NPROC)
+	$(PY) -m pipeline.report --runs runs/demo-bench --out reports/demo-report.html
 
 test: setup ## the default test suite (slow tests excluded)
 	$(PY) -m pytest

@@ -1,0 +1,36 @@
+"""The experiment suite's plan and runner (moe_infer.engine.suite); the experiments themselves are tested where
+they live (layer bench, bench, bench-serving, replay, placement)."""
+
+import argparse
+import json
+import sys
+
+from moe_infer.engine.suite import SUITE_FILE, Suite, plan
+
+
+def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text("{}")
+    args = argparse.Namespace(out=tmp_path / "bench", nproc=2, quick=True, lm=lm, mt=tmp_path / "no-mt")
+    suite = plan(args)
+    experiments = [s.experiment for s in suite.steps]
+    assert experiments[:2] == ["layer", "layer"]
+    assert {"policies-lm", "traces-lm", "replay-lm", "placement-lm"} <= set(experiments)
+    skipped = [s for s in suite.steps if s.status.startswith("skipped")]
+    assert [s.experiment for s in skipped] == ["policies-mt"] and "no export at" in skipped[0].status
+    fit = (args.out / "inputs" / "lm-prompts-fit.txt").read_text().splitlines()
+    serve = (args.out / "inputs" / "lm-prompts-serve.txt").read_text().splitlines()
+    assert fit and serve and not set(fit) & set(serve)  # placements are served on prompts they were not fitted on
+    placement_bench = next(s for s in suite.steps if "bench-serving" in s.command and s.experiment == "placement-lm")
+    assert str(args.out / "inputs" / "lm-prompts-serve.txt") in placement_bench.command
+
+
+def test_a_failing_command_is_recorded_and_the_suite_goes_on(tmp_path):
+    suite = Suite(tmp_path)
+    suite.add("fails", sys.executable, "-c", "raise SystemExit(3)")
+    suite.add("works", sys.executable, "-c", "pass")
+    suite.skip("absent", "no export")
+    assert suite.run() == 1
+    record = json.loads((tmp_path / SUITE_FILE).read_text())["steps"]
+    assert [s["status"] for s in record] == ["failed (exit 3)", "ok", "skipped (no export)"]
