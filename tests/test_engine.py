@@ -238,3 +238,4 @@ def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path
         assert by_name[name]["max_diff_vs_dynamic"] < 1e-5
         assert set(by_name[name]["phases_ms"]) == {"gate", "dispatch", "experts", "combine"}
     assert by_name["static"]["activation_mb"] > by_name["dynamic"]["activation_mb"]
+    assert 0 < by_name["dynamic"]["exchange_ms"] < sum(by_name["dynamic"]["phases_ms"].values())

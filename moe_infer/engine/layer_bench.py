@@ -9,7 +9,8 @@ random weights on every rank, and each rank holds its E/R experts.
 
 For each implementation: wall time per layer call (the slowest rank's; the best of `--repeats` rounds, each round
 timing every implementation once in turn, so a noisy neighbour on a shared machine slows them all alike),
-tokens/s over the whole group, time per phase (gate, dispatch, experts, combine), the activation memory of one call
+tokens/s over the whole group, time per phase (gate, dispatch, experts, combine) and, for dynamic and static, the
+time of those phases spent waiting for all-to-alls (a2a ms), the activation memory of one call
 (moe_infer.engine.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
 (the implementations that drop nothing must agree to fp32 rounding). Two floors, timed the same way:
     floor-matmul   this rank's expert matrix products alone (x W1^T, h W2^T per expert, rows pre-grouped), with the
@@ -59,6 +60,7 @@ class Result:
     activation_mb: float = 0.0
     dropped_fraction: float = 0.0
     sent_mb: float = 0.0  # bytes this rank sent to the others in the call's all-to-alls (the largest over ranks)
+    exchange_ms: float = 0.0  # time waiting for all-to-alls, within dispatch + combine (dynamic, static; slowest rank)
     max_diff_vs_dynamic: float | None = None
 
 
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             result.phases_ms = {p: s * 1e3 for p, s in stats.seconds.items()}
             result.dropped_fraction = stats.dropped_fraction
             result.sent_mb = _slowest(stats.bytes_sent) / 2**20
+            result.exchange_ms = _slowest(stats.exchange_seconds) * 1e3
             if "dynamic" in outputs:
                 diff = outputs[name] - outputs["dynamic"]
                 result.max_diff_vs_dynamic = _slowest(float(diff.abs().max()) if diff.numel() else 0.0)
@@ -240,7 +243,8 @@ def format_table(results: list[Result], ranks: int) -> str:
     base = by_name.get("dynamic")
     head = f"{'implementation':<16}{'ms/call':>10}{'tok/s':>11}{'x dynamic':>10}"
     head += (
-        f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'act MB':>9}{'a2a MB':>8}{'dropped':>9}{'diff':>10}"
+        f"{'gate':>8}{'dispatch':>9}{'experts':>9}{'combine':>9}{'a2a ms':>8}{'act MB':>9}{'a2a MB':>8}{'dropped':>9}"
+        f"{'diff':>10}"
     )
     lines = [f"MoE layer, EP={ranks} (times in ms; 'x dynamic' = time / dynamic's time)", head]
     for r in results:
@@ -249,8 +253,12 @@ def format_table(results: list[Result], ranks: int) -> str:
         if not r.phases_ms:
             phases = f"{'':>35}"
         diff = f"{r.max_diff_vs_dynamic:>10.1e}" if r.max_diff_vs_dynamic is not None else f"{'':>10}"
-        extra = f"{r.activation_mb:>9.1f}{r.sent_mb:>8.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
-        extra = extra or (f"{r.activation_mb:>9.1f}" if r.activation_mb else "")
+        # The all-to-all wait is measured where our ExpertGroup does the exchange (dynamic, static), not in the peers.
+        exchange = f"{r.exchange_ms:>8.1f}" if r.name in EXCHANGE_TIMED else f"{'-':>8}"
+        extra = (
+            f"{exchange}{r.activation_mb:>9.1f}{r.sent_mb:>8.1f}{r.dropped_fraction:>9.3f}{diff}" if r.phases_ms else ""
+        )
+        extra = extra or (f"{'':>8}{r.activation_mb:>9.1f}" if r.activation_mb else "")
         lines.append(f"{r.name:<16}{r.ms:>10.1f}{r.tokens_per_s:>11.0f}{ratio}{phases}{extra}")
     return "\n".join(lines)
 
@@ -258,6 +266,7 @@ def format_table(results: list[Result], ranks: int) -> str:
 PHASES = ("gate", "dispatch", "experts", "combine")
 SLOW = ("static",)  # timed apart from the round robin (see run)
 DENSE = "dense-equivalent"
+EXCHANGE_TIMED = ("dynamic", "static")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -319,7 +328,8 @@ def track(results: list[Result], ranks: int, settings: dict, run_dir: Path) -> N
     """One W&B run (offline by default) per benchmark: a row per implementation, the table, the ratios as summary."""
     from pipeline.tracking import NamedRun, Tracker
 
-    columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "activation_mb", "sent_mb", "dropped"]
+    columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "exchange_ms", "activation_mb", "sent_mb"]
+    columns.append("dropped")
     columns.append("diff")
     base = next((r.ms for r in results if r.name == "dynamic"), None)
     rows = []
@@ -327,7 +337,8 @@ def track(results: list[Result], ranks: int, settings: dict, run_dir: Path) -> N
         for step, r in enumerate(results):
             ratio = r.ms / base if base else None
             row = [r.name, r.ms, r.tokens_per_s, ratio, *(r.phases_ms.get(p) for p in PHASES)]
-            rows.append(row + [r.activation_mb, r.sent_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
+            exchange = r.exchange_ms if r.name in EXCHANGE_TIMED else None
+            rows.append(row + [exchange, r.activation_mb, r.sent_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
             tracker.log({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
         tracker.log_table("layer_bench", columns, rows)
         tracker.summary(**{f"{r.name}_x_dynamic": r.ms / base for r in results if base})

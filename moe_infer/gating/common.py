@@ -50,6 +50,10 @@ class GatingStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # Of the phases' time, how long this rank sat waiting for all-to-alls to finish (inside dispatch and combine):
+    # the exchange's share of the layer, as far as the host sees it (on CUDA the phase timer's synchronisation
+    # makes this the wait for the NCCL kernels).
+    exchange_seconds: float = 0.0
 
     @property
     def dropped_fraction(self) -> float:
@@ -61,6 +65,7 @@ class GatingStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bytes_sent += other.bytes_sent
         self.bytes_received += other.bytes_received
+        self.exchange_seconds += other.exchange_seconds
         for phase, seconds in other.seconds.items():
             self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
@@ -134,7 +139,7 @@ class ExpertGroup:
             row_bytes = math.prod(x.shape[1:]) * x.element_size()
             stats.bytes_sent += (sum(send_R) - send_R[self.rank]) * row_bytes
             stats.bytes_received += (sum(recv_R) - recv_R[self.rank]) * row_bytes
-        return InFlight(out, work)
+        return InFlight(out, work, stats)
 
 
 @dataclass
@@ -143,8 +148,12 @@ class InFlight:
 
     out: torch.Tensor
     work: dist.Work | None
+    stats: GatingStats | None = None  # where the time spent waiting for it is added (exchange_seconds)
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
+            start = time.perf_counter()
             self.work.wait()
+            if self.stats is not None:
+                self.stats.exchange_seconds += time.perf_counter() - start
         return self.out

@@ -108,10 +108,13 @@ def _layer(s: Source) -> list[Block]:
     rows = [
         [r["name"], r["ms"], r.get("tokens_per_s"), r["ms"] / base if base else None]
         + [r["phases_ms"].get(p) for p in plots.PHASES]
+        # The all-to-all wait (inside dispatch + combine) is measured for our own policies only.
+        + [r.get("exchange_ms") if r["name"] in ("dynamic", "static") else None]
         + [r.get("activation_mb"), r.get("sent_mb"), r.get("dropped_fraction")]
         for r in s.data["results"]
     ]
-    columns = ["implementation", "ms/call", "tokens/s", "x dynamic", *plots.PHASES, "act MB", "a2a MB", "dropped"]
+    columns = ["implementation", "ms/call", "tokens/s", "x dynamic", *plots.PHASES, "a2a wait ms", "act MB", "a2a MB"]
+    columns.append("dropped")
     return [
         Heading(f"{s.label}: {display_path(s.path)}"),
         Image(plots.layer_phases(s), f"Time per layer call split into phases, {what}. Command: {cmd}"),
