@@ -4,6 +4,9 @@
     deepspeed --num_gpus 2 launch/infer.py --export exports/mt-tiny --mode bench --policies dynamic,static \\
         --max-batch 16 --prompt-len 24 --decode-steps 8 --run-dir runs/bench-mt
 
+`--policies` may also name `dense-equivalent`: the same model with every MoE layer replaced by a dense FFN of K*F
+hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense characterisation.
+
 For each policy of --policies (each served by its own Engine, freed before the next one starts), for batch sizes
 1, 2, 4, ... doubling up to --max-batch, each rank brings B synthetic requests of its own (random token ids, seeded by
 --seed and the rank) of --prompt-len tokens, then measures:
@@ -43,7 +46,7 @@ from typing import IO, Any
 import torch
 
 from moe_infer.engine.memory import peak_activation_bytes
-from moe_infer.gating.common import PHASES
+from moe_infer.gating.common import PHASES, GatingStats, PhaseTimer
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError
 
@@ -121,6 +124,40 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError | MemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+# ---- the FLOP-equivalent dense model ---------------------------------------------------------------------------------
+
+DENSE = "dense-equivalent"  # a bench-only "policy": every MoE layer replaced by DenseEquivalent
+
+
+class DenseEquivalent(torch.nn.Module):
+    """A dense FFN with K*F hidden units on every token: the FLOPs per token of a top-K MoE layer, no router and no
+    exchange (the model the MoE one is characterised against). Random weights, scaled like trained ones: there is no
+    trained dense counterpart, and only its time and memory are measured."""
+
+    def __init__(self, cfg, device: torch.device, seed: int = 0):
+        from moe_infer.engine.experts import LocalExperts
+        from moe_infer.engine.layer_bench import layer_config, random_layer
+
+        super().__init__()
+        dense_cfg = layer_config(1, cfg.hidden_size, cfg.topk * cfg.ffn_hidden_size, 1, cfg.activation)
+        _, weights = random_layer(dense_cfg, seed)
+        self.ffn = LocalExperts(dense_cfg, [{k: v.to(device) for k, v in weights[0].items()}])
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
+        stats = GatingStats(tokens=x_TD.shape[0], expert_rows=x_TD.shape[0])
+        timer = PhaseTimer(stats, x_TD.device)
+        y_TD = self.ffn(0, x_TD, torch.ones(x_TD.shape[0], device=x_TD.device))
+        timer.lap("experts")
+        return y_TD, stats
+
+
+def use_dense_equivalent(engine) -> None:
+    """Serve `engine`'s model with every MoE layer's block replaced by a DenseEquivalent (each rank on its own
+    tokens: a dense model needs no expert parallelism)."""
+    for layer in engine.moe_layers:
+        layer.block = DenseEquivalent(engine.model.cfg, engine.device)
 
 
 # ---- one measurement ------------------------------------------------------------------------------------------------
@@ -372,7 +409,10 @@ def run_bench(job, out: IO[str]) -> int:
             save()
 
         for policy in args.policies:
-            engine = Engine.start(export.path, engine_options(args, policy, job.placements))
+            engine = Engine.start(export.path, engine_options(args, "dynamic" if policy == DENSE else policy,
+                                                              job.placements))  # fmt: skip
+            if policy == DENSE:
+                use_dense_equivalent(engine)
             if not meta.get("device"):
                 meta["device"] = str(engine.device)
                 meta["memory"] = "cuda max_memory_allocated" if engine.device.type == "cuda" else "cpu peak RSS"

@@ -89,12 +89,14 @@ def _evictions(text: str) -> list[str]:
 
 
 def _policies(text: str) -> list[str]:
+    from moe_infer.engine.bench import DENSE
     from moe_infer.engine.layer import POLICIES
 
+    known = (*POLICIES, DENSE)
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
+    unknown = [p for p in names if p not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(POLICIES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(known)}, got {text!r}")
     return names
 
 
@@ -181,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mt.add_argument("--length-penalty", type=float, default=1.0)
     bench = parser.add_argument_group("bench (see moe_infer.engine.bench)")
-    bench.add_argument("--policies", type=_policies, default=list(POLICIES), help="comma-separated (default: all)")
+    bench.add_argument(
+        "--policies",
+        type=_policies,
+        default=list(POLICIES),
+        help="comma-separated (default: the four policies); dense-equivalent adds the FLOP-equivalent dense model",
+    )
     bench.add_argument("--max-batch", type=int, default=64, help="batch sizes 1, 2, 4, ... up to this, per rank")
     bench.add_argument("--prompt-len", type=int, default=32, help="tokens per synthetic prompt / source")
     bench.add_argument("--decode-steps", type=int, default=16, help="KV-cached decoding steps after the prefill")

@@ -75,6 +75,7 @@ def random_layer(cfg: ModelConfig, seed: int) -> tuple[RouterTensors, ExpertTens
     """Weights scaled like a trained layer's (std 1/sqrt(fan-in)); the same on every rank for the same seed."""
     gen = torch.Generator().manual_seed(seed)
     d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    f1 = 2 * f if cfg.activation == "swiglu" else f  # swiglu's fc1 computes the gate and the value
 
     def randn(*shape, fan_in):
         return torch.randn(*shape, generator=gen) / fan_in**0.5
@@ -82,8 +83,8 @@ def random_layer(cfg: ModelConfig, seed: int) -> tuple[RouterTensors, ExpertTens
     router = {"weight": randn(cfg.num_experts, d, fan_in=d)}
     experts = {
         e: {
-            "fc1.weight": randn(f, d, fan_in=d),
-            "fc1.bias": randn(f, fan_in=d),
+            "fc1.weight": randn(f1, d, fan_in=d),
+            "fc1.bias": randn(f1, fan_in=d),
             "fc2.weight": randn(d, f, fan_in=f),
             "fc2.bias": randn(d, fan_in=f),
         }

@@ -6,7 +6,8 @@ tools, run one after another, each writing its figures (JSON + an offline W&B ru
     layer        moe_infer.engine.layer_bench at EP=1 and EP=N: every MoE implementation on one paper-shaped layer
                  (untrained weights at the paper LM's waste factor), the FLOP-equivalent dense FFN, the floors
     policies-*   launch/infer.py --mode bench: throughput vs batch size per gating policy (LM: prefill + decode;
-                 MT: encoder + decoder), peak memory, until --max-batch or out of memory
+                 MT: encoder + decoder), peak memory, until --max-batch or out of memory; and the model with every
+                 MoE layer replaced by its FLOP-equivalent dense FFN (MoE vs dense)
     traces-*     the trained models serving held-out text with --record-trace: the expert-load histories below
     replay-*     python -m moe_infer.buffering replay: miss rate vs cache size per eviction policy, Belady's MIN
     buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
@@ -160,6 +161,8 @@ def plan(args: argparse.Namespace) -> Suite:
             export,
             "--mode",
             "bench",
+            "--policies",
+            "dynamic,static,deepspeed,megatron,dense-equivalent",
             "--max-batch",
             max_batch,
             "--prompt-len",
