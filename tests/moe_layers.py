@@ -37,3 +37,16 @@ def reference_moe(x_TD, probs_TK, experts_TK, experts) -> torch.Tensor:
     plan = dispatch(experts_TK, probs_TK, E)
     y = [experts[e](x_TD[plan.tokens_of(e)], plan.probs_of(e)) for e in range(E) if plan.count(e)]
     return combine(torch.cat(y) if y else x_TD.new_zeros(0, D), plan, x_TD.shape[0])
+
+
+def kept_within_capacity(experts_TK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Independent count: per expert, all first choices in token order, then all second choices; the first
+    `capacity` pairs of each expert are kept."""
+    kept_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
+    seen = [0] * E
+    for k in range(experts_TK.shape[1]):
+        for t in range(experts_TK.shape[0]):
+            e = int(experts_TK[t, k])
+            kept_TK[t, k] = seen[e] < capacity
+            seen[e] += 1
+    return kept_TK

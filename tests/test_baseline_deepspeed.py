@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from moe_layers import D, E, layer_config, random_layer, reference_moe
+from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
 from moe_infer.engine.baselines.deepspeed_block import UPSTREAM_PINS, DeepSpeedBlock
 from moe_infer.placement import Placement
@@ -79,7 +79,7 @@ def _check_block(world: int, token_counts_per_call: list[list[int]]) -> list[dic
             assert s.padded_slots == E * capacity - int(kept_TK.sum()), where
             assert s.expert_rows == E * capacity, where
             if topk == 2:  # top-2 keeps by position: all first choices in token order, then the second choices
-                assert torch.equal(kept_TK, _kept_by_position(experts_TK, capacity)), where
+                assert torch.equal(kept_TK, kept_within_capacity(experts_TK, capacity)), where
             # A dropped pair contributes nothing; DS top-2 renormalises the weights over the token's kept experts.
             kept_probs_TK = probs_TK * kept_TK
             if topk > 1:
@@ -96,17 +96,6 @@ def _kept(indices_KS: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     routes_TK = indices_KS[:, : experts_TK.shape[0]].t().long()
     assert torch.equal(routes_TK[routes_TK >= 0], experts_TK[routes_TK >= 0])  # same choices, same order as ours
     return routes_TK >= 0
-
-
-def _kept_by_position(experts_TK: torch.Tensor, capacity: int) -> torch.Tensor:
-    kept_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
-    seen = [0] * E
-    for k in range(experts_TK.shape[1]):
-        for t in range(experts_TK.shape[0]):
-            e = int(experts_TK[t, k])
-            kept_TK[t, k] = seen[e] < capacity
-            seen[e] += 1
-    return kept_TK
 
 
 def test_deepspeed_block_equals_the_reference_on_one_rank():

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from moe_layers import D, E, layer_config, random_layer, reference_moe
+from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
 from moe_infer.gating import DynamicGating, GatingStats, StaticGating
 from moe_infer.placement import Placement, PlacementError
@@ -19,19 +19,6 @@ from pipeline.platform.testing import run_distributed
 
 CASES = [(1, True), (1, False), (2, True), (2, False)]  # (topk, router pre_softmax)
 SMALL_CAPACITY = 0.1  # drops pairs for these token counts: C = max(1, ceil(0.1 * T_max))
-
-
-def _kept_within_capacity(experts_TK: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Independent count: per expert, all first choices in token order, then all second choices; the first
-    `capacity` pairs of each expert are kept."""
-    kept_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
-    seen = [0] * E
-    for k in range(experts_TK.shape[1]):
-        for t in range(experts_TK.shape[0]):
-            e = int(experts_TK[t, k])
-            kept_TK[t, k] = seen[e] < capacity
-            seen[e] += 1
-    return kept_TK
 
 
 class _SlotExperts:
@@ -76,7 +63,7 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         small = StaticGating(placement, SMALL_CAPACITY)
         y_TD, s = small(x_TD, probs_TK, experts_TK, run_expert)
         capacity = max(1, math.ceil(SMALL_CAPACITY * max(token_counts)))
-        kept_TK = _kept_within_capacity(experts_TK, capacity)
+        kept_TK = kept_within_capacity(experts_TK, capacity)
         assert s.pairs_dropped == int((~kept_TK).sum()), (case, s.pairs_dropped, int((~kept_TK).sum()))
         assert s.dropped_fraction == (int((~kept_TK).sum()) / kept_TK.numel() if kept_TK.numel() else 0.0)
         assert s.padded_slots == E * capacity - int(kept_TK.sum())

@@ -188,18 +188,11 @@ def _buffer_figures(engine) -> tuple[list[float], list[float]]:
     """This rank's ([hits, misses, bytes copied], [stall s, device expert bytes]) over its buffered MoE layers."""
     sums, maxima = [0.0, 0.0, 0.0], [0.0, 0.0]
     for layer in engine.moe_layers:
-        stats = getattr(getattr(layer.block, "experts", None), "stats", None)
+        stats = layer.buffer_stats
         if stats is not None:
             sums = [a + b for a, b in zip(sums, (stats.hits, stats.misses, stats.bytes_copied), strict=True)]
             maxima = [maxima[0] + stats.stall_seconds, maxima[1] + stats.device_bytes]
     return sums, maxima
-
-
-def _reset_buffers(engine) -> None:
-    for layer in engine.moe_layers:
-        reset = getattr(getattr(layer.block, "experts", None), "reset_stats", None)
-        if reset is not None:
-            reset()
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -246,7 +239,6 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     decoder_only = model.cfg.architecture == "decoder"
     probe = _Probe(engine)
     engine.reset_stats()
-    _reset_buffers(engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _barrier(engine)
@@ -264,6 +256,7 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     finally:
         probe.remove()  # an out-of-memory error must not leave the hook on for the next batch size
     prefill_phases, prefill_counts = _stage_figures(engine)
+    prefill_buffers = _buffer_figures(engine)
     engine.reset_stats()
     _barrier(engine)
     # ---- timed: decode
@@ -277,7 +270,10 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     decode_s = _now(device) - start
     decode_phases, decode_counts = _stage_figures(engine)
     peak = _peak_memory_bytes(device)
-    buffer_sums, buffer_maxima = _buffer_figures(engine)  # before the activation call adds one more
+    decode_buffers = _buffer_figures(engine)  # before the activation call adds one more
+    # Prefill + decode: counts and stall time add up, the device-resident bytes are the same in both.
+    buffer_sums = [a + b for a, b in zip(prefill_buffers[0], decode_buffers[0], strict=True)]
+    buffer_maxima = [prefill_buffers[1][0] + decode_buffers[1][0], decode_buffers[1][1]]
     activation = probe.activation_bytes(device)
     row = _group_row(
         engine, policy, batch, prompt_len, decode_steps, (prefill_s, decode_s, peak, activation),

@@ -138,8 +138,16 @@ class ServedMoELayer(nn.Module):
         self.block, self.name = block, name
         self.totals, self.calls = GatingStats(), 0
 
+    @property
+    def buffer_stats(self):
+        """The expert store's BufferStats when this layer buffers its experts (moe_infer.buffering.store), else None."""
+        return getattr(getattr(self.block, "experts", None), "stats", None)
+
     def reset_stats(self) -> None:
+        """Zero the layer's figures, the expert store's included."""
         self.totals, self.calls = GatingStats(), 0
+        if self.buffer_stats is not None:
+            self.block.experts.reset_stats()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         y_TD, stats = self.block(x_BSD.reshape(-1, x_BSD.shape[-1]))

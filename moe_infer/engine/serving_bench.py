@@ -84,8 +84,7 @@ def _layer_figures(engine) -> tuple[list[float], list[float]]:
     device = [0.0, 0.0]
     counts = [0.0] * 6
     for layer in engine.moe_layers:
-        experts = layer.block.experts
-        stats = getattr(experts, "stats", None)
+        experts, stats = layer.block.experts, layer.buffer_stats
         resident = stats.device_bytes if stats else experts.num_local * experts.expert_bytes()
         device[0] += resident
         device[1] += resident if layer.name.startswith("decoder.") else 0.0
@@ -97,19 +96,11 @@ def _layer_figures(engine) -> tuple[list[float], list[float]]:
     return device, counts
 
 
-def _reset(engine) -> None:
-    engine.reset_stats()
-    for layer in engine.moe_layers:
-        reset = getattr(layer.block.experts, "reset_stats", None)
-        if reset:
-            reset()
-
-
 def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
     from moe_infer.engine.generate import generate
     from moe_infer.engine.translate import translate
 
-    _reset(engine)
+    engine.reset_stats()
     engine.sync.max(0)  # a barrier: every rank starts the clock together
     start = time.perf_counter()
     if job.mode == "generate":
