@@ -165,6 +165,17 @@ def test_bad_requests_are_named_by_line_before_any_work(setup, capfd, tmp_path):
     assert "Traceback" not in err
 
 
+def test_bench_serving_settings_are_checked_before_any_engine_starts(setup, capfd, tmp_path):
+    prompts = str(setup["root"] / "prompts.txt")
+    bench = ["--export", setup["lm"], "--mode", "bench-serving", "--input", prompts, *GENERATE]
+    bench += ["--run-dir", str(tmp_path / "b")]
+    code, err = _main(capfd, *bench, "--slots-sweep", "1,4")  # the random LM has 4 experts, all local on one rank
+    assert code == 2 and "[4] slots would hold every one of the 4 local experts" in err
+    code, err = _main(capfd, *bench, "--placements", str(tmp_path / "missing.json"))
+    assert code == 1 and "missing.json: cannot read the placement file" in err
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
+
+
 def test_two_ranks_on_three_experts_fail_at_once_with_one_message(setup):
     args = ["--export", setup["lm3"], "--input", str(setup["root"] / "prompts.txt"), *GENERATE]
     result = _run(args, launcher=_deepspeed(2), timeout=90)

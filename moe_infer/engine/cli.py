@@ -351,6 +351,7 @@ class Job:
     settings: Any = None
     tokenizer: Any = None
     placements: Any = None  # {MoE layer name: Placement | ReplicatedPlacement} from --placement, else None
+    variants: Any = None  # bench-serving: what it compares (moe_infer.engine.serving_bench.plan_variants)
 
 
 def open_export(path: Path):
@@ -459,6 +460,10 @@ def prepare(args: argparse.Namespace) -> Job:
                 "--references",
                 f"{args.references} has {len(job.references)} lines for {len(job.lines)} sources: one each expected",
             )
+    if args.mode == "bench-serving":
+        from moe_infer.engine.serving_bench import plan_variants
+
+        job.variants = plan_variants(job)
     return job
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.atomic import write_atomic
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 RESULT_FILE = "serving.json"
 COLUMNS = [
@@ -45,6 +45,7 @@ class Variant:
     placement: str  # "contiguous" or a placement file
     slots: int | None  # None: every expert resident
     eviction: str
+    placements: Any = None  # the file's maps per MoE layer (moe_infer.placement.files), read and checked once
 
 
 @dataclass
@@ -72,10 +73,32 @@ class Result:
         return [getattr(self, c) for c in COLUMNS]
 
 
-def variants(slots_sweep: list[int], evictions: list[str], placements: list[Path]) -> list[Variant]:
+def plan_variants(job) -> list[Variant]:
+    """The variants to compare, checked before any collective (the same on every rank): a slot count that would not
+    buffer, or a placement file that cannot serve this export on these ranks, is one clear error."""
+    from moe_infer.engine.cli import read_placements
+
+    args = job.args
+    if args.slots_sweep and args.policy not in ("dynamic", "static"):
+        raise ConfigError("--slots-sweep", f"expert buffering needs --policy dynamic or static, not {args.policy}")
+    if job.placements is not None:
+        raise ConfigError("--placement", "bench-serving compares --placements files with contiguous, its baseline")
+    local = job.export.model_config.num_experts // job.world
+    too_many = [k for k in args.slots_sweep if k >= local]
+    if too_many:
+        raise ConfigError(
+            "--slots-sweep",
+            f"{too_many} slots would hold every one of the {local} local experts per rank (no buffering); "
+            f"expected values below {local}",
+        )
     chosen = [Variant("baseline", "contiguous", None, "-")]
-    chosen += [Variant(f"{eviction} K={k}", "contiguous", k, eviction) for k in slots_sweep for eviction in evictions]
-    chosen += [Variant(f"placement {p.stem}", str(p), None, "-") for p in placements]
+    chosen += [
+        Variant(f"{eviction} K={k}", "contiguous", k, eviction) for k in args.slots_sweep for eviction in args.evictions
+    ]
+    chosen += [
+        Variant(f"placement {p.stem}", str(p), None, "-", read_placements(p, job.export, job.world))
+        for p in args.placements
+    ]
     return chosen
 
 
@@ -113,30 +136,25 @@ def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
 
 
 def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
-    from moe_infer.engine.cli import engine_options, read_placements
+    from moe_infer.engine.cli import engine_options
     from moe_infer.engine.engine import Engine
 
     engines = {}
     for v in chosen:
-        placements = None if v.placement == "contiguous" else read_placements(Path(v.placement), job.export, job.world)
-        options = engine_options(job.args, job.args.policy, placements)
+        options = engine_options(job.args, job.args.policy, v.placements)
         block = replace(options.block, expert_slots=v.slots, eviction=v.eviction if v.slots else "paper")
         engines[v.label] = Engine.start(job.export.path, replace(options, block=block))
     return engines
 
 
 def run_serving_bench(job, out: IO[str]) -> int:
-    """`job`: moe_infer.engine.cli.Job with requests read (generate or translate)."""
+    """`job`: moe_infer.engine.cli.Job with requests read (generate or translate) and `variants` planned."""
     from moe_infer.engine.cli import REPO, _flags, group_reduce, progress
     from pipeline.tracking import NamedRun, Tracker
 
     args = job.args
-    if args.slots_sweep and args.policy not in ("dynamic", "static"):
-        raise PipelineError(f"bench-serving: expert buffering needs --policy dynamic or static, not {args.policy}")
-    if job.placements is not None:
-        raise PipelineError("bench-serving: give placement files with --placements (the baseline is contiguous)")
     run_dir = Path(args.run_dir or REPO / "runs" / f"bench-serving-{job.export.path.name}")
-    chosen = variants(args.slots_sweep, args.evictions, args.placements)
+    chosen = job.variants
     engines = _start_engines(job, chosen)
     first = engines["baseline"]
     progress(args, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "

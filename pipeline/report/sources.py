@@ -250,7 +250,7 @@ def discover(roots: list[Path]) -> tuple[dict[str, list[Source]], list[Problem]]
     seen: set[Path] = set()
     for root in roots:
         if not root.is_dir():
-            problems.append(Problem(root, "no such directory"))
+            problems.append(Problem(root, f"{display_path(root)}: no such directory (no result files read from it)"))
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
