@@ -28,6 +28,9 @@ config.json:
     provenance: source_checkpoint, step, trained_ep_size, trained_world_size, run_config, training_git_revision,
                 converter_git_revision, created_at, parity (the conversion's check against megatron-core)
 
+Where the names come from: `MEGATRON_*` below map megatron-core's state_dict names to the export's (pipeline.convert
+writes an export with them; the megatron baseline loads an export back into megatron's MoELayer with them).
+
 Layer numbers count from 1 within a stack everywhere in the export (tensor names, expert files, moe_layers), as the
 run config's MoE interval does: with interval 2, layers 2, 4, ... are MoE layers. Expert ids count from 0.
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +176,43 @@ def check_shapes(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]], 
         got = tuple(tensors[name].shape)
         if got != shape:
             raise ExportError(f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)} from config.json")
+
+
+# ---- megatron-core names -> export names (pipeline.convert writes with them; the megatron baseline reads them back) --
+# megatron-core 0.16.1's state_dict read at EP=1 (`local_experts.K` is global expert K); its layer indices count from 0.
+
+MEGATRON_LAYER = re.compile(r"(?P<stack>encoder|decoder)\.layers\.(?P<index>\d+)\.(?P<rest>.+)")
+MEGATRON_EXPERT = re.compile(
+    r"mlp\.experts\.local_experts\.(?P<expert>\d+)\.linear_(?P<fc>fc[12])\.(?P<param>weight|bias)"
+)
+# Within a layer: megatron module -> export module (a straight rename).
+MEGATRON_LAYER_RENAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attention.linear_proj": "attn.out",
+    "pre_cross_attn_layernorm": "cross_norm",
+    "cross_attention.linear_q": "cross_attn.q",
+    "cross_attention.linear_proj": "cross_attn.out",
+    "pre_mlp_layernorm": "mlp_norm",
+    "mlp.linear_fc1": "mlp.fc1",
+    "mlp.linear_fc2": "mlp.fc2",
+    "mlp.router": "moe.router",
+}
+# Fused projections: megatron module -> (export module, the parts in megatron's per-head order).
+MEGATRON_FUSED = {
+    "self_attention.linear_qkv": ("attn", ("q", "k", "v")),
+    "cross_attention.linear_kv": ("cross_attn", ("k", "v")),
+}
+MEGATRON_TOP_RENAMES = {
+    "embedding.word_embeddings.weight": "embed.tokens",
+    "embedding.position_embeddings.weight": "embed.positions",
+    "encoder.final_layernorm.weight": "encoder.final_norm.weight",
+    "encoder.final_layernorm.bias": "encoder.final_norm.bias",
+    "decoder.final_layernorm.weight": "decoder.final_norm.weight",
+    "decoder.final_layernorm.bias": "decoder.final_norm.bias",
+    "output_layer.weight": "lm_head.weight",  # GPT, untied
+    "lm_head.output_layer.weight": "lm_head.weight",  # T5, untied
+    "lm_head.output_layer.bias": "lm_head.bias",  # T5, tied
+}
 
 
 # ---- config.json -----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The one adapter from megatron-core's state_dict names to the export's (moe_infer.export_format), torchtitan style.
+"""The one adapter from megatron-core's state_dict names to the export's, torchtitan style. The name map itself
+(MEGATRON_*) is part of the export contract, moe_infer.export_format, which the megatron baseline reads too.
 
 The model is read at EP=1, so `local_experts.K` is global expert K. Megatron layer indices count from 0, the export's
 layer numbers from 1. Fused projections are split into the export's head-contiguous q, k, v:
@@ -15,7 +16,6 @@ Shape legend: H heads, Dh head dim, D model dim.
 from __future__ import annotations
 
 import io
-import re
 from typing import Any
 
 import torch
@@ -27,36 +27,6 @@ ALIASES = {
     "position_embeddings.weight": "embedding.position_embeddings.weight",
     "output_layer.weight": "lm_head.output_layer.weight",
     "output_layer.bias": "lm_head.output_layer.bias",
-}
-_LAYER = re.compile(r"(?P<stack>encoder|decoder)\.layers\.(?P<index>\d+)\.(?P<rest>.+)")
-_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(?P<expert>\d+)\.linear_(?P<fc>fc[12])\.(?P<param>weight|bias)")
-# Within a layer: megatron module -> export module (a straight rename).
-_LAYER_RENAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attention.linear_proj": "attn.out",
-    "pre_cross_attn_layernorm": "cross_norm",
-    "cross_attention.linear_q": "cross_attn.q",
-    "cross_attention.linear_proj": "cross_attn.out",
-    "pre_mlp_layernorm": "mlp_norm",
-    "mlp.linear_fc1": "mlp.fc1",
-    "mlp.linear_fc2": "mlp.fc2",
-    "mlp.router": "moe.router",
-}
-# Fused projections: megatron module -> (export module, the parts in megatron's per-head order).
-_FUSED = {
-    "self_attention.linear_qkv": ("attn", ("q", "k", "v")),
-    "cross_attention.linear_kv": ("cross_attn", ("k", "v")),
-}
-_TOP_RENAMES = {
-    "embedding.word_embeddings.weight": "embed.tokens",
-    "embedding.position_embeddings.weight": "embed.positions",
-    "encoder.final_layernorm.weight": "encoder.final_norm.weight",
-    "encoder.final_layernorm.bias": "encoder.final_norm.bias",
-    "decoder.final_layernorm.weight": "decoder.final_norm.weight",
-    "decoder.final_layernorm.bias": "decoder.final_norm.bias",
-    "output_layer.weight": "lm_head.weight",  # GPT, untied
-    "lm_head.output_layer.weight": "lm_head.weight",  # T5, untied
-    "lm_head.output_layer.bias": "lm_head.bias",  # T5, tied
 }
 
 
@@ -109,23 +79,23 @@ def export_tensors(
         source[f"{where}{key}"] = megatron_name
 
     for name, tensor in _drop_aliases_and_extra_state(state).items():
-        if name in _TOP_RENAMES:
-            put(dense, _TOP_RENAMES[name], tensor, name)
+        if name in fmt.MEGATRON_TOP_RENAMES:
+            put(dense, fmt.MEGATRON_TOP_RENAMES[name], tensor, name)
             continue
-        match = _LAYER.fullmatch(name)
+        match = fmt.MEGATRON_LAYER.fullmatch(name)
         if match is None:
             raise CheckpointError(f"unexpected tensor {name} {list(tensor.shape)} in the checkpoint: no export name")
         stack, layer, rest = match["stack"], int(match["index"]) + 1, match["rest"]
         prefix = f"{stack}.layers.{layer}"
         module, _, param = rest.rpartition(".")
-        if expert := _EXPERT.fullmatch(rest):
+        if expert := fmt.MEGATRON_EXPERT.fullmatch(rest):
             key = (stack, layer, int(expert["expert"]))
             where = f"{fmt.expert_file(*key)}:"
             put(experts.setdefault(key, {}), f"{expert['fc']}.{expert['param']}", tensor, name, where)
-        elif module in _LAYER_RENAMES:
-            put(dense, f"{prefix}.{_LAYER_RENAMES[module]}.{param}", tensor, name)
-        elif module in _FUSED:
-            target, parts = _FUSED[module]
+        elif module in fmt.MEGATRON_LAYER_RENAMES:
+            put(dense, f"{prefix}.{fmt.MEGATRON_LAYER_RENAMES[module]}.{param}", tensor, name)
+        elif module in fmt.MEGATRON_FUSED:
+            target, parts = fmt.MEGATRON_FUSED[module]
             for part, piece in zip(parts, _split_heads(name, tensor, len(parts), heads), strict=True):
                 put(dense, f"{prefix}.{target}.{part}.{param}", piece, name)
         else:

@@ -26,7 +26,8 @@ What we set, and why:
     perform_initialization False: every weight is overwritten from the export, and skipping init keeps megatron's
         RNG tracker (and torch's global RNG) out of it.
 megatron puts local expert k of EP rank r at global id r * L + k: only the contiguous placement can be served, any
-other raises PipelineError. The tensors are named by reading pipeline.convert.names (megatron -> export) in reverse.
+other raises PipelineError. The tensors are named by reading the export contract's megatron -> export
+name map (moe_infer.export_format.MEGATRON_*) in reverse.
 
 Shape legend: T tokens, D model dim, S sequence (megatron's [S, B, D] input), B batch (1 here), E experts,
 R ranks, L experts per rank, N rows the local experts computed.
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_infer import export_format as fmt
 from moe_infer.engine.block import ExpertTensors, RouterTensors
 from moe_infer.gating.common import GatingStats, PhaseTimer
 from moe_infer.model.config import ModelConfig
@@ -211,14 +213,12 @@ def _build_moe_layer(cfg: ModelConfig, ranks: int) -> nn.Module:
 
 def _export_name(megatron_name: str) -> tuple[str, int | None, str]:
     """A MoELayer parameter name -> ("router", None, export key) or ("expert", local slot, export key), by running it
-    through the converter's megatron -> export mapping (as "mlp.<name>", the MoELayer's place in a layer)."""
-    from pipeline.convert import names
-
+    through the export contract's megatron -> export name map (as "mlp.<name>", the MoELayer's place in a layer)."""
     full = f"mlp.{megatron_name}"
-    if expert := names._EXPERT.fullmatch(full):
+    if expert := fmt.MEGATRON_EXPERT.fullmatch(full):
         return "expert", int(expert["expert"]), f"{expert['fc']}.{expert['param']}"
     module, _, param = full.rpartition(".")
-    if names._LAYER_RENAMES.get(module) == "moe.router":
+    if fmt.MEGATRON_LAYER_RENAMES.get(module) == "moe.router":
         return "router", None, param
     raise PipelineError(f"megatron block: megatron's MoELayer has a parameter {megatron_name} with no export name")
 
