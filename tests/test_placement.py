@@ -22,7 +22,8 @@ from moe_infer.placement.algorithms import (
 from moe_infer.placement.files import placement_for_layer, read_placement_file, write_placement_file
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.metrics import placement_metrics, rank_loads
-from pipeline.train.routing import save_traces
+from moe_infer.placement.routing_traces import load_traces, save_traces
+from pipeline.errors import PipelineError
 
 
 def _sums(load_E, placement):
@@ -277,3 +278,20 @@ def test_replicas_split_an_experts_pairs_evenly_and_keep_one_position_per_copy()
         ReplicatedPlacement.from_rank_lists([[0, 1], [2, 0]], num_experts=4)
     with pytest.raises(PlacementError, match="holds an expert twice"):
         ReplicatedPlacement.from_rank_lists([[0, 0], [1, 2, 3]], num_experts=4)
+
+
+def test_trace_files_are_validated(tmp_path):
+    experts = torch.tensor([[0, 3], [2, 1]], dtype=torch.int16)
+    path = save_traces({"decoder.layers.1": [experts, experts[:1]]}, tmp_path / "t.npz", {"num_experts": 4, "topk": 2})
+    layers, meta = load_traces(path)
+    assert layers["decoder.layers.1"]["experts"].tolist() == [[0, 3], [2, 1], [0, 3]]
+    assert layers["decoder.layers.1"]["batch"].tolist() == [0, 0, 1]
+    assert meta["num_experts"] == 4 and not list(tmp_path.glob(".*tmp"))
+    save_traces({"decoder.layers.1": [experts + 4]}, tmp_path / "bad.npz", {"num_experts": 4, "topk": 2})
+    with pytest.raises(PipelineError, match="outside"):
+        load_traces(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match="cannot be read"):
+        load_traces(tmp_path / "junk.npz")
+    with pytest.raises(PipelineError, match="expected topk=3"):
+        save_traces({"decoder.layers.1": [experts]}, tmp_path / "k.npz", {"topk": 3})

@@ -290,7 +290,7 @@ def test_routing_traces_are_recorded_on_a_held_out_split(tmp_path):
     proc = _launch("mt-tiny", overrides, tmp_path, "--record-traces", "valid")
     out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
-    from pipeline.train.routing import load_traces
+    from moe_infer.placement.routing_traces import load_traces
 
     (path,) = (tmp_path / "traces").glob("valid-step*.npz")
     layers, meta = load_traces(path)

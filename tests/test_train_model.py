@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_infer.placement.routing_traces import load_traces, save_traces
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.platform.testing import run_distributed
 from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from pipeline.train.batch import LMBatch, MTBatch
-from pipeline.train.routing import load_traces, save_traces
 
 VOCAB = 40
 SMALL = [
@@ -384,20 +384,3 @@ def test_greedy_translate_with_unequal_work_per_rank(mt_ranks):
     assert mt_ranks[1]["greedy"]["empty_rank"] == []  # a rank with no sentences still steps with the others
     # The same sentence decodes the same alone (rank 1) as batched with a longer one (rank 0): masks hide padding.
     assert mt_ranks[1]["greedy"]["outputs"][0] == mt_ranks[0]["greedy"]["outputs"][1]
-
-
-def test_trace_files_are_validated(tmp_path):
-    experts = torch.tensor([[0, 3], [2, 1]], dtype=torch.int16)
-    path = save_traces({"decoder.layers.1": [experts, experts[:1]]}, tmp_path / "t.npz", {"num_experts": 4, "topk": 2})
-    layers, meta = load_traces(path)
-    assert layers["decoder.layers.1"]["experts"].tolist() == [[0, 3], [2, 1], [0, 3]]
-    assert layers["decoder.layers.1"]["batch"].tolist() == [0, 0, 1]
-    assert meta["num_experts"] == 4 and not list(tmp_path.glob(".*tmp"))
-    save_traces({"decoder.layers.1": [experts + 4]}, tmp_path / "bad.npz", {"num_experts": 4, "topk": 2})
-    with pytest.raises(PipelineError, match="outside"):
-        load_traces(tmp_path / "bad.npz")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(PipelineError, match="cannot be read"):
-        load_traces(tmp_path / "junk.npz")
-    with pytest.raises(PipelineError, match="expected topk=3"):
-        save_traces({"decoder.layers.1": [experts]}, tmp_path / "k.npz", {"topk": 3})

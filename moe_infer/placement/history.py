@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_infer.placement.map import PlacementError
+from moe_infer.placement.routing_traces import load_traces
 from pipeline.atomic import atomic_path
 
 HISTORY_FORMAT, HISTORY_VERSION = "moe-load-history", 1
@@ -80,9 +81,7 @@ class LoadHistory:
 
     @classmethod
     def from_routing_traces(cls, path: str | Path) -> LoadHistory:
-        """Counts from a training routing-trace file (pipeline.train.routing.save_traces layout)."""
-        from pipeline.train.routing import load_traces
-
+        """Counts from a training routing-trace file (moe_infer.placement.routing_traces)."""
         layers, meta = load_traces(Path(path))
         num_experts = meta.get("num_experts")
         if not isinstance(num_experts, int) or num_experts < 1:

@@ -1,5 +1,5 @@
 """Routing traces on a held-out split: each real token's selected experts per MoE layer per batch, for the expert
-placement and expert-cache studies. The file layout is documented in `pipeline.train.routing.save_traces`.
+placement and expert-cache studies. The file layout is moe_infer.placement.routing_traces's.
 
 Every rank routes its own share of the split (rank r runs eval batches r, r + dp_size, ...); rank 0 gathers them into
 one file in global batch order. Padding tokens are routed by the model too, but they are not traffic a server would see,
@@ -14,12 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_infer.placement.routing_traces import save_traces
 from pipeline.config import RunConfig
 from pipeline.tokenizer import PAD_ID, Tokenizer
 from pipeline.train.batch import LMBatch
 from pipeline.train.batches import build_batches
 from pipeline.train.model import model_loss
-from pipeline.train.routing import RoutingRecorder, save_traces
+from pipeline.train.routing import RoutingRecorder
 
 
 @torch.no_grad()
