@@ -13,10 +13,10 @@ from pipeline.tokenizer import (
     UNK_ID,
     Tokenizer,
     TokenizerConfig,
-    main,
     tokenizer_for,
     train_tokenizer,
 )
+from pipeline.tokenizer.__main__ import main
 
 # Raw play text (markdown and all) is enough to exercise training and caching without the corpus layer.
 SAMPLE = (

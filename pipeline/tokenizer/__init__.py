@@ -5,32 +5,29 @@ target sentences alike). Special ids are fixed so every stage agrees on them wit
 bos 2, eos 3. A newline piece lets an LM learn (and generate) line breaks of verse; byte fallback makes encoding
 lossless for any text.
 
-Run `python -m pipeline.tokenizer lm-tiny` to train (or reuse) the tokenizer of a config and print token counts.
+Run `python -m pipeline.tokenizer lm-tiny` to train (or reuse) the tokenizer of a config and print token counts
+(__main__.py). This module imports neither the run config nor the data stage at its top: the config imports it (and
+moe_infer loads a served model's tokenizer with it).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
 import sentencepiece as spm
 
 from pipeline.atomic import write_atomic
-from pipeline.errors import ConfigError, PipelineError, TokenizerError
-
-if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, TokenizerError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NEWLINE = "\n"
@@ -172,7 +169,15 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, cache_dir: Path)
         os.unlink(corpus.name)
 
 
-def tokenizer_for(cfg: RunConfig) -> Tokenizer:
+class RunSettings(Protocol):
+    """What tokenizer_for reads of a run config: pipeline.config.RunConfig, which imports this module (so it is not
+    imported here)."""
+
+    tokenizer: TokenizerConfig
+    data: Any  # pipeline.data.DataConfig
+
+
+def tokenizer_for(cfg: RunSettings) -> Tokenizer:
     """The run's tokenizer: the configured model file, or one trained (once, then cached) on the train split."""
     from pipeline.data import cache_root, iter_texts
 
@@ -189,39 +194,3 @@ def count_tokens(tok: Tokenizer, texts: Iterable[str], batch: int = 4096) -> int
             total += sum(map(len, tok.encode_batch(pending)))
             pending = []
     return total + sum(map(len, tok.encode_batch(pending)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import add_override_argument, load_config
-    from pipeline.data import iter_texts, prepare_corpus
-
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.tokenizer",
-        description="Train (or reuse the cached) tokenizer of a run config and print token counts per split.",
-    )
-    parser.add_argument("configs", nargs="+", help="config names (lm-tiny) or YAML paths")
-    add_override_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        for name in args.configs:
-            cfg = load_config(name, args.overrides)
-            corpus_dir = prepare_corpus(cfg.data)
-            tok = tokenizer_for(cfg)
-            print(f"{cfg.name}: corpus {corpus_dir}")
-            print(f"  tokenizer {tok.path} ({cfg.tokenizer.model_type}, vocab {tok.vocab_size:,})")
-            for split in ("train", "valid", "test"):
-                texts = list(iter_texts(cfg.data, split))
-                words = sum(len(t.split()) for t in texts)
-                tokens = count_tokens(tok, texts)
-                print(
-                    f"  {split:<5}  {len(texts):>9,} lines  {words:>11,} words  {tokens:>11,} tokens"
-                    f"  ({tokens / max(words, 1):.2f} tokens/word)"
-                )
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
