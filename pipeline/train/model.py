@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PlatformError
 from pipeline.platform import patch_megatron_for_cpu
+from pipeline.platform.megatron_config import transformer_config as megatron_transformer_config
 from pipeline.train.batch import LMBatch, MTBatch
 
 # What moe_aux_losses reads, set by the last build_model: the names megatron's router logs its enabled losses under
@@ -58,12 +59,9 @@ def init_model_parallel(cfg: RunConfig) -> None:
 
 def transformer_config(cfg: RunConfig, num_layers: int):
     """The megatron TransformerConfig of one stack (encoder or decoder) of `cfg`."""
-    from megatron.core.transformer import TransformerConfig
-
     m, moe = cfg.model, cfg.moe
-    swiglu = m.activation == "swiglu"
     bf16 = cfg.train.dtype == "bf16"
-    kwargs = dict(
+    settings = dict(
         num_layers=num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -72,23 +70,14 @@ def transformer_config(cfg: RunConfig, num_layers: int):
         attention_dropout=m.dropout,
         init_method_std=m.init_std,
         normalization="RMSNorm" if m.norm == "rmsnorm" else "LayerNorm",
-        gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         # False: the expert weights come from the per-EP-rank RNG state (they differ across ranks), dense weights from
         # the shared one (identical given the same seed). True would give every EP rank the same experts.
         use_cpu_initialization=False,
-        # Fusions that have no CPU kernel stay off (their defaults); the masked-softmax kernel would be picked for
-        # bf16 inputs and does not exist without megatron's compiled CUDA extensions.
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
     )
     if moe.num_experts:
-        kwargs.update(
+        settings.update(
             num_moe_experts=moe.num_experts,
             moe_router_topk=moe.topk,
             moe_router_pre_softmax=moe.router_pre_softmax,
@@ -96,12 +85,11 @@ def transformer_config(cfg: RunConfig, num_layers: int):
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff or None,  # None skips the z-loss; 0.0 would still compute it
             moe_token_dispatcher_type=moe.dispatcher,
-            moe_grouped_gemm=False,
-            moe_router_dtype="fp32",  # router logits and probabilities in fp32 also under bf16
             moe_layer_freq=[int(moe.is_moe_layer(n)) for n in range(1, num_layers + 1)],
             expert_model_parallel_size=cfg.parallel.ep_size,
         )
-    return TransformerConfig(**kwargs)
+    # Fusions off, the activation, SequentialMLP experts and an fp32 router: pipeline.platform.megatron_config.
+    return megatron_transformer_config(activation=m.activation, **settings)
 
 
 def _with_torch_norms(layer_spec):

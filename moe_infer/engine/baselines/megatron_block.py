@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe_infer import export_format as fmt
@@ -169,40 +168,32 @@ def _init_expert_parallel(ranks: int) -> int:
 
 def _build_moe_layer(cfg: ModelConfig, ranks: int) -> nn.Module:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
+
+    from pipeline.platform.megatron_config import transformer_config
 
     if cfg.activation not in ("gelu", "swiglu"):
         raise PipelineError(f"megatron block: activation {cfg.activation!r} is not one of gelu, swiglu")
-    swiglu = cfg.activation == "swiglu"
-    config = TransformerConfig(
+    # Fusions off (the numerics of our reference), the activation, SequentialMLP experts, an fp32 router:
+    # pipeline.platform.megatron_config.
+    config = transformer_config(
+        activation=cfg.activation,
         num_layers=1,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
         moe_ffn_hidden_size=cfg.ffn_hidden_size,  # the experts are as wide as the dense FFN, as in training
         num_attention_heads=cfg.num_attention_heads,
-        # swiglu: fc1 has 2F rows, gate then up, silu(gate) * up; gelu is the exact (erf) one.
-        gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=True,
         params_dtype=DTYPE,
         perform_initialization=False,
-        # Fusions stay off: most have no CPU kernel, and the fused ones round differently from our reference.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         num_moe_experts=cfg.num_experts,
         moe_router_topk=cfg.topk,
         moe_router_pre_softmax=cfg.router_pre_softmax,
-        moe_router_dtype="fp32",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_z_loss_coeff=None,
         moe_expert_capacity_factor=None,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
         expert_model_parallel_size=ranks,
     )
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False).submodules.mlp
