@@ -10,8 +10,8 @@ from moe_layers import D, E, layer_config, random_layer
 
 from moe_infer.buffering.cache import simulate
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
-from moe_infer.engine.experts import LocalExperts
-from moe_infer.engine.layer import BlockOptions, build_block
+from moe_infer.moe.experts import LocalExperts
+from moe_infer.moe.layer import BlockOptions, build_block
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 

@@ -10,9 +10,9 @@ from random_exports import random_export_config, write_random_export
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
 from moe_infer.engine.engine import Engine, EngineError, EngineOptions
 from moe_infer.engine.generate import GenerationSettings, generate
-from moe_infer.engine.layer import POLICIES, BlockOptions
 from moe_infer.engine.translate import TranslationSettings, translate
 from moe_infer.model import load_model
+from moe_infer.moe.layer import POLICIES, BlockOptions
 from pipeline.platform.testing import run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.

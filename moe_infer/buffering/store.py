@@ -36,8 +36,8 @@ from torch import nn
 
 from moe_infer.buffering.cache import ExpertCache
 from moe_infer.buffering.policies import ONLINE_POLICIES
-from moe_infer.engine.experts import ExpertKernel, ExpertWeights, stack_experts
 from moe_infer.model.config import ModelConfig
+from moe_infer.moe.experts import ExpertKernel, ExpertWeights, stack_experts
 from pipeline.errors import PipelineError
 
 ENGINE_EVICTIONS = ONLINE_POLICIES  # belady needs the future: trace replay only

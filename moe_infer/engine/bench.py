@@ -46,7 +46,7 @@ from typing import IO, Any
 import torch
 
 from moe_infer.engine.memory import peak_activation_bytes
-from moe_infer.gating.common import PHASES, GatingStats, PhaseTimer
+from moe_infer.moe.dispatch.common import PHASES, GatingStats, PhaseTimer
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError
 
@@ -137,8 +137,8 @@ class DenseEquivalent(torch.nn.Module):
     trained dense counterpart, and only its time and memory are measured."""
 
     def __init__(self, cfg, device: torch.device, seed: int = 0):
-        from moe_infer.engine.experts import LocalExperts
         from moe_infer.engine.layer_bench import layer_config, random_layer
+        from moe_infer.moe.experts import LocalExperts
 
         super().__init__()
         dense_cfg = layer_config(1, cfg.hidden_size, cfg.topk * cfg.ffn_hidden_size, 1, cfg.activation)

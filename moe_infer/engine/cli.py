@@ -90,7 +90,7 @@ def _evictions(text: str) -> list[str]:
 
 def _policies(text: str) -> list[str]:
     from moe_infer.engine.bench import DENSE
-    from moe_infer.engine.layer import POLICIES
+    from moe_infer.moe.layer import POLICIES
 
     known = (*POLICIES, DENSE)
     names = [p.strip() for p in text.split(",") if p.strip()]
@@ -101,7 +101,7 @@ def _policies(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moe_infer.engine.layer import POLICIES
+    from moe_infer.moe.layer import POLICIES
 
     parser = argparse.ArgumentParser(
         prog="launch/infer.py",
@@ -376,7 +376,7 @@ def resolve_mode(requested: str | None, export) -> str:
 
 def engine_options(args: argparse.Namespace, policy: str, placements=None):
     from moe_infer.engine.engine import EngineOptions
-    from moe_infer.engine.layer import BlockOptions
+    from moe_infer.moe.layer import BlockOptions
 
     block = BlockOptions(
         capacity_fraction=args.capacity_fraction,

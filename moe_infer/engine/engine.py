@@ -1,5 +1,5 @@
 """An export loaded for serving on this rank: dense layers replicated, experts sharded by a placement map, every MoE
-layer served by the chosen implementation (moe_infer.engine.layer), the model wrapped by DeepSpeed's inference engine.
+layer served by the chosen implementation (moe_infer.moe.layer), the model wrapped by DeepSpeed's inference engine.
 
     engine = Engine.start("exports/lm-tiny", EngineOptions(policy="dynamic"))   joins the launcher's job (or none)
     engine.model                     the plain-torch model (DecoderLM / EncoderDecoder) with served MoE layers
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_infer.engine.layer import POLICIES, BlockOptions, ServedMoELayer, build_block
 from moe_infer.engine.lockstep import LockStep
 from moe_infer.model.loader import Export, load_model, read_expert
 from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
+from moe_infer.moe.layer import POLICIES, BlockOptions, ServedMoELayer, build_block
 from moe_infer.placement import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
 from pipeline.errors import PipelineError

@@ -14,7 +14,7 @@ time of those phases spent waiting for all-to-alls (a2a ms), the activation memo
 (moe_infer.engine.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
 (the implementations that drop nothing must agree to fp32 rounding). Two floors, timed the same way:
     floor-matmul   this rank's expert matrix products alone (x W1^T, h W2^T per expert, rows pre-grouped), with the
-                   kernel the engine's experts use (moe_infer.engine.experts: oneDNN on CPU, cuBLAS on CUDA)
+                   kernel the engine's experts use (moe_infer.moe.experts: oneDNN on CPU, cuBLAS on CUDA)
     floor-ffn      the engine's expert FFNs alone (bias, activation, probability) on the same pre-grouped rows
     floor-torch-ffn  the same FFNs as a plain torch loop (F.linear, activation, F.linear, scale): what a per-expert
                    loop costs before any routing, with torch's own kernels
@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_infer.engine.block import ExpertTensors, RouterTensors
-from moe_infer.engine.experts import LocalExperts
-from moe_infer.engine.layer import POLICIES, BlockOptions, build_block
 from moe_infer.engine.memory import peak_activation_bytes
-from moe_infer.gating import GatingStats
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import activation
+from moe_infer.moe.block import ExpertTensors, RouterTensors
+from moe_infer.moe.dispatch import GatingStats
+from moe_infer.moe.experts import LocalExperts
+from moe_infer.moe.layer import POLICIES, BlockOptions, build_block
 from moe_infer.placement import Placement
 from pipeline.atomic import write_atomic
 from pipeline.errors import PipelineError

@@ -21,7 +21,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from moe_infer.engine.layer import PolicyBlock, ServedMoELayer
+from moe_infer.moe.layer import PolicyBlock, ServedMoELayer
 from pipeline.errors import PipelineError
 
 

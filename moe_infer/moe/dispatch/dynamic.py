@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_infer.gating.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.moe.dispatch.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
 from moe_infer.placement import Placement
 
 

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_infer.engine.block import ExpertTensors, MoEBlock, RouterTensors
-from moe_infer.engine.experts import LocalExperts
-from moe_infer.gating import DynamicGating, GatingStats, StaticGating
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.moe import Router
+from moe_infer.moe.block import ExpertTensors, MoEBlock, RouterTensors
+from moe_infer.moe.dispatch import DynamicGating, GatingStats, StaticGating
+from moe_infer.moe.experts import LocalExperts
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -120,11 +120,11 @@ def build_block(
             "baselines keep every expert in their own modules"
         )
     if kind == "deepspeed":
-        from moe_infer.engine.baselines.deepspeed_block import DeepSpeedBlock
+        from moe_infer.moe.baselines.deepspeed import DeepSpeedBlock
 
         return DeepSpeedBlock(cfg, router, experts, placement, options.capacity_factor, options.drop_tokens)
     if kind == "megatron":
-        from moe_infer.engine.baselines.megatron_block import MegatronBlock
+        from moe_infer.moe.baselines.megatron import MegatronBlock
 
         return MegatronBlock(cfg, router, experts, placement)
     raise PipelineError(f"unknown MoE policy {kind!r}; expected one of {', '.join(POLICIES)}")

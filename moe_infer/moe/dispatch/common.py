@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 
 
 class RunExpert(Protocol):
-    """This rank's experts of one layer, by local slot (moe_infer.engine.experts.LocalExperts, or the buffered store
+    """This rank's experts of one layer, by local slot (moe_infer.moe.experts.LocalExperts, or the buffered store
     in moe_infer.buffering.store). A policy first says which slots the call will run, in the order it runs them (a
     buffered store starts copying missing experts then; `overlapped`: an all-to-all is in flight meanwhile), then
     calls each of them once: run_expert(local_slot, x_ND, probs_N, out_ND=None) -> y_ND, the expert on rows x_ND with

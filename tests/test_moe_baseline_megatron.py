@@ -1,4 +1,4 @@
-"""The megatron-core MoELayer baseline (moe_infer.engine.baselines.megatron_block) against the single-process reference
+"""The megatron-core MoELayer baseline (moe_infer.moe.baselines.megatron) against the single-process reference
 (moe_infer.model.moe dispatch / combine over ExpertFFN modules with the same weights), on a small random MoE layer:
 EP=1 on one gloo rank and EP=2 on two, each in spawned processes so megatron's global parallel state never reaches
 the pytest process. Different token counts per rank, one rank with none.
@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from moe_layers import D, E, layer_config, random_layer, reference_moe
 
-from moe_infer.engine.baselines.megatron_block import MegatronBlock
-from moe_infer.gating import GatingStats
+from moe_infer.moe.baselines.megatron import MegatronBlock
+from moe_infer.moe.dispatch import GatingStats
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed

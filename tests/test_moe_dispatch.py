@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
-from moe_infer.gating import DynamicGating, GatingStats, StaticGating
+from moe_infer.moe.dispatch import DynamicGating, GatingStats, StaticGating
 from moe_infer.placement import Placement, PlacementError
 from pipeline.platform.testing import run_distributed
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from moe_infer.gating.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.moe.dispatch.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 

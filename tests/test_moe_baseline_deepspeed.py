@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
-from moe_infer.engine.baselines.deepspeed_block import UPSTREAM_PINS, DeepSpeedBlock
+from moe_infer.moe.baselines.deepspeed import UPSTREAM_PINS, DeepSpeedBlock
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed, upstream_source_sha256

@@ -62,10 +62,10 @@ from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from moe_infer.engine.block import ExpertTensors, RouterTensors
-from moe_infer.gating.common import GatingStats, PhaseTimer
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import DenseMLP
+from moe_infer.moe.block import ExpertTensors, RouterTensors
+from moe_infer.moe.dispatch.common import GatingStats, PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 

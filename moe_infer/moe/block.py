@@ -1,7 +1,7 @@
 """The contract every MoE implementation the engine can serve fulfils: a "block" that takes this rank's tokens of one
 MoE layer and returns their MoE outputs (router included, residual not), with the call's GatingStats.
 
-    block = build_block(...)              dynamic / static (moe_infer.engine.layer) or a peer baseline (baselines/)
+    block = build_block(...)              dynamic / static (moe_infer.moe.layer) or a peer baseline (baselines/)
     y_TD, stats = block(x_TD)             every rank of the EP group calls it together, with its own T (possibly 0)
 
 A block is built from the same exported tensors whatever its kind:
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from moe_infer.gating.common import GatingStats
+from moe_infer.moe.dispatch.common import GatingStats
 
 RouterTensors = dict[str, torch.Tensor]
 ExpertTensors = dict[int, dict[str, torch.Tensor]]

@@ -16,8 +16,8 @@ rows by all-to-all.
 Shape legend: T tokens, K experts per token, D model dim, N rows, R ranks.
 """
 
-from moe_infer.gating.common import ExpertGroup, GatingPolicy, GatingStats, PhaseTimer, RunExpert
-from moe_infer.gating.dynamic import DynamicGating
-from moe_infer.gating.static import StaticGating
+from moe_infer.moe.dispatch.common import ExpertGroup, GatingPolicy, GatingStats, PhaseTimer, RunExpert
+from moe_infer.moe.dispatch.dynamic import DynamicGating
+from moe_infer.moe.dispatch.static import StaticGating
 
 __all__ = ["DynamicGating", "ExpertGroup", "GatingPolicy", "GatingStats", "PhaseTimer", "RunExpert", "StaticGating"]

@@ -40,9 +40,9 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_infer import export_format as fmt
-from moe_infer.engine.block import ExpertTensors, RouterTensors
-from moe_infer.gating.common import GatingStats, PhaseTimer
 from moe_infer.model.config import ModelConfig
+from moe_infer.moe.block import ExpertTensors, RouterTensors
+from moe_infer.moe.dispatch.common import GatingStats, PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -52,7 +52,7 @@ _COUNT_BYTES = 8  # megatron's per-expert token counts are int64
 
 
 class MegatronBlock(nn.Module):
-    """megatron's MoELayer for this rank's experts; `forward(x_TD) -> (y_TD, GatingStats)` (moe_infer.engine.block)."""
+    """megatron's MoELayer for this rank's experts; `forward(x_TD) -> (y_TD, GatingStats)` (moe_infer.moe.block)."""
 
     def __init__(self, cfg: ModelConfig, router: RouterTensors, experts: ExpertTensors, placement: Placement):
         super().__init__()

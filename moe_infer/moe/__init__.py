@@ -1,0 +1,1 @@
+"""The served MoE layer: router -> dispatch -> experts -> combine, and the peer baselines measured against it."""
