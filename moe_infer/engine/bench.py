@@ -38,13 +38,13 @@ import gc
 import json
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.engine.memory import peak_activation_bytes
 from moe_infer.moe.dispatch.common import PHASES, GatingStats, PhaseTimer
 from pipeline.atomic import write_atomic
@@ -163,16 +163,6 @@ def use_dense_equivalent(engine) -> None:
 # ---- one measurement ------------------------------------------------------------------------------------------------
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _barrier(engine) -> None:
-    engine.sync.max(0)  # an all-reduce every rank must reach: they leave it together
-
-
 def _stage_figures(engine) -> tuple[dict[str, dict[str, float]], list[float]]:
     """(layer -> phase -> ms on this rank, [pairs dropped, pairs routed]) of the layers called since the reset."""
     phases, counts = {}, [0.0, 0.0]
@@ -241,10 +231,10 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     engine.reset_stats()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _barrier(engine)
+    barrier(device)
     try:
         # ---- timed: prefill
-        start = _now(device)
+        start = clock(device)
         cache = model.new_cache()
         if decoder_only:
             next_B = model(tokens_BS, cache)[:, -1].argmax(dim=-1)
@@ -252,22 +242,22 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
             src_pad_BS = torch.zeros_like(tokens_BS, dtype=torch.bool)
             memory_BSD = model.encode(tokens_BS, src_pad_BS, skip_pads=True)
             next_B = torch.full((batch,), model.cfg.bos_id, dtype=torch.int64, device=device)
-        prefill_s = _now(device) - start
+        prefill_s = clock(device) - start
     finally:
         probe.remove()  # an out-of-memory error must not leave the hook on for the next batch size
     prefill_phases, prefill_counts = _stage_figures(engine)
     prefill_buffers = _buffer_figures(engine)
     engine.reset_stats()
-    _barrier(engine)
+    barrier(device)
     # ---- timed: decode
-    start = _now(device)
+    start = clock(device)
     for _ in range(decode_steps):
         if decoder_only:
             logits_BV = model(next_B[:, None], cache)[:, -1]
         else:
             logits_BV = model.decode(next_B[:, None], memory_BSD, src_pad_BS, cache)[:, -1]
         next_B = logits_BV.argmax(dim=-1)
-    decode_s = _now(device) - start
+    decode_s = clock(device) - start
     decode_phases, decode_counts = _stage_figures(engine)
     peak = _peak_memory_bytes(device)
     decode_buffers = _buffer_figures(engine)  # before the activation call adds one more
@@ -280,10 +270,8 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
         (prefill_phases, decode_phases), prefill_counts + decode_counts,
     )  # fmt: skip
     if engine.options.block.expert_slots is not None:
-        from moe_infer.engine.cli import group_reduce
-
-        hits, misses, copied = group_reduce(engine, buffer_sums, "sum")
-        stall, device_bytes = group_reduce(engine, buffer_maxima, "max")
+        hits, misses, copied = all_reduce(buffer_sums, "sum", device=device)
+        stall, device_bytes = all_reduce(buffer_maxima, "max", device=device)
         values = (hits, misses, copied / 2**20, stall * 1e3, device_bytes / 2**20)
         row.buffering = dict(zip(BUFFER_COLUMNS, values, strict=True))
     return row
@@ -291,14 +279,12 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
 
 def _group_row(engine, policy, batch, prompt_len, decode_steps, local, phases, counts) -> Row:
     """The group's figures from each rank's: times and memory the largest over the ranks, counts summed."""
-    from moe_infer.engine.cli import group_reduce
-
     prefill_phases, decode_phases = phases
     names = sorted(set(prefill_phases) | set(decode_phases))
     flat = [stage.get(name, {}).get(p, 0.0) for stage in phases for name in names for p in PHASES]
-    maxima = group_reduce(engine, [*local, *flat], "max")
+    maxima = all_reduce([*local, *flat], "max", device=engine.device)
     prefill_s, decode_s, peak, activation = maxima[:4]
-    counts = group_reduce(engine, counts, "sum")
+    counts = all_reduce(counts, "sum", device=engine.device)
     layers: dict[str, dict[str, dict[str, float]]] = {}
     values = iter(maxima[4:])
     for stage in ("prefill", "decode"):

@@ -511,9 +511,11 @@ def save_load_history(recorder, job: Job) -> None:
 
 def moe_figures(engine) -> dict[str, float]:
     """The dropped fraction of each MoE layer and of all of them, over the whole group (a collective)."""
+    from moe_infer.collectives import all_reduce
+
     layers = engine.moe_layers
     counts = [v for layer in layers for v in (layer.totals.pairs_dropped, layer.totals.pairs_routed)]
-    counts = group_sum(engine, counts)
+    counts = all_reduce(counts, "sum", device=engine.device)
     figures = {}
     for i, layer in enumerate(layers):
         dropped, routed = counts[2 * i], counts[2 * i + 1]
@@ -521,23 +523,6 @@ def moe_figures(engine) -> dict[str, float]:
     dropped, routed = sum(counts[0::2]), sum(counts[1::2])
     figures["moe/dropped_fraction"] = dropped / routed if routed else 0.0
     return figures
-
-
-def group_sum(engine, values: list[float]) -> list[float]:
-    """Element-wise sums over the ranks (the values themselves on one rank)."""
-    return group_reduce(engine, values, "sum")
-
-
-def group_reduce(engine, values: list[float], op: str) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if engine.world_size == 1 or not values:
-        return list(values)
-    # NCCL reduces CUDA tensors only, gloo CPU ones: the engine's device is the right one for its backend.
-    t = torch.tensor(values, dtype=torch.float64, device=engine.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def format_output(line: str, text: str, fmt: str) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.engine.memory import peak_activation_bytes
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import activation
@@ -93,32 +93,17 @@ def random_layer(cfg: ModelConfig, seed: int) -> tuple[RouterTensors, ExpertTens
     return router, experts
 
 
-def _slowest(seconds: float) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return seconds
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _barrier(device: torch.device) -> None:
-    _sync(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def _slowest(value: float, device: torch.device) -> float:
+    """The largest of every rank's value (a collective)."""
+    return all_reduce([float(value)], "max", device=device)[0]
 
 
 def timed_call(fn, device: torch.device):
     """(seconds of the slowest rank, fn's result) for one call that all ranks start together."""
-    _barrier(device)
-    start = time.perf_counter()
+    barrier(device)
+    start = clock(device)
     result = fn()
-    _sync(device)
-    return _slowest(time.perf_counter() - start), result
+    return _slowest(clock(device) - start, device), result
 
 
 def expert_floors(
@@ -207,15 +192,15 @@ def run(args: argparse.Namespace) -> list[Result]:
         seconds, stats = best[name]
         result = Result(name=name, ms=seconds * 1e3, tokens_per_s=args.tokens * ranks / seconds)
         if name in activation:
-            result.activation_mb = _slowest(activation[name]) / 2**20
+            result.activation_mb = _slowest(activation[name], device) / 2**20
         if stats is not None:
             result.phases_ms = {p: s * 1e3 for p, s in stats.seconds.items()}
             result.dropped_fraction = stats.dropped_fraction
-            result.sent_mb = _slowest(stats.bytes_sent) / 2**20
-            result.exchange_ms = _slowest(stats.exchange_seconds) * 1e3
+            result.sent_mb = _slowest(stats.bytes_sent, device) / 2**20
+            result.exchange_ms = _slowest(stats.exchange_seconds, device) * 1e3
             if "dynamic" in outputs:
                 diff = outputs[name] - outputs["dynamic"]
-                result.max_diff_vs_dynamic = _slowest(float(diff.abs().max()) if diff.numel() else 0.0)
+                result.max_diff_vs_dynamic = _slowest(float(diff.abs().max()) if diff.numel() else 0.0, device)
         results.append(result)
     return results
 

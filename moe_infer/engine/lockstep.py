@@ -15,20 +15,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_infer.collectives import all_reduce
+
 
 class LockStep:
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
         self.group = group
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-        # NCCL reduces only CUDA tensors; gloo only CPU ones.
-        self.device = torch.device(device)
+        self.device = torch.device(device)  # where the collectives' tensors live (moe_infer.collectives)
 
     def max(self, value: int) -> int:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t.item())
+        (largest,) = all_reduce([int(value)], "max", device=self.device, group=self.group)
+        return largest
 
     def any(self, flag: bool) -> bool:
         return self.max(int(flag)) > 0

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from moe_infer.collectives import all_reduce, barrier
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError, PipelineError
 
@@ -124,7 +125,7 @@ def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
     from moe_infer.engine.translate import translate
 
     engine.reset_stats()
-    engine.sync.max(0)  # a barrier: every rank starts the clock together
+    barrier(engine.device)  # every rank starts the clock together
     start = time.perf_counter()
     if job.mode == "generate":
         ids = engine.share(range(len(job.requests)))
@@ -149,7 +150,7 @@ def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
 
 def run_serving_bench(job, out: IO[str]) -> int:
     """`job`: moe_infer.engine.cli.Job with requests read (generate or translate) and `variants` planned."""
-    from moe_infer.engine.cli import REPO, _flags, group_reduce, progress
+    from moe_infer.engine.cli import REPO, _flags, progress
     from pipeline.tracking import NamedRun, Tracker
 
     args = job.args
@@ -170,7 +171,7 @@ def run_serving_bench(job, out: IO[str]) -> int:
             reference = outputs if reference is None else reference
             if outputs != reference:
                 raise PipelineError(f"bench-serving: {v.label} changed the outputs")
-            (seconds,) = group_reduce(engine, [seconds], "max")
+            (seconds,) = all_reduce([seconds], "max", device=engine.device)
             if v.label not in best or seconds < best[v.label][0]:
                 best[v.label] = (seconds, _layer_figures(engine)[1])
     tokens = sum(map(len, reference))
@@ -192,18 +193,16 @@ def run_serving_bench(job, out: IO[str]) -> int:
 
 def _results(chosen: list[Variant], engines: dict, best: dict, tokens: int) -> list[Result]:
     """The group's figures per variant (collectives: every rank calls this in the same order)."""
-    from moe_infer.engine.cli import group_reduce
-
     measured = []
     for v in chosen:
         engine = engines[v.label]
-        device = group_reduce(engine, _layer_figures(engine)[0], "max")
+        device = all_reduce(_layer_figures(engine)[0], "max", device=engine.device)
         seconds, counts = best[v.label]
-        sums = group_reduce(engine, counts[:3], "sum")
-        times = group_reduce(engine, counts[3:5], "max")
+        sums = all_reduce(counts[:3], "sum", device=engine.device)
+        times = all_reduce(counts[3:5], "max", device=engine.device)
         rows_R = [0.0] * engine.world_size
         rows_R[engine.rank] = counts[5]
-        rows_R = group_reduce(engine, rows_R, "sum")
+        rows_R = all_reduce(rows_R, "sum", device=engine.device)
         balance = (sum(rows_R) / len(rows_R)) / max(rows_R) if max(rows_R) else 1.0
         measured.append((v, seconds, device, sums, times, balance))
     base_seconds, base_device = measured[0][1], measured[0][2]

@@ -16,13 +16,13 @@ Shape legend: B batch, S positions, T tokens (B*S), K experts per token, D model
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_infer.collectives import clock
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.moe import Router
 from moe_infer.moe.block import ExpertTensors, MoEBlock, RouterTensors
@@ -83,12 +83,9 @@ class PolicyBlock(nn.Module):
         return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
-        cuda = x_TD.device.type == "cuda"
-        start = time.perf_counter()
+        start = clock(x_TD.device)
         probs_TK, experts_TK = self.router(x_TD)
-        if cuda:
-            torch.cuda.synchronize()
-        routed = time.perf_counter()
+        routed = clock(x_TD.device)
         y_TD, stats = self.policy(x_TD, probs_TK, experts_TK, self.experts)
         stats.seconds["gate"] += routed - start
         if self.recording:

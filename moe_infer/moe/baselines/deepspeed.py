@@ -62,6 +62,7 @@ from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from moe_infer.collectives import all_reduce
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import DenseMLP
 from moe_infer.moe.block import ExpertTensors, RouterTensors
@@ -238,9 +239,7 @@ class DeepSpeedBlock(nn.Module):
     def _max_over_group(self, value: int, device: torch.device) -> int:
         if self.ranks == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL reduces only CUDA tensors, gloo CPU ones
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return all_reduce([value], "max", device=device)[0]
 
     # Hooks: outside our forward (no timer) they do nothing.
     def _gate_done(self, module, args, output):

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from moe_infer.collectives import all_reduce, clock
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -77,19 +78,15 @@ class GatingPolicy(Protocol):
 
 
 class PhaseTimer:
-    """Wall time per phase with time.perf_counter; on CUDA it synchronizes first, else the kernels are still queued."""
+    """Wall time per phase (moe_infer.collectives.clock: on CUDA it synchronizes first, else the kernels are still
+    queued)."""
 
     def __init__(self, stats: GatingStats, device: torch.device):
-        self.stats, self.cuda = stats, device.type == "cuda"
-        self.start = self._now()
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        self.stats, self.device = stats, device
+        self.start = clock(device)
 
     def lap(self, phase: str) -> None:
-        now = self._now()
+        now = clock(self.device)
         self.stats.seconds[phase] += now - self.start
         self.start = now
 
@@ -113,12 +110,10 @@ class ExpertGroup:
                 f"gating: the placement spans {placement.ranks} ranks but the process group has {self.size}"
             )
 
-    def max(self, value: int) -> int:
+    def max(self, value: int, device: torch.device) -> int:
         if self.size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t.item())
+        return all_reduce([value], "max", device=device, group=self.group)[0]
 
     def all_to_all(
         self, x: torch.Tensor, send_R: list[int], recv_R: list[int], stats: GatingStats | None

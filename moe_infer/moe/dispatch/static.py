@@ -54,7 +54,7 @@ class StaticGating:
         timer = PhaseTimer(stats, x_TD.device)
 
         # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks.
-        C = self.capacity(self.ranks.max(num_tokens))
+        C = self.capacity(self.ranks.max(num_tokens, x_TD.device))
         # Choice-major pairs (n = k*T + t), so the cumsum fills every token's first choice before any second one.
         position_N = self._position_of_E.to(experts_TK.device)[experts_TK.t().reshape(-1)]
         token_N = torch.arange(num_tokens, device=x_TD.device).repeat(topk)
