@@ -1,4 +1,4 @@
-"""One small random MoE layer for the gating and baseline tests, and the single-process reference it must match.
+"""One small random MoE layer for the dispatch and baseline tests, and the single-process reference it must match.
 
     cfg = layer_config(topk=2, pre_softmax=False)
     router, experts = random_layer(cfg)          the same weights on every rank (one seed), all E experts

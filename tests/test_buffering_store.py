@@ -1,5 +1,6 @@
-"""The engine's expert store with buffering (moe_infer.buffering.store): the same outputs as every expert resident,
-for every eviction policy and slot count, and the same hit/miss figures as the cache replay.
+"""The engine's expert store with buffering (moe_infer.buffering.store), in a served MoE layer (moe_infer.moe.layer):
+the same outputs as every expert resident, for every eviction policy and slot count, and the same hit/miss figures as
+the cache replay.
 
 Shape legend: T tokens, D model dim, E experts.
 """
@@ -11,7 +12,7 @@ from moe_layers import D, E, layer_config, random_layer
 from moe_infer.buffering.cache import simulate
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
 from moe_infer.moe.experts import LocalExperts
-from moe_infer.moe.layer import BlockOptions, build_block
+from moe_infer.moe.layer import MoEOptions, build_moe_layer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -21,6 +22,14 @@ CALLS = [12, 1, 2, 30, 3, 1, 7]  # tokens per call: decode-sized calls activate 
 def _tensors(cfg):
     router, experts = random_layer(cfg)
     return dict(router.state_dict()), {e: dict(ffn.state_dict()) for e, ffn in enumerate(experts)}
+
+
+def _layer(policy, cfg, router, experts, placement, options=None, slots=None, eviction="paper"):
+    """One served MoE layer, with a buffered store of `slots` device slots when given (as the runtime builds it)."""
+    store = None
+    if slots is not None:
+        store = BufferedExperts(cfg, [experts[e] for e in placement.local_experts(0)], slots, eviction)
+    return build_moe_layer(policy, policy, cfg, router, experts, placement, options or MoEOptions(), store=store)
 
 
 def _calls(seed: int = 0) -> list[torch.Tensor]:
@@ -34,18 +43,19 @@ def test_buffered_outputs_equal_resident_at_every_slot_count(policy, eviction):
     cfg = layer_config(topk=2, pre_softmax=False)
     router, experts = _tensors(cfg)
     placement = Placement.contiguous(E, 1)
-    resident = build_block(policy, cfg, router, experts, placement, BlockOptions(capacity_fraction=4.0))
-    expected = [resident(x_TD)[0] for x_TD in _calls()]
+    options = MoEOptions(capacity_fraction=4.0)
+    resident = _layer(policy, cfg, router, experts, placement, options)
+    assert isinstance(resident.experts, LocalExperts)
+    expected = [resident(x_TD) for x_TD in _calls()]
     for slots in range(1, E):
-        options = BlockOptions(capacity_fraction=4.0, expert_slots=slots, eviction=eviction)
-        block = build_block(policy, cfg, router, experts, placement, options)
-        assert isinstance(block.experts, BufferedExperts)
+        layer = _layer(policy, cfg, router, experts, placement, options, slots, eviction)
+        assert isinstance(layer.experts, BufferedExperts)
         for x_TD, y_TD in zip(_calls(), expected, strict=True):
-            assert torch.equal(block(x_TD)[0], y_TD), (policy, eviction, slots)
-        stats = block.experts.stats
-        assert stats.calls == len(CALLS) and stats.bytes_copied == stats.misses * block.experts.expert_bytes()
-        assert stats.device_bytes == slots * block.experts.expert_bytes()
-        assert stats.host_bytes == E * block.experts.expert_bytes()
+            assert torch.equal(layer(x_TD), y_TD), (policy, eviction, slots)
+        stats = layer.experts.stats
+        assert stats.calls == len(CALLS) and stats.bytes_copied == stats.misses * layer.experts.expert_bytes()
+        assert stats.device_bytes == slots * layer.experts.expert_bytes()
+        assert stats.host_bytes == E * layer.experts.expert_bytes()
 
 
 def test_store_hits_and_misses_are_the_replayed_cache_figures():
@@ -54,22 +64,25 @@ def test_store_hits_and_misses_are_the_replayed_cache_figures():
     router, experts = _tensors(cfg)
     placement = Placement.contiguous(E, 1)
     for eviction in ENGINE_EVICTIONS:
-        block = build_block("dynamic", cfg, router, experts, placement, BlockOptions(expert_slots=3, eviction=eviction))
-        block.recording, block.counts = True, []
+        layer = _layer("dynamic", cfg, router, experts, placement, slots=3, eviction=eviction)
+        layer.recording, layer.counts = True, []
         for x_TD in _calls(seed=1):
-            block(x_TD)
-        active = [torch.nonzero(counts_E).flatten().tolist() for counts_E in block.counts]
+            layer(x_TD)
+        active = [torch.nonzero(counts_E).flatten().tolist() for counts_E in layer.counts]
         replayed = simulate(active, slots=3, policy=eviction, initial=[0, 1, 2])
-        stats = block.experts.stats
+        stats = layer.experts.stats
         assert (stats.hits, stats.misses) == (replayed.hits, replayed.misses), eviction
         assert stats.misses > 0  # the calls are chosen so that buffering has work to do
 
 
 def test_slots_at_least_the_local_experts_mean_buffering_off():
+    """The runtime keeps every expert resident when the slots would hold them all (moe_infer.engine.engine)."""
+    from moe_infer.engine.engine import expert_store
+
     cfg = layer_config(topk=2, pre_softmax=False)
-    router, experts = _tensors(cfg)
-    block = build_block("dynamic", cfg, router, experts, Placement.contiguous(E, 1), BlockOptions(expert_slots=E))
-    assert isinstance(block.experts, LocalExperts)
+    _, experts = _tensors(cfg)
+    assert expert_store(cfg, list(experts.values()), slots=E, eviction="paper", device="cpu") is None
+    assert isinstance(expert_store(cfg, list(experts.values()), E - 1, "paper", "cpu"), BufferedExperts)
 
 
 def test_bad_buffering_settings_are_refused():
@@ -81,7 +94,7 @@ def test_bad_buffering_settings_are_refused():
     with pytest.raises(PipelineError, match="belady is an offline oracle"):
         BufferedExperts(cfg, local, slots=2, eviction="belady")
     with pytest.raises(PipelineError, match="dynamic and static policies, not 'megatron'"):
-        build_block("megatron", cfg, router, experts, Placement.contiguous(E, 1), BlockOptions(expert_slots=2))
+        _layer("megatron", cfg, router, experts, Placement.contiguous(E, 1), slots=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy path needs a CUDA device")
@@ -91,11 +104,11 @@ def test_cuda_copy_path_matches_resident():
     experts = {e: {k: v.cuda() for k, v in t.items()} for e, t in experts.items()}
     router = {k: v.cuda() for k, v in router.items()}
     placement = Placement.contiguous(E, 1)
-    resident = build_block("dynamic", cfg, router, experts, placement)
-    block = build_block("dynamic", cfg, router, experts, placement, BlockOptions(expert_slots=2))
-    assert block.experts.host_L[0][0].is_pinned()
+    resident = _layer("dynamic", cfg, router, experts, placement)
+    layer = _layer("dynamic", cfg, router, experts, placement, slots=2)
+    assert layer.experts.host_L[0][0].is_pinned()
     for x_TD in _calls():
         x_TD = x_TD.cuda()
-        torch.testing.assert_close(block(x_TD)[0], resident(x_TD)[0], rtol=0, atol=0)
-    stats = block.experts.stats
+        torch.testing.assert_close(layer(x_TD), resident(x_TD), rtol=0, atol=0)
+    stats = layer.experts.stats
     assert stats.misses > 0 and stats.copy_seconds > 0

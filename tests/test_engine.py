@@ -12,11 +12,11 @@ from moe_infer.engine.engine import Engine, EngineError, EngineOptions
 from moe_infer.engine.generate import GenerationSettings, generate
 from moe_infer.engine.translate import TranslationSettings, translate
 from moe_infer.model import load_model
-from moe_infer.moe.layer import POLICIES, BlockOptions
+from moe_infer.moe.layer import POLICIES, MoEOptions
 from pipeline.platform.testing import run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
-NO_DROP = BlockOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
+NO_DROP = MoEOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
 TOKENS_PER_RANK = [(3, 7), (0, 7)]  # rank 0: 3 sequences of 7 tokens; rank 1: none (it still joins every exchange)
 
 
@@ -37,7 +37,7 @@ def _serve_every_policy(export: str) -> dict[str, float]:
     """On each rank: the largest difference from the reference model, per policy, over this rank's tokens."""
     diffs = {}
     for policy in POLICIES:
-        engine = Engine.start(export, EngineOptions(policy=policy, block=NO_DROP, timeout_s=60))
+        engine = Engine.start(export, EngineOptions(policy=policy, moe=NO_DROP, timeout_s=60))
         batch, length = TOKENS_PER_RANK[engine.rank]
         tokens = torch.randint(4, 50, (batch, length), generator=torch.Generator().manual_seed(engine.rank))
         reference = load_model(export)(tokens)
@@ -137,9 +137,9 @@ def test_recorded_expert_loads_are_the_groups_and_skip_empty_calls(exports):
         assert [sum(row) for row in counts] == [3 * 5 * 2, 3 * 5 * 2]  # sequences x length x top-2
 
 
-def _generate_and_translate(lm: str, mt: str, block: BlockOptions | None = None) -> tuple[list, list]:
-    block = block or BlockOptions()
-    engine = Engine.start(lm, EngineOptions(policy="dynamic", block=block, timeout_s=60))
+def _generate_and_translate(lm: str, mt: str, slots: int | None = None, eviction: str = "paper") -> tuple[list, list]:
+    options = EngineOptions(policy="dynamic", expert_slots=slots, eviction=eviction, timeout_s=60)
+    engine = Engine.start(lm, options)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
     settings = GenerationSettings(max_new_tokens=5, batch_size=2)
     generated = engine.gather(generate(engine.model, engine.share(prompts), settings, engine.sync), len(prompts))
@@ -148,25 +148,26 @@ def _generate_and_translate(lm: str, mt: str, block: BlockOptions | None = None)
     ids = engine.share(range(len(prompts)))
     sampled = generate(engine.model, engine.share(prompts), sampling, engine.sync, request_ids=ids)
     generated += engine.gather(sampled, len(prompts))
-    _check_buffering(engine, block)
-    engine = Engine.start(mt, EngineOptions(policy="dynamic", block=block, timeout_s=60))
+    _check_buffering(engine)
+    engine = Engine.start(mt, options)
     sources = [[5, 6, 7, 3], [8, 3], [9, 10, 11, 12, 3]]
     settings = TranslationSettings(max_len=6, beam_size=2, batch_size=2)
     translated = engine.gather(translate(engine.model, engine.share(sources), settings, engine.sync), len(sources))
-    _check_buffering(engine, block)
+    _check_buffering(engine)
     return generated, translated
 
 
-def _check_buffering(engine: Engine, block: BlockOptions) -> None:
+def _check_buffering(engine: Engine) -> None:
     """Buffering is on exactly when there are fewer slots than local experts, and then it copied experts in (in some
     layer: with a few tokens, a layer may never need more than the experts it starts with)."""
     misses = 0
     for layer in engine.moe_layers:
         local = len(engine.placements[layer.name].local_experts(engine.rank))
-        buffered = block.expert_slots is not None and block.expert_slots < local
-        assert isinstance(layer.block.experts, BufferedExperts) == buffered, (layer.name, block)
-        misses += layer.block.experts.stats.misses if buffered else 0
-    assert misses > 0 or not block.expert_slots or block.expert_slots >= 2, "buffering with one slot copied nothing"
+        slots = engine.options.expert_slots
+        buffered = slots is not None and slots < local
+        assert isinstance(layer.experts, BufferedExperts) == buffered, (layer.name, slots)
+        misses += layer.experts.stats.misses if buffered else 0
+    assert misses > 0 or not slots or slots >= 2, "buffering with one slot copied nothing"
 
 
 def test_generation_and_translation_under_two_ranks_equal_one_process(exports):
@@ -181,9 +182,7 @@ def _with_every_buffering(lm: str, mt: str) -> dict[tuple[str, int], tuple]:
     outputs = {}
     for eviction in ENGINE_EVICTIONS:
         for slots in (1, 2, 3):  # the MT export's 2 local experts are all resident from 2 slots on
-            outputs[eviction, slots] = _generate_and_translate(
-                lm, mt, BlockOptions(expert_slots=slots, eviction=eviction)
-            )
+            outputs[eviction, slots] = _generate_and_translate(lm, mt, slots, eviction)
     return outputs
 
 

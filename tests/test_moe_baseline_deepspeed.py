@@ -2,7 +2,7 @@
 (moe_infer.model.moe dispatch / combine over ExpertFFN modules with the same weights): EP=1 in this process, EP=2 on
 two real gloo ranks with DeepSpeed's comm, uneven token counts and a rank with none.
 
-The worker `_check_block` runs inside each rank, asserts the outputs itself and returns each call's GatingStats.
+The worker `_check_block` runs inside each rank, asserts the outputs itself and returns each call's MoEStats.
 """
 
 import math
@@ -159,6 +159,6 @@ def test_two_ranks_need_deepspeed_comm():
 @pytest.mark.parametrize("ref", sorted(UPSTREAM_PINS))
 def test_the_deepspeed_code_the_block_relies_on_is_unchanged(ref):
     assert upstream_source_sha256(ref) == UPSTREAM_PINS[ref], (
-        f"{ref} changed upstream: re-check moe_infer/engine/baselines/deepspeed_block.py (_BiasedTopKGate copies "
+        f"{ref} changed upstream: re-check moe_infer/moe/baselines/deepspeed.py (_BiasedTopKGate copies "
         "TopKGate.forward; the padding, capacity and statistics follow the gating functions) and update the pin"
     )

@@ -5,7 +5,7 @@ the pytest process. Different token counts per rank, one rank with none.
 
 The worker `_check_megatron` runs inside each rank: it asserts the outputs and this rank's stats itself (the expected
 rows and bytes are worked out from every rank's routing, which each rank can recompute from the seeds) and returns
-its GatingStats so the test can check the sums across ranks.
+its MoEStats so the test can check the sums across ranks.
 """
 
 import pytest
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from moe_layers import D, E, layer_config, random_layer, reference_moe
 
 from moe_infer.moe.baselines.megatron import MegatronBlock
-from moe_infer.moe.dispatch import GatingStats
+from moe_infer.moe.stats import MoEStats
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed
@@ -29,7 +29,7 @@ def _tokens(case: int, rank: int, count: int) -> torch.Tensor:
     return torch.randn(count, D, generator=torch.Generator().manual_seed(100 * case + rank))
 
 
-def _check_megatron(token_count_sets: list[list[int]], cases: list[tuple]) -> list[GatingStats]:
+def _check_megatron(token_count_sets: list[list[int]], cases: list[tuple]) -> list[MoEStats]:
     world = dist.get_world_size()
     rank = dist.get_rank()
     placement = Placement.contiguous(E, world)

@@ -1,9 +1,9 @@
-"""Expert placement and the gating policies against the single-process reference (moe_infer.model.moe dispatch /
-combine over every expert), on a small random MoE layer: EP=1 in this process, EP=2 on two real gloo ranks with
-different token counts per rank (one rank with none).
+"""Expert placement and the dispatchers (dispatch -> experts -> combine) against the single-process reference
+(moe_infer.model.moe dispatch / combine over every expert), on a small random MoE layer: EP=1 in this process, EP=2 on
+two real gloo ranks with different token counts per rank (one rank with none).
 
 The worker `_check_policies` runs inside each rank: it asserts the outputs itself and returns every call's
-GatingStats so the test can check the byte counts across ranks.
+MoEStats so the test can check the byte counts across ranks.
 """
 
 import math
@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
-from moe_infer.moe.dispatch import DynamicGating, GatingStats, StaticGating
+from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
+from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement, PlacementError
 from pipeline.platform.testing import run_distributed
 
@@ -23,7 +24,8 @@ SMALL_CAPACITY = 0.1  # drops pairs for these token counts: C = max(1, ceil(0.1 
 
 class _SlotExperts:
     """Only this rank's experts, by local slot: a row sent to the wrong rank or slot meets the wrong expert. Checks
-    the RunExpert contract too: the policy names the slots it will run before running exactly those, in that order."""
+    the expert-store contract too: the dispatcher names the slots it will run before the experts run exactly those, in
+    that order."""
 
     def __init__(self, experts):
         self.experts, self.planned = experts, None
@@ -32,14 +34,27 @@ class _SlotExperts:
         assert self.planned is None or self.planned == [], f"slots {self.planned} were prepared but not run"
         self.planned = list(active_L)
 
-    def __call__(self, slot, x_ND, p_N, out_ND=None):
-        assert self.planned and self.planned[0] == slot, f"slot {slot} runs but the policy prepared {self.planned}"
-        self.planned.pop(0)
-        y_ND = self.experts[slot](x_ND, p_N)
-        return y_ND if out_ND is None else out_ND.copy_(y_ND)
+    def __call__(self, routed):
+        for slot, x_ND, p_N, out_ND in routed.expert_inputs():
+            assert self.planned and self.planned[0] == slot, f"slot {slot} runs but {self.planned} were prepared"
+            self.planned.pop(0)
+            y_ND = self.experts[slot](x_ND, p_N)
+            routed.expert_output(slot, y_ND if out_ND is None else out_ND.copy_(y_ND))
 
 
-def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
+def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor, MoEStats]:
+    """dispatch -> experts -> combine, as the served layer runs them (moe_infer.moe.layer)."""
+    stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=experts_TK.numel())
+    timer = PhaseTimer(stats, x_TD.device)
+    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)
+    experts(routed)
+    timer.lap("experts")
+    y_TD = dispatcher.combine(routed)
+    timer.lap("combine")
+    return y_TD, stats
+
+
+def _check_policies(token_counts: list[int]) -> list[tuple[str, MoEStats]]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     placement = Placement.contiguous(E, world)
@@ -52,16 +67,16 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
         probs_TK, experts_TK = router(x_TD)
         expected_TD = reference_moe(x_TD, probs_TK, experts_TK, experts)
 
-        run_expert = _SlotExperts([experts[e] for e in local])
+        store = _SlotExperts([experts[e] for e in local])
 
-        for name, policy in [("dynamic", DynamicGating(placement)), ("static", StaticGating(placement, 1.0))]:
-            y_TD, s = policy(x_TD, probs_TK, experts_TK, run_expert)
+        for name, dispatcher in [("dynamic", DynamicDispatch(placement)), ("static", StaticDispatch(placement, 1.0))]:
+            y_TD, s = _moe(dispatcher, x_TD, probs_TK, experts_TK, store)
             torch.testing.assert_close(y_TD, expected_TD, rtol=1e-5, atol=1e-5, msg=f"{name} case {case}")
             assert s.pairs_dropped == 0 and s.pairs_routed == x_TD.shape[0] * topk
             stats.append((name, s))
 
-        small = StaticGating(placement, SMALL_CAPACITY)
-        y_TD, s = small(x_TD, probs_TK, experts_TK, run_expert)
+        small = StaticDispatch(placement, SMALL_CAPACITY)
+        y_TD, s = _moe(small, x_TD, probs_TK, experts_TK, store)
         capacity = max(1, math.ceil(SMALL_CAPACITY * max(token_counts)))
         kept_TK = kept_within_capacity(experts_TK, capacity)
         assert s.pairs_dropped == int((~kept_TK).sum()), (case, s.pairs_dropped, int((~kept_TK).sum()))
@@ -76,7 +91,7 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, GatingStats]]:
     return stats
 
 
-def _assert_bytes_balance(per_rank: list[list[tuple[str, GatingStats]]]) -> None:
+def _assert_bytes_balance(per_rank: list[list[tuple[str, MoEStats]]]) -> None:
     for calls in zip(*per_rank, strict=True):
         assert sum(s.bytes_sent for _, s in calls) == sum(s.bytes_received for _, s in calls), calls[0][0]
 
@@ -144,6 +159,6 @@ def test_placement_errors_say_what_is_wrong(build, message):
 
 def test_a_two_rank_placement_needs_a_process_group():
     with pytest.raises(Exception, match="spans 2 ranks but torch.distributed is not initialized"):
-        DynamicGating(Placement.contiguous(8, 2))
+        DynamicDispatch(Placement.contiguous(8, 2))
     with pytest.raises(Exception, match="capacity_fraction must be > 0"):
-        StaticGating(Placement.contiguous(8, 1), 0.0)
+        StaticDispatch(Placement.contiguous(8, 1), 0.0)

@@ -3,8 +3,12 @@ memory, a fixed number K of device slots, and an eviction policy deciding which 
 
     experts = BufferedExperts(cfg, tensors_L, slots=K, eviction="paper", device=device)
     experts.prepare(active_L, overlapped=True)    this call's active local experts, in run order: copies start now
-    y_ND = experts(slot, x_ND, probs_N, out_ND)   waits for that expert's copy only, then runs it (LocalExperts' API)
+    experts(routed)                                each expert waits for its own copy only, then runs (the ExpertStore
+                                                   interface of moe_infer.moe.experts, as LocalExperts)
     experts.stats                                  BufferStats summed over every call (hits, misses, bytes, times)
+
+The runtime (moe_infer.runtime.engine) gives a served MoE layer this store instead of LocalExperts when it is asked for
+fewer device slots than the rank has local experts.
 
 The decisions (hit or miss, which slot, which expert is evicted) are made by moe_infer.buffering.cache.ExpertCache, the
 same code the trace replay tool runs, so served and replayed miss rates are the same figure. The cache starts holding
@@ -37,7 +41,7 @@ from torch import nn
 from moe_infer.buffering.cache import ExpertCache
 from moe_infer.buffering.policies import ONLINE_POLICIES
 from moe_infer.model.config import ModelConfig
-from moe_infer.moe.experts import ExpertKernel, ExpertWeights, stack_experts
+from moe_infer.moe.experts import ExpertKernel, ExpertWeights, Routed, stack_experts
 from pipeline.errors import PipelineError
 
 ENGINE_EVICTIONS = ONLINE_POLICIES  # belady needs the future: trace replay only
@@ -147,18 +151,21 @@ class BufferedExperts(nn.Module):
                 self._timed_copy(access.expert, access.slot, stalls=not overlapped)
             user_of_slot[access.slot] = access.expert
 
-    def forward(
-        self, local: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        slot = self._slot_of.get(local)
-        if slot is None:
-            raise PipelineError(f"expert buffering: local expert {local} runs but the policy did not prepare it")
-        if self.cuda and self.ready_K[slot] is not None:
-            self._wait(self.ready_K[slot])
-        y_ND = self.kernel(self.slot_weights[slot], x_ND, probs_N, out_ND)
-        for expert, next_slot in self._after.pop(local, []):  # its slot is free for the next round now
-            self._timed_copy(expert, next_slot, stalls=True)
-        return y_ND
+    def forward(self, routed: Routed) -> None:
+        """Each expert the dispatcher routed rows to, in the order `prepare` was told: it waits for its own copy only,
+        and once it has run, its slot takes the copy waiting for it (the next round of this call)."""
+        for local, x_ND, probs_N, out_ND in routed.expert_inputs():
+            slot = self._slot_of.get(local)
+            if slot is None:
+                raise PipelineError(
+                    f"expert buffering: local expert {local} runs but the dispatcher did not prepare it"
+                )
+            if self.cuda and self.ready_K[slot] is not None:
+                self._wait(self.ready_K[slot])
+            y_ND = self.kernel(self.slot_weights[slot], x_ND, probs_N, out_ND)
+            for expert, next_slot in self._after.pop(local, []):  # its slot is free for the next round now
+                self._timed_copy(expert, next_slot, stalls=True)
+            routed.expert_output(local, y_ND)
 
     def _timed_copy(self, expert: int, slot: int, stalls: bool) -> None:
         self.totals.misses += 1

@@ -18,7 +18,7 @@ process's peak RSS so far (it never goes down, so it is the peak of everything r
 moe_infer.engine.memory.peak_activation_bytes around one call of the first MoE layer of the prefill on the hidden
 states it received, after the timed region. Dropped fraction: pairs past capacity over pairs routed, over all ranks,
 for prefill and decode separately. Per MoE layer, the phase times (gate, dispatch, experts, combine) of prefill and
-decode from the layers' GatingStats, the slowest rank's. With --expert-slots K (expert buffering), each row also has
+decode from the layers' MoEStats, the slowest rank's. With --expert-slots K (expert buffering), each row also has
 the store's figures (BUFFER_COLUMNS: hits, misses, MB copied host -> device, stall ms, device-resident expert MB).
 
 An out-of-memory error (torch.OutOfMemoryError, MemoryError, a RuntimeError saying "out of memory") ends that policy's
@@ -46,7 +46,8 @@ import torch
 
 from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.engine.memory import peak_activation_bytes
-from moe_infer.moe.dispatch.common import PHASES, GatingStats, PhaseTimer
+from moe_infer.moe.layer import PeerMoELayer
+from moe_infer.moe.stats import PHASES, MoEStats, PhaseTimer
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError
 
@@ -145,19 +146,20 @@ class DenseEquivalent(torch.nn.Module):
         _, weights = random_layer(dense_cfg, seed)
         self.ffn = LocalExperts(dense_cfg, [{k: v.to(device) for k, v in weights[0].items()}])
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
-        stats = GatingStats(tokens=x_TD.shape[0], expert_rows=x_TD.shape[0])
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        stats = MoEStats(tokens=x_TD.shape[0], expert_rows=x_TD.shape[0])
         timer = PhaseTimer(stats, x_TD.device)
-        y_TD = self.ffn(0, x_TD, torch.ones(x_TD.shape[0], device=x_TD.device))
+        y_TD = self.ffn.run(0, x_TD, torch.ones(x_TD.shape[0], device=x_TD.device))
         timer.lap("experts")
         return y_TD, stats
 
 
 def use_dense_equivalent(engine) -> None:
-    """Serve `engine`'s model with every MoE layer's block replaced by a DenseEquivalent (each rank on its own
-    tokens: a dense model needs no expert parallelism)."""
-    for layer in engine.moe_layers:
-        layer.block = DenseEquivalent(engine.model.cfg, engine.device)
+    """Serve `engine`'s model with every MoE layer replaced by a DenseEquivalent (each rank on its own tokens: a dense
+    model needs no expert parallelism)."""
+    for layer in engine.model.modules():
+        if hasattr(layer, "moe"):
+            layer.moe = PeerMoELayer(layer.moe.name, DenseEquivalent(engine.model.cfg, engine.device))
 
 
 # ---- one measurement ------------------------------------------------------------------------------------------------
@@ -217,9 +219,9 @@ class _Probe:
         self.handle.remove()
 
     def activation_bytes(self, device: torch.device) -> int:
-        """One call of the layer's block (a collective under EP: every rank makes it) on what it saw in prefill."""
+        """One call of the layer (a collective under EP: every rank makes it) on what it saw in prefill."""
         x_TD = self.x_BSD.reshape(-1, self.x_BSD.shape[-1])
-        return peak_activation_bytes(lambda: self.layer.block(x_TD), device)
+        return peak_activation_bytes(lambda: self.layer(x_TD), device)
 
 
 @torch.inference_mode()
@@ -269,7 +271,7 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
         engine, policy, batch, prompt_len, decode_steps, (prefill_s, decode_s, peak, activation),
         (prefill_phases, decode_phases), prefill_counts + decode_counts,
     )  # fmt: skip
-    if engine.options.block.expert_slots is not None:
+    if engine.options.expert_slots is not None:
         hits, misses, copied = all_reduce(buffer_sums, "sum", device=device)
         stall, device_bytes = all_reduce(buffer_maxima, "max", device=device)
         values = (hits, misses, copied / 2**20, stall * 1e3, device_bytes / 2**20)
@@ -333,7 +335,7 @@ def sweep_policy(engine, policy: str, args, on_row) -> int | None:
 
 
 def _free(engine) -> None:
-    """Let the next policy start from a clean slate: the model, its blocks and DeepSpeed's wrapper gone."""
+    """Let the next policy start from a clean slate: the model, its MoE layers and DeepSpeed's wrapper gone."""
     engine.ds_engine = None
     engine.model = None
     gc.collect()

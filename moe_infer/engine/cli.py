@@ -376,16 +376,22 @@ def resolve_mode(requested: str | None, export) -> str:
 
 def engine_options(args: argparse.Namespace, policy: str, placements=None):
     from moe_infer.engine.engine import EngineOptions
-    from moe_infer.moe.layer import BlockOptions
+    from moe_infer.moe.layer import MoEOptions
 
-    block = BlockOptions(
+    moe = MoEOptions(
         capacity_fraction=args.capacity_fraction,
         capacity_factor=args.ds_capacity_factor,
         drop_tokens=args.ds_drop_tokens,
+    )
+    return EngineOptions(
+        policy=policy,
+        moe=moe,
         expert_slots=args.expert_slots,
         eviction=args.eviction,
+        dtype=args.dtype,
+        timeout_s=args.timeout,
+        placement=placements,
     )
-    return EngineOptions(policy=policy, block=block, dtype=args.dtype, timeout_s=args.timeout, placement=placements)
 
 
 def serving_settings(args: argparse.Namespace, mode: str, cfg):

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_infer.buffering.store import BufferedExperts
 from moe_infer.engine.lockstep import LockStep
 from moe_infer.model.loader import Export, load_model, read_expert
 from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
-from moe_infer.moe.layer import POLICIES, BlockOptions, ServedMoELayer, build_block
+from moe_infer.moe.layer import POLICIES, MoEOptions, ServedMoE, build_moe_layer
 from moe_infer.placement import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
 from pipeline.errors import PipelineError
@@ -41,7 +42,11 @@ class EngineError(PipelineError):
 @dataclass(frozen=True)
 class EngineOptions:
     policy: str = "dynamic"
-    block: BlockOptions = field(default_factory=BlockOptions)
+    moe: MoEOptions = field(default_factory=MoEOptions)
+    # Expert buffering (dynamic and static; moe_infer.buffering.store): device slots per MoE layer, and which expert
+    # leaves a full set of them (ENGINE_EVICTIONS). None, or at least the rank's local experts: every expert resident.
+    expert_slots: int | None = None
+    eviction: str = "paper"
     dtype: str = "float32"
     # One map for every MoE layer, or one per layer by name ("decoder.layers.2"); None: contiguous (rank r holds
     # experts r*E/R ... (r+1)*E/R - 1), which is also what the deepspeed and megatron baselines require.
@@ -70,6 +75,8 @@ class Engine:
             raise EngineError(f"unknown MoE policy {options.policy!r}; expected one of {', '.join(POLICIES)}")
         if options.dtype not in DTYPES:
             raise EngineError(f"unknown dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if options.expert_slots is not None and options.policy not in ("dynamic", "static"):
+            raise EngineError(f"expert buffering needs the dynamic or static policy, not {options.policy!r}")
         platform = detect_platform()
         if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) thread count wins; else share the cores
             set_threads_per_rank()
@@ -90,8 +97,8 @@ class Engine:
         return engine
 
     @property
-    def moe_layers(self) -> list[ServedMoELayer]:
-        return [m for m in self.model.modules() if isinstance(m, ServedMoELayer)]
+    def moe_layers(self) -> list[ServedMoE]:
+        return [m for m in self.model.modules() if isinstance(m, ServedMoE)]
 
     def reset_stats(self) -> None:
         for layer in self.moe_layers:
@@ -153,8 +160,9 @@ def expert_placements(
 def load_served_model(
     export: Export, placements: dict[str, Placement], rank: int, options: EngineOptions, device: torch.device
 ) -> DecoderLM | EncoderDecoder:
-    """The dense model (no experts loaded by the loader) with each MoE layer replaced by a served block holding this
-    rank's experts. Blocks are built in the same order on every rank (DeepSpeed's first block creates its groups)."""
+    """The dense model (no experts loaded by the loader) with each MoE layer replaced by a served one holding this
+    rank's experts, resident or buffered (options.expert_slots). Layers are built in the same order on every rank
+    (DeepSpeed's first one creates its groups)."""
     dtype = DTYPES[options.dtype]
     model = load_model(export, experts=lambda stack, layer, expert: False, device=device, dtype=dtype)
     capacity_fraction = float(export.config["moe"]["capacity_fraction"])
@@ -166,11 +174,23 @@ def load_served_model(
             for e in local
         }
         router = {k: t.detach().float() for k, t in moe.router.state_dict().items()}
-        block = build_block(
-            options.policy, export.model_config, router, experts, placement, options.block, capacity_fraction
-        )
-        getattr(model, stack).layers[str(layer)].moe = ServedMoELayer(block, moe.name)
+        tensors_L = [experts[e] for e in local]
+        store = expert_store(export.model_config, tensors_L, options.expert_slots, options.eviction, device)
+        getattr(model, stack).layers[str(layer)].moe = build_moe_layer(
+            options.policy, moe.name, export.model_config, router, experts, placement, options.moe, capacity_fraction,
+            store,
+        )  # fmt: skip
     return model.eval().requires_grad_(False)
+
+
+def expert_store(
+    cfg, tensors_L: list[dict[str, torch.Tensor]], slots: int | None, eviction: str, device: torch.device | str
+) -> BufferedExperts | None:
+    """The buffered store of a layer's local experts when `slots` device slots are fewer than them (expert
+    buffering); None (the layer keeps every expert resident, moe_infer.moe.experts.LocalExperts) otherwise."""
+    if slots is None or slots >= len(tensors_L):
+        return None
+    return BufferedExperts(cfg, tensors_L, slots, eviction, device)
 
 
 def _moe_layers(model: DecoderLM | EncoderDecoder) -> list[tuple[str, int, MoELayer]]:

@@ -42,10 +42,9 @@ from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.engine.memory import peak_activation_bytes
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import activation
-from moe_infer.moe.block import ExpertTensors, RouterTensors
-from moe_infer.moe.dispatch import GatingStats
-from moe_infer.moe.experts import LocalExperts
-from moe_infer.moe.layer import POLICIES, BlockOptions, build_block
+from moe_infer.moe.experts import ExpertTensors, LocalExperts, RouterTensors
+from moe_infer.moe.layer import POLICIES, MoEOptions, build_moe_layer
+from moe_infer.moe.stats import MoEStats
 from moe_infer.placement import Placement
 from pipeline.atomic import write_atomic
 from pipeline.errors import PipelineError
@@ -124,7 +123,7 @@ def expert_floors(
     def ffns():
         for slot, (x_ND, p_N, y_ND) in enumerate(zip(x_L, p_L, y_L, strict=True)):
             if x_ND.shape[0]:
-                experts(slot, x_ND, p_N, y_ND)
+                experts.run(slot, x_ND, p_N, y_ND)
 
     def torch_ffns():
         for x_ND, p_N, w in zip(x_L, p_L, weights_L, strict=True):
@@ -152,17 +151,17 @@ def run(args: argparse.Namespace) -> list[Result]:
     router = {k: v.to(device) for k, v in router.items()}
     gen = torch.Generator().manual_seed(args.seed + 1 + rank)
     x_TD = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
-    options = BlockOptions(
+    options = MoEOptions(
         capacity_fraction=args.capacity_fraction,
         capacity_factor=args.ds_capacity_factor,
         drop_tokens=not args.ds_no_drop,
     )
-    blocks = {kind: build_block(kind, cfg, router, local, placement, options) for kind in args.policies}
-    calls = {kind: (lambda b=block: b(x_TD)) for kind, block in blocks.items()}
-    if "dynamic" in blocks:
-        rows_L = _rows_per_local_expert(blocks["dynamic"], x_TD, placement, rank)
+    layers = {kind: build_moe_layer(kind, kind, cfg, router, local, placement, options) for kind in args.policies}
+    calls = {kind: (lambda layer=layer: layer(x_TD)) for kind, layer in layers.items()}
+    if "dynamic" in layers:
+        rows_L = _rows_per_local_expert(layers["dynamic"], x_TD, placement, rank)
         weights_L = [local[e] for e in placement.local_experts(rank)]
-        calls.update(expert_floors(cfg, blocks["dynamic"].experts, weights_L, rows_L, device))
+        calls.update(expert_floors(cfg, layers["dynamic"].experts, weights_L, rows_L, device))
     calls[DENSE] = dense_equivalent(args, x_TD, device)
 
     # Round robin: every repeat times each implementation once, so a noisy neighbour slows them all alike; the best
@@ -171,7 +170,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     # caches) are timed apart, afterwards, `--slow-repeats` times.
     slow = [name for name in calls if name in SLOW]
     rounds = [[name for name in calls if name not in SLOW]] * args.repeats + [slow] * args.slow_repeats
-    best: dict[str, tuple[float, GatingStats | None]] = {}
+    best: dict[str, tuple[float, MoEStats | None]] = {}
     outputs = {}
     with torch.inference_mode():
         for fn in calls.values():
@@ -180,12 +179,12 @@ def run(args: argparse.Namespace) -> list[Result]:
         for names in rounds:
             for name in names:
                 elapsed, result = timed_call(calls[name], device)
-                stats = result[1] if name in blocks else None
-                if name in blocks:
-                    outputs[name] = result[0]
+                stats = layers[name].last if name in layers else None  # the MoEStats of this very call
+                if name in layers:
+                    outputs[name] = result
                 if name not in best or elapsed < best[name][0]:
                     best[name] = (elapsed, stats)
-        activation = {kind: peak_activation_bytes(calls[kind], device) for kind in [*blocks, DENSE]}
+        activation = {kind: peak_activation_bytes(calls[kind], device) for kind in [*layers, DENSE]}
 
     results = []
     for name in calls:
@@ -211,13 +210,13 @@ def dense_equivalent(args: argparse.Namespace, x_TD: torch.Tensor, device: torch
     _, experts = random_layer(cfg, args.seed)
     dense = LocalExperts(cfg, [{k: v.to(device) for k, v in experts[0].items()}])
     ones_T = torch.ones(x_TD.shape[0], device=device)
-    return lambda: dense(0, x_TD, ones_T)
+    return lambda: dense.run(0, x_TD, ones_T)
 
 
-def _rows_per_local_expert(block, x_TD: torch.Tensor, placement: Placement, rank: int) -> list[int]:
+def _rows_per_local_expert(layer, x_TD: torch.Tensor, placement: Placement, rank: int) -> list[int]:
     """How many rows each local expert of this rank receives from the whole group (what dynamic computes)."""
     with torch.inference_mode():
-        _, experts_TK = block.router(x_TD)
+        _, experts_TK = layer.router(x_TD)
     counts_E = torch.bincount(experts_TK.reshape(-1).cpu(), minlength=placement.num_experts)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts_E)

@@ -1,6 +1,6 @@
 """Peak memory a call allocates beyond what was live before it: the activation memory of an MoE layer.
 
-    peak = peak_activation_bytes(lambda: block(x_TD))
+    peak = peak_activation_bytes(lambda: layer(x_TD))
 
 CUDA: the caching allocator's own peak counter (max_memory_allocated after a reset) minus what was allocated before.
 CPU: torch has no peak counter for host memory, so the call runs once under torch.profiler with profile_memory=True,

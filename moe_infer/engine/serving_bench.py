@@ -108,7 +108,7 @@ def _layer_figures(engine) -> tuple[list[float], list[float]]:
     device = [0.0, 0.0]
     counts = [0.0] * 6
     for layer in engine.moe_layers:
-        experts, stats = layer.block.experts, layer.buffer_stats
+        experts, stats = layer.experts, layer.buffer_stats
         resident = stats.device_bytes if stats else experts.num_local * experts.expert_bytes()
         device[0] += resident
         device[1] += resident if layer.name.startswith("decoder.") else 0.0
@@ -143,8 +143,8 @@ def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
     engines = {}
     for v in chosen:
         options = engine_options(job.args, job.args.policy, v.placements)
-        block = replace(options.block, expert_slots=v.slots, eviction=v.eviction if v.slots else "paper")
-        engines[v.label] = Engine.start(job.export.path, replace(options, block=block))
+        options = replace(options, expert_slots=v.slots, eviction=v.eviction if v.slots else "paper")
+        engines[v.label] = Engine.start(job.export.path, options)
     return engines
 
 

@@ -21,7 +21,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from moe_infer.moe.layer import PolicyBlock, ServedMoELayer
+from moe_infer.moe.layer import ServedMoELayer
 from pipeline.errors import PipelineError
 
 
@@ -34,20 +34,20 @@ class LoadRecorder:
         self.layers: list[ServedMoELayer] = engine.moe_layers
         self.world_size, self.device = engine.world_size, engine.device
         for layer in self.layers:
-            if not isinstance(layer.block, PolicyBlock):
+            if not isinstance(layer, ServedMoELayer):
                 raise PipelineError(
                     f"recording expert loads needs the dynamic or static policy (it reads our router's choices); "
-                    f"{layer.name} is served by {type(layer.block).__name__}"
+                    f"{layer.name} is served by {type(getattr(layer, 'block', layer)).__name__}"
                 )
-            layer.block.recording = True
-            layer.block.counts = deque(maxlen=max_calls)
+            layer.recording = True
+            layer.counts = deque(maxlen=max_calls)
 
     def gather(self) -> dict[str, torch.Tensor]:
         """{layer name: int64 [C, E]} of the group (a collective: every rank calls it, in the same order)."""
         history = {}
         for layer in self.layers:
-            counts = list(layer.block.counts)
-            counts_CE = torch.stack(counts) if counts else torch.zeros(0, layer.block.num_experts, dtype=torch.int64)
+            counts = list(layer.counts)
+            counts_CE = torch.stack(counts) if counts else torch.zeros(0, layer.num_experts, dtype=torch.int64)
             if self.world_size > 1:  # on the engine's device: NCCL reduces only CUDA tensors
                 counts_CE = counts_CE.to(self.device)
                 dist.all_reduce(counts_CE)

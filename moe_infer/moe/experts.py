@@ -1,21 +1,25 @@
-"""This rank's experts of one MoE layer, as stacked weights the gating policies run by local slot.
+"""This rank's experts of one MoE layer (the "experts" step of router -> dispatch -> experts -> combine), as stacked
+weights run by local slot.
 
     experts = LocalExperts(cfg, [tensors of expert e for e in placement.local_experts(rank)])
     experts.prepare(active_L, overlapped)      which local experts this call runs (here: nothing to do, all resident)
-    y_ND = experts(slot, x_ND, probs_N)        the expert at `slot` on its rows, probability applied (or into out_ND=)
+    experts(routed)                            every expert the dispatcher routed rows to, on those rows
+    y_ND = experts.run(slot, x_ND, probs_N)    one expert on rows, probability applied (or into out_ND=)
     experts.products(slot, x_ND)               its two matrix products alone (the benchmark's floor)
 
-`LocalExperts` keeps every local expert resident on the device. moe_infer.buffering.store.BufferedExperts has the same
-interface over a bounded set of device slots (expert buffering); both run the expert with `ExpertKernel`.
+`LocalExperts` keeps every local expert resident on the device. The runtime may serve a layer with another
+ExpertStore instead: moe_infer.buffering.store.BufferedExperts, the same interface over a bounded set of device slots
+(expert buffering). Both run the expert with `ExpertKernel`. `routed` comes from a dispatcher (moe_infer.moe.dispatch):
+its expert_inputs() are (slot, x_ND, probs_N, out_ND) per expert that runs, expert_output(slot, y_ND) takes the result.
 
-Why stacked tensors and not one module per expert: a policy calls one expert per slot per layer call, so the per-call
+Why stacked tensors and not one module per expert: a layer calls one expert per slot per call, so the per-call
 overhead is what is left after the matrix products, and it should be nothing but the expert's own arithmetic.
 
 Two kernels, chosen once per layer (`ExpertKernel.choose`):
     onednn  (CPU, fp32) oneDNN's linear with fused post-ops, the primitive torch's inductor emits for CPU linears:
             fc1 + bias + GELU in one pass, fc2 + bias then x probability in one pass. Against a torch.addmm / F.gelu /
             mul_ sequence this saves the separate passes over the [N, F] activation, and oneDNN's small-GEMM path
-            beats MKL's sgemm at the 100-200-row products experts get (measured in moe_infer.engine.layer_bench).
+            beats MKL's sgemm at the 100-200-row products experts get (measured in moe_infer.bench.layer).
             The weights are packed once into oneDNN's blocked layout (another ~10% at these shapes; the plain copies
             are then released). It is an internal torch op, so it is checked against the addmm kernel when the layer
             is built and dropped (with the reason kept in `note`) if it is missing or disagrees.
@@ -29,21 +33,44 @@ Shape legend: L local experts, N rows, D model dim, F ffn dim (F1 = fc1 rows: F,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from moe_infer.export_format import EXPERT_TENSORS
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import activation
 from pipeline.errors import PipelineError
 
-EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 _TYPICAL_ROWS = 128  # rows per expert call that oneDNN tunes the packed weight layout for
+
+# The exported tensors a layer is built from (moe_infer.export_format): the router's {"weight": [E, D], "bias": [E] (if
+# any)}, and this rank's experts by global id, each {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}.
+RouterTensors = dict[str, torch.Tensor]
+ExpertTensors = dict[int, dict[str, torch.Tensor]]
 
 # One expert's weights as a kernel runs them: (fc1 weight, fc1 bias, fc2 weight, fc2 bias); the weights are in
 # oneDNN's packed layout under the onednn kernel.
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Routed(Protocol):
+    """One call's rows for this rank's experts, as a dispatcher hands them over (moe_infer.moe.dispatch)."""
+
+    def expert_inputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]: ...
+
+    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None: ...
+
+
+class ExpertStore(Protocol):
+    """What a served MoE layer runs its experts with: LocalExperts, or the buffered store the runtime may choose."""
+
+    def prepare(self, active_L: list[int], overlapped: bool) -> None: ...
+
+    def __call__(self, routed: Routed) -> None: ...
 
 
 def stack_experts(
@@ -173,10 +200,15 @@ class LocalExperts(nn.Module):
     def prepare(self, active_L: list[int], overlapped: bool) -> None:
         """The local slots this call will run, in the order it runs them (all resident here: nothing to do)."""
 
-    def forward(
+    def forward(self, routed: Routed) -> None:
+        """Each expert the dispatcher routed rows to, on its rows (in the order `prepare` was told)."""
+        for slot, x_ND, probs_N, out_ND in routed.expert_inputs():
+            routed.expert_output(slot, self.kernel(self.weights(slot), x_ND, probs_N, out_ND))
+
+    def run(
         self, slot: int, x_ND: torch.Tensor, probs_N: torch.Tensor, out_ND: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The expert at `slot` on its rows, into `out_ND` (rows x D, contiguous) when given, else a new tensor."""
+        """The expert at `slot` on `x_ND`, into `out_ND` (rows x D, contiguous) when given, else a new tensor."""
         return self.kernel(self.weights(slot), x_ND, probs_N, out_ND)
 
     def products(self, slot: int, x_ND: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""DeepSpeed's own MoE layer (`deepspeed.moe.layer.MoE`, deepspeed 0.19.8) as a MoEBlock, loaded with an export's
-router and expert tensors: the static-capacity peer baseline of the engine.
+"""DeepSpeed's own MoE layer (`deepspeed.moe.layer.MoE`, deepspeed 0.19.8) as a block (moe_infer.moe.baselines),
+loaded with an export's router and expert tensors: the static-capacity peer baseline of the engine.
 
     block = DeepSpeedBlock(cfg, router, experts, placement, capacity_factor=1.0, drop_tokens=False)
     y_TD, stats = block(x_TD)          every rank of the EP group calls it together, with its own T (possibly 0)
@@ -39,7 +39,7 @@ Where DS assumes every rank brings the same number of tokens (training), and wha
       routed nowhere (index -1, no slot, no count), take part only in the gate's matmul, and are cut from the output.
       Top-2 / top-k take T=0 and uneven T as they are once C is agreed.
 
-Statistics (GatingStats, per call on this rank): from the gate's sparse routes (MOELayer always asks for them):
+Statistics (MoEStats, per call on this rank): from the gate's sparse routes (MOELayer always asks for them):
 pairs_dropped = routes with expert index -1 among this rank's real tokens; padded_slots = E*C minus the kept pairs;
 expert_rows = R*L*C (each local expert computes every source's C slots); bytes = the two equal-size all-to-alls of
 [E, C, D] buffers, R-1 of R blocks leaving and arriving in each (the capacity / T_max all-reduces are not counted, as
@@ -65,8 +65,8 @@ from torch import nn
 from moe_infer.collectives import all_reduce
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import DenseMLP
-from moe_infer.moe.block import ExpertTensors, RouterTensors
-from moe_infer.moe.dispatch.common import GatingStats, PhaseTimer
+from moe_infer.moe.experts import ExpertTensors, RouterTensors
+from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -201,10 +201,10 @@ class DeepSpeedBlock(nn.Module):
     def gate(self) -> sharded_moe.TopKGate:
         return self.moe.deepspeed_moe.gate
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         num_tokens, d_model = x_TD.shape
         E, K, R = self.num_experts, self.topk, self.ranks
-        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * K)
+        stats = MoEStats(tokens=num_tokens, pairs_routed=num_tokens * K)
         self._timer, self._routes = PhaseTimer(stats, x_TD.device), None
 
         x_SD, used_S = x_TD.to(self.expert_dtype), None

@@ -1,4 +1,5 @@
-"""megatron-core 0.16.1's MoELayer as a peer baseline MoEBlock, loaded with the same exported tensors as our policies.
+"""megatron-core 0.16.1's MoELayer as a peer baseline block (moe_infer.moe.baselines), loaded with the same exported
+tensors as our own layer.
 
     block = MegatronBlock(cfg, router, experts, placement)     every rank of the EP group, together
     y_TD, stats = block(x_TD)                                   every rank, together, with its own T (possibly 0)
@@ -41,8 +42,8 @@ from torch import nn
 
 from moe_infer import export_format as fmt
 from moe_infer.model.config import ModelConfig
-from moe_infer.moe.block import ExpertTensors, RouterTensors
-from moe_infer.moe.dispatch.common import GatingStats, PhaseTimer
+from moe_infer.moe.experts import ExpertTensors, RouterTensors
+from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
@@ -52,7 +53,7 @@ _COUNT_BYTES = 8  # megatron's per-expert token counts are int64
 
 
 class MegatronBlock(nn.Module):
-    """megatron's MoELayer for this rank's experts; `forward(x_TD) -> (y_TD, GatingStats)` (moe_infer.moe.block)."""
+    """megatron's MoELayer for this rank's experts; `forward(x_TD) -> (y_TD, MoEStats)` (moe_infer.moe.baselines)."""
 
     def __init__(self, cfg: ModelConfig, router: RouterTensors, experts: ExpertTensors, placement: Placement):
         super().__init__()
@@ -63,7 +64,7 @@ class MegatronBlock(nn.Module):
         _load(self.moe, cfg, router, experts, placement.local_experts(self.rank))
         self.moe.eval().requires_grad_(False)
         # The call in progress: the hooks below add to its stats (None outside a call).
-        self._stats: GatingStats | None = None
+        self._stats: MoEStats | None = None
         self._timer: PhaseTimer | None = None
         # Phase boundaries inside megatron's forward: router done = gate; experts start = dispatch (permutation,
         # count all-gather, all-to-alls, regrouping); experts done = experts; the rest (combine) ends in forward.
@@ -72,11 +73,11 @@ class MegatronBlock(nn.Module):
         self.moe.experts.register_forward_hook(lambda *_: self._lap("experts"))
 
     @torch.no_grad()
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, GatingStats]:
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         num_tokens, hidden = x_TD.shape
         if hidden != self.hidden_size:
             raise PipelineError(f"megatron block: input has model dim {hidden}, the layer has {self.hidden_size}")
-        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * self.topk)
+        stats = MoEStats(tokens=num_tokens, pairs_routed=num_tokens * self.topk)
         self._stats, self._timer = stats, PhaseTimer(stats, x_TD.device)
         x_use_TD = x_TD.to(DTYPE)
         if num_tokens == 0:
@@ -113,7 +114,7 @@ class MegatronBlock(nn.Module):
             return
         dispatcher = self.moe.token_dispatcher
         # Rows this rank sends to each rank (input_splits) and receives from each (output_splits), in rank order;
-        # the chunk it keeps for itself is not counted, as in GatingStats.
+        # the chunk it keeps for itself is not counted, as in MoEStats.
         sent = int(sum(dispatcher.input_splits)) - int(dispatcher.input_splits[self.rank])
         received = int(sum(dispatcher.output_splits)) - int(dispatcher.output_splits[self.rank])
         row_bytes = self.hidden_size * x_ND.element_size()

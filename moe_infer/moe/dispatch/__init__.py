@@ -1,23 +1,24 @@
-"""Gating policies: how an MoE layer gets its (token, expert) pairs to the experts and the outputs back.
+"""Dispatch: how an MoE layer gets its (token, expert) pairs to the experts' ranks and their outputs back.
 
-    probs_TK, experts_TK = router(x_TD)
-    y_TD, stats = policy(x_TD, probs_TK, experts_TK, run_expert)   run_expert(local_slot, x_ND, probs_N) -> y_ND
+    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)   rows to their experts' ranks
+    experts(routed)                                        each local expert on its rows (moe_infer.moe.experts)
+    y_TD = dispatcher.combine(routed)                      outputs back to their tokens, each token's pairs summed
 
-A policy replaces the reference `dispatch`/`combine` of moe_infer.model.moe; the router and the experts stay as they
-are. `run_expert` (the RunExpert protocol) is told which local slots the call will run (`prepare`, so a buffered
-expert store can fetch them), then runs this rank's expert at a local slot (see moe_infer.placement) on the rows it
-received, with the routing probability applied inside the expert as the reference does. Under expert parallelism
-every rank of the group calls the policy together (with its own tokens, possibly none), since the policies exchange
-rows by all-to-all.
+`routed` is what the experts read and write: `expert_inputs()` yields (local slot, x_ND, probs_N, out_ND or None) for
+each expert that runs, in the order the dispatcher told `prepare` (so a buffered store can fetch them while the rows
+travel), and `expert_output(slot, y_ND)` takes each expert's output (a no-op where the expert wrote into out_ND).
+Under expert parallelism every rank of the group calls dispatch and combine together (with its own tokens, possibly
+none), since they exchange rows by all-to-all.
 
-    DynamicGating(placement, group)                       sort + count + variable all-to-all: no padding, no drops
-    StaticGating(placement, capacity_fraction, group)     fixed capacity, padded buffers, drops past capacity
+    DynamicDispatch(placement, group)                       sort + count + variable all-to-all: no padding, no drops
+    StaticDispatch(placement, capacity_fraction, group)     fixed capacity, padded buffers, drops past capacity
+    exchange.py                                             their all-to-all (ExpertGroup) and its accounting
 
-Shape legend: T tokens, K experts per token, D model dim, N rows, R ranks.
+Shape legend: T tokens, K experts per token, D model dim, N rows.
 """
 
-from moe_infer.moe.dispatch.common import ExpertGroup, GatingPolicy, GatingStats, PhaseTimer, RunExpert
-from moe_infer.moe.dispatch.dynamic import DynamicGating
-from moe_infer.moe.dispatch.static import StaticGating
+from moe_infer.moe.dispatch.dynamic import DynamicDispatch
+from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.dispatch.static import StaticDispatch
 
-__all__ = ["DynamicGating", "ExpertGroup", "GatingPolicy", "GatingStats", "PhaseTimer", "RunExpert", "StaticGating"]
+__all__ = ["DynamicDispatch", "ExpertGroup", "StaticDispatch"]

@@ -1,12 +1,15 @@
-"""Dynamic gating (the paper's first technique): sort the (token, expert) pairs, count them per expert, and send
+"""Dynamic dispatch (the paper's dynamic gating): sort the (token, expert) pairs, count them per expert, and send
 exactly the routed rows with a variable-size all-to-all. Nothing is padded, nothing is dropped.
 
-    1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
-    2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source x slot
-    3. variable all-to-all of the sorted rows and their probabilities, split by those counts
-    4. received rows arrive source-major; regroup them by local slot so each expert runs on one contiguous slice
-    5. un-group, reverse all-to-all, combine with index_add_ into [T, D]
-With one rank (every expert local) steps 2-5 fold into one loop: per expert, gather its rows, run it, index_add_.
+    dispatch  1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
+              2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source
+                 x slot
+              3. variable all-to-all of the sorted rows and their probabilities, split by those counts
+              4. received rows arrive source-major; regroup them by local slot, so each expert runs on one contiguous
+                 slice (the experts write their outputs into the matching slice of one buffer)
+    combine   5. un-group, reverse all-to-all, sum each token's pairs with index_add_ into [T, D]
+With one rank (every expert local) nothing is exchanged: each expert gathers its rows just before it runs and its
+outputs are added into its tokens' rows right after (Local), while they are still in cache.
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
 P expert positions (rank-major, E of them), R ranks, L experts per rank.
@@ -14,25 +17,90 @@ P expert positions (rank-major, E of them), R ranks, L experts per rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from moe_infer.moe.dispatch.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
 
+ExpertInputs = Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
-class DynamicGating:
+
+@dataclass
+class Exchanged:
+    """This rank's rows after the exchange, grouped by local slot; the experts write into the slices of y_MD."""
+
+    x_MD: torch.Tensor
+    probs_M: torch.Tensor
+    y_MD: torch.Tensor
+    rows_L: list[int]
+    group_M: torch.Tensor  # received row order -> slot order
+    send_R: list[int]
+    recv_R: list[int]
+    token_N: torch.Tensor  # the token of each sorted local pair
+    num_tokens: int
+    timer: PhaseTimer
+
+    def expert_inputs(self) -> ExpertInputs:
+        start = 0
+        for slot, rows in enumerate(self.rows_L):
+            if rows:
+                end = start + rows
+                yield slot, self.x_MD[start:end], self.probs_M[start:end], self.y_MD[start:end]
+                start = end
+
+    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
+        """Already in place (the slice of y_MD the expert wrote into)."""
+
+
+@dataclass
+class Local:
+    """One rank, every expert local: each expert's rows are gathered as it runs and its outputs added into out_TD (no
+    [N, D] staging buffers), so the gather and the scatter-add are counted in the experts phase."""
+
+    x_TD: torch.Tensor
+    probs_N: torch.Tensor
+    out_TD: torch.Tensor
+    rows_L: list[int]
+    token_N: torch.Tensor
+    timer: PhaseTimer
+    _token_n: torch.Tensor | None = None  # the tokens of the expert running now
+
+    def expert_inputs(self) -> ExpertInputs:
+        start = 0
+        for slot, rows in enumerate(self.rows_L):
+            if rows:
+                end = start + rows
+                self._token_n = self.token_N[start:end]
+                yield slot, self.x_TD.index_select(0, self._token_n), self.probs_N[start:end], None
+                start = end
+
+    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
+        self.out_TD.index_add_(0, self._token_n, y_ND)
+
+
+class DynamicDispatch:
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
         self.placement = placement
         self.ranks = ExpertGroup(placement, group)
 
-    def __call__(
-        self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
-    ) -> tuple[torch.Tensor, GatingStats]:
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        probs_TK: torch.Tensor,
+        experts_TK: torch.Tensor,
+        prepare: Callable[[list[int], bool], None],
+        timer: PhaseTimer,
+    ) -> Exchanged | Local:
+        """This rank's rows for its local experts; `prepare(active_L, overlapped)` is told which slots will run
+        (while the rows travel, when they do)."""
         num_tokens, topk = experts_TK.shape
         R, L = self.placement.ranks, self.placement.experts_per_rank
-        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * topk)
-        timer = PhaseTimer(stats, x_TD.device)
+        stats = timer.stats
 
         # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
         position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
@@ -41,7 +109,13 @@ class DynamicGating:
         counts_P = torch.bincount(position_N, minlength=R * L)
         timer.lap("gate")
         if R == 1:
-            return self._one_rank(x_TD, probs_TK, order_N, token_N, counts_P, run_expert, stats, timer)
+            probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
+            out_TD = torch.zeros_like(x_TD)
+            rows_L = counts_P.tolist()
+            prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
+            stats.expert_rows = token_N.numel()
+            timer.lap("dispatch")
+            return Local(x_TD, probs_N, out_TD, rows_L, token_N, timer)
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
         # paper says, the count exchange starts as soon as the counts exist and the rows are gathered meanwhile.
@@ -62,47 +136,21 @@ class DynamicGating:
         group_M = torch.argsort(slot_M, stable=True)
         rows_L = recv_RL.sum(0).tolist()
         # A buffered expert store copies in the missing active experts while the rows travel.
-        run_expert.prepare([slot for slot, rows in enumerate(rows_L) if rows], overlapped=True)
+        prepare([slot for slot, rows in enumerate(rows_L) if rows], True)
         x_MD = rows_in_flight.wait().index_select(0, group_M)
         probs_M = probs_in_flight.wait().index_select(0, group_M)
-        timer.lap("dispatch")
-
         # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
         y_MD = torch.empty_like(x_MD)
-        start = 0
-        for slot, rows in enumerate(rows_L):
-            if rows:
-                end = start + rows
-                run_expert(slot, x_MD[start:end], probs_M[start:end], y_MD[start:end])
-                start = end
         stats.expert_rows = y_MD.shape[0]
-        timer.lap("experts")
-
-        # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
-        y_MD = torch.empty_like(y_MD).index_copy_(0, group_M, y_MD)
-        y_ND = self.ranks.all_to_all(y_MD, recv_R, send_R, stats)
-        out_TD = torch.zeros(num_tokens, x_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
-        out_TD.index_add_(0, token_N, y_ND)
-        timer.lap("combine")
-        return out_TD, stats
-
-    def _one_rank(self, x_TD, probs_TK, order_N, token_N, counts_P, run_expert, stats: GatingStats, timer: PhaseTimer):
-        """Every expert is on this rank, so nothing is exchanged: each expert gathers its rows, runs, and adds its
-        weighted outputs into its tokens' rows while they are still in cache (no [N, D] staging buffers). The gather
-        and the scatter-add are therefore counted in the experts phase."""
-        probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
-        out_TD = torch.zeros_like(x_TD)
-        rows_L = counts_P.tolist()
-        run_expert.prepare([slot for slot, rows in enumerate(rows_L) if rows], overlapped=False)
         timer.lap("dispatch")
-        start = 0
-        for slot, rows in enumerate(rows_L):
-            if rows:
-                end = start + rows
-                token_n = token_N[start:end]
-                out_TD.index_add_(0, token_n, run_expert(slot, x_TD.index_select(0, token_n), probs_N[start:end]))
-                start = end
-        stats.expert_rows = token_N.numel()
-        timer.lap("experts")
-        timer.lap("combine")
-        return out_TD, stats
+        return Exchanged(x_MD, probs_M, y_MD, rows_L, group_M, send_R, recv_R, token_N, num_tokens, timer)
+
+    def combine(self, routed: Exchanged | Local) -> torch.Tensor:
+        """[T, D]: each token's expert outputs, summed."""
+        if isinstance(routed, Local):
+            return routed.out_TD
+        # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
+        y_MD = torch.empty_like(routed.y_MD).index_copy_(0, routed.group_M, routed.y_MD)
+        y_ND = self.ranks.all_to_all(y_MD, routed.recv_R, routed.send_R, routed.timer.stats)
+        out_TD = torch.zeros(routed.num_tokens, y_ND.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
+        return out_TD.index_add_(0, routed.token_N, y_ND)

@@ -1,12 +1,13 @@
-"""Static gating (the baseline of fairseq / GShard / DeepSpeed TopKGate): every expert gets a fixed capacity of C
-slots, the tokens are moved with one-hot mask products into padded [E, C, D] buffers, and equal-size all-to-alls
-carry those buffers. Pairs past an expert's capacity are dropped (the token keeps only the caller's residual path);
-empty slots are zero rows that the experts compute anyway: the waste the paper measures.
+"""Static dispatch (static gating, the baseline of fairseq / GShard / DeepSpeed TopKGate): every expert gets a fixed
+capacity of C slots, the tokens are moved with one-hot mask products into padded [E, C, D] buffers, and equal-size
+all-to-alls carry those buffers. Pairs past an expert's capacity are dropped (the token keeps only the caller's
+residual path); empty slots are zero rows that the experts compute anyway: the waste the paper measures.
 
     C = max(1, ceil(capacity_fraction * T_max))        T_max: the most tokens any rank of the group brought
     slot of each pair = running count per expert, first choices of all tokens before any second choice (GShard)
-    dispatch_TPC one-hot -> buf_PCD = einsum(dispatch, x) -> all-to-all -> experts on all R*C slots each
-    -> all-to-all back -> y_TD = einsum(dispatch, out_PCD)
+    dispatch  dispatch_TPC one-hot -> buf_PCD = einsum(dispatch, x) -> all-to-all (Buffers)
+    experts   each local expert on all R*C slots of its buffer, padding included
+    combine   all-to-all back -> y_TD = einsum(dispatch, out_PCD)
 
 The routing probability is applied inside the expert, as in the reference (moe_infer.model.moe): a real slot gets its
 pair's probability, a padded slot 0, so padding contributes exactly 0 (the fc2 bias is scaled by it too) and the
@@ -19,16 +20,44 @@ Shape legend: T tokens, K experts per token, D model dim, N pairs (K*T, choice-m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from moe_infer.moe.dispatch.common import ExpertGroup, GatingStats, PhaseTimer, RunExpert
+from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
 
 
-class StaticGating:
+@dataclass
+class Buffers:
+    """The padded buffers this rank received, [source, slot, C] per local expert; the experts write into y_LRCD."""
+
+    recv_RLCD: torch.Tensor
+    recv_RLC: torch.Tensor
+    y_LRCD: torch.Tensor
+    dispatch_TPC: torch.Tensor  # the one-hot dispatch mask, reused by the combine
+    timer: PhaseTimer
+
+    def expert_inputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # Every slot of every expert is computed, padding included: the waste this scheme is known for.
+        R, L, C, D = self.recv_RLCD.shape
+        for slot in range(L):
+            yield (
+                slot,
+                self.recv_RLCD[:, slot].reshape(R * C, D),
+                self.recv_RLC[:, slot].reshape(R * C),
+                self.y_LRCD[slot].view(R * C, D),
+            )
+
+    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
+        """Already in place (the expert's block of y_LRCD)."""
+
+
+class StaticDispatch:
     def __init__(self, placement: Placement, capacity_fraction: float, group: dist.ProcessGroup | None = None):
         if not hasattr(placement, "position_of_E"):
             raise PipelineError(
@@ -44,14 +73,20 @@ class StaticGating:
     def capacity(self, max_tokens: int) -> int:
         return max(1, math.ceil(self.capacity_fraction * max_tokens))
 
-    def __call__(
-        self, x_TD: torch.Tensor, probs_TK: torch.Tensor, experts_TK: torch.Tensor, run_expert: RunExpert
-    ) -> tuple[torch.Tensor, GatingStats]:
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        probs_TK: torch.Tensor,
+        experts_TK: torch.Tensor,
+        prepare: Callable[[list[int], bool], None],
+        timer: PhaseTimer,
+    ) -> Buffers:
+        """This rank's buffers of its local experts; `prepare(active_L, overlapped)` is told that every slot runs
+        (while the buffers travel, when they do)."""
         num_tokens, topk = experts_TK.shape
         R, L = self.placement.ranks, self.placement.experts_per_rank
         E, D = R * L, x_TD.shape[-1]
-        stats = GatingStats(tokens=num_tokens, pairs_routed=num_tokens * topk)
-        timer = PhaseTimer(stats, x_TD.device)
+        stats = timer.stats
 
         # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks.
         C = self.capacity(self.ranks.max(num_tokens, x_TD.device))
@@ -77,25 +112,18 @@ class StaticGating:
         rows_in_flight = self.ranks.start_all_to_all(buf_PCD.reshape(E * C, D), blocks, blocks, stats)
         probs_in_flight = self.ranks.start_all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats)
         # Every expert computes its slots, empty or not; a buffered store copies them in while the buffers travel.
-        run_expert.prepare(list(range(L)), overlapped=R > 1)
+        prepare(list(range(L)), R > 1)
         recv_RLCD = rows_in_flight.wait().view(R, L, C, D)
         recv_RLC = probs_in_flight.wait().view(R, L, C)
-        timer.lap("dispatch")
-
-        # Every slot of every expert is computed, padding included: the waste this scheme is known for.
         y_LRCD = recv_RLCD.new_empty(L, R, C, D)
-        for slot in range(L):
-            run_expert(
-                slot,
-                recv_RLCD[:, slot].reshape(R * C, D),
-                recv_RLC[:, slot].reshape(R * C),
-                y_LRCD[slot].view(R * C, D),
-            )
-        y_RLCD = y_LRCD.transpose(0, 1)
         stats.expert_rows = R * L * C
-        timer.lap("experts")
+        timer.lap("dispatch")
+        return Buffers(recv_RLCD, recv_RLC, y_LRCD, dispatch_TPC, timer)
 
-        out_PCD = self.ranks.all_to_all(y_RLCD.reshape(E * C, D), blocks, blocks, stats).view(E, C, D)
-        out_TD = torch.einsum("tpc,pcd->td", dispatch_TPC.to(out_PCD.dtype), out_PCD)
-        timer.lap("combine")
-        return out_TD, stats
+    def combine(self, routed: Buffers) -> torch.Tensor:
+        """[T, D]: the experts' outputs back to the ranks their tokens came from, each token's kept slots summed."""
+        L, R, C, D = routed.y_LRCD.shape
+        E, blocks = R * L, [L * C] * R
+        y_RLCD = routed.y_LRCD.transpose(0, 1)
+        out_PCD = self.ranks.all_to_all(y_RLCD.reshape(E * C, D), blocks, blocks, routed.timer.stats).view(E, C, D)
+        return torch.einsum("tpc,pcd->td", routed.dispatch_TPC.to(out_PCD.dtype), out_PCD)
