@@ -76,8 +76,8 @@ def test_store_hits_and_misses_are_the_replayed_cache_figures():
 
 
 def test_slots_at_least_the_local_experts_mean_buffering_off():
-    """The runtime keeps every expert resident when the slots would hold them all (moe_infer.engine.engine)."""
-    from moe_infer.engine.engine import expert_store
+    """The runtime keeps every expert resident when the slots would hold them all (moe_infer.runtime.engine)."""
+    from moe_infer.runtime.engine import expert_store
 
     cfg = layer_config(topk=2, pre_softmax=False)
     _, experts = _tensors(cfg)

@@ -17,8 +17,8 @@ import pytest
 from random_exports import random_export_config, write_random_export
 
 from moe_infer.engine.cli import main
-from moe_infer.engine.generate import GenerationSettings, generate
 from moe_infer.model import load_model
+from moe_infer.runtime.generate import GenerationSettings, generate
 from pipeline.platform.device import free_port
 from pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 

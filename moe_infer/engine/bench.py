@@ -370,7 +370,7 @@ def format_table(rows: list[Row], limits: dict[str, int | None], header: str) ->
 def run_bench(job, out: IO[str]) -> int:
     """The sweep for every policy; the table, bench.json and the W&B run. `job`: moe_infer.engine.cli.Job."""
     from moe_infer.engine.cli import REPO, _flags, engine_options, progress
-    from moe_infer.engine.engine import Engine
+    from moe_infer.runtime.engine import Engine
     from pipeline.tracking import NamedRun, Tracker
 
     args, export = job.args, job.export

@@ -319,8 +319,8 @@ def encode_requests(tokenizer, lines: list[str], mode: str) -> list[list[int]]:
 
 
 def check_requests(requests: list[list[int]], cfg, mode: str, settings, where: str) -> None:
-    from moe_infer.engine.generate import RequestError, check_prompts
-    from moe_infer.engine.translate import check_sources
+    from moe_infer.runtime.generate import RequestError, check_prompts
+    from moe_infer.runtime.translate import check_sources
 
     if not requests:
         raise RequestError(f"no {'prompts' if mode == 'generate' else 'sources'} in {where}: one per line expected")
@@ -375,8 +375,8 @@ def resolve_mode(requested: str | None, export) -> str:
 
 
 def engine_options(args: argparse.Namespace, policy: str, placements=None):
-    from moe_infer.engine.engine import EngineOptions
     from moe_infer.moe.layer import MoEOptions
+    from moe_infer.runtime.engine import EngineOptions
 
     moe = MoEOptions(
         capacity_fraction=args.capacity_fraction,
@@ -396,8 +396,8 @@ def engine_options(args: argparse.Namespace, policy: str, placements=None):
 
 def serving_settings(args: argparse.Namespace, mode: str, cfg):
     """GenerationSettings / TranslationSettings from the flags (ConfigError names a bad value)."""
-    from moe_infer.engine.generate import GenerationSettings
-    from moe_infer.engine.translate import TranslationSettings
+    from moe_infer.runtime.generate import GenerationSettings
+    from moe_infer.runtime.translate import TranslationSettings
 
     if mode == "generate":
         return GenerationSettings(
@@ -420,8 +420,8 @@ def read_placements(path: Path | None, export, world: int):
     """--placement's maps for every MoE layer of the export, checked against it and the number of ranks."""
     if path is None:
         return None
-    from moe_infer.engine.engine import moe_layer_names
     from moe_infer.placement.files import placements_for_export, read_placement_file
+    from moe_infer.runtime.engine import moe_layer_names
 
     names = moe_layer_names(export)
     pfile = read_placement_file(path, num_experts=export.model_config.num_experts, layer_names=names, ranks=world)
@@ -431,7 +431,7 @@ def read_placements(path: Path | None, export, world: int):
 def prepare(args: argparse.Namespace) -> Job:
     """Open the export, read and check every request and flag. Identical on every rank: the only collectives are the
     process group's start and (stdin under a launcher) one broadcast of the lines, which every rank reaches."""
-    from moe_infer.engine.engine import expert_placements
+    from moe_infer.runtime.engine import expert_placements
     from pipeline.platform import init_distributed
     from pipeline.tokenizer import Tokenizer
 
@@ -475,14 +475,12 @@ def prepare(args: argparse.Namespace) -> Job:
 
 def serve(job: Job) -> tuple[list[list[int]], float, dict[str, float]]:
     """Start the engine and serve every request: (outputs in request order, seconds, the group's MoE figures)."""
-    from moe_infer.engine.engine import Engine
-    from moe_infer.engine.generate import generate
-    from moe_infer.engine.translate import translate
+    from moe_infer.runtime.engine import Engine
 
     engine = Engine.start(job.export.path, engine_options(job.args, job.args.policy, job.placements))
     recorder = None
     if job.args.record_trace is not None:
-        from moe_infer.engine.trace import LoadRecorder
+        from moe_infer.runtime.recorder import LoadRecorder
 
         recorder = LoadRecorder(engine, job.args.record_calls)
     progress(
@@ -492,12 +490,7 @@ def serve(job: Job) -> tuple[list[list[int]], float, dict[str, float]]:
         f"({engine.device}, policy {job.args.policy}, {job.args.dtype})",
     )
     start = time.perf_counter()
-    if job.mode == "generate":
-        ids = engine.share(range(len(job.requests)))  # sampling is seeded per request id, whatever serves it
-        mine = generate(engine.model, engine.share(job.requests), job.settings, engine.sync, request_ids=ids)
-    else:
-        mine = translate(engine.model, engine.share(job.requests), job.settings, engine.sync)
-    outputs = engine.gather(mine, len(job.requests))
+    outputs = engine.serve(job.requests, job.settings)
     seconds = time.perf_counter() - start
     if recorder is not None:
         save_load_history(recorder, job)
@@ -590,7 +583,7 @@ def run_serving(job: Job, out: IO[str]) -> int:
         **metrics,
     }
     if job.references is not None:
-        from moe_infer.engine.translate import bleu
+        from moe_infer.runtime.translate import bleu
 
         metrics["bleu"] = bleu(texts, job.references)
         print(f"BLEU = {metrics['bleu']:.2f} (sacrebleu corpus BLEU, {len(texts)} sentences)", file=sys.stderr)
@@ -605,7 +598,7 @@ def run_serving(job: Job, out: IO[str]) -> int:
 
 def _fail(err: PipelineError, rank: int, world: int, same_everywhere: bool) -> int:
     """Print one clear message: an error every rank meets alike is printed by rank 0 only."""
-    from moe_infer.engine.generate import RequestError
+    from moe_infer.runtime.generate import RequestError
 
     if rank == 0 or not same_everywhere:
         where = f" (rank {rank} of {world})" if world > 1 and not same_everywhere else ""

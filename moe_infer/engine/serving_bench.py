@@ -121,24 +121,16 @@ def _layer_figures(engine) -> tuple[list[float], list[float]]:
 
 
 def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
-    from moe_infer.engine.generate import generate
-    from moe_infer.engine.translate import translate
-
     engine.reset_stats()
     barrier(engine.device)  # every rank starts the clock together
     start = time.perf_counter()
-    if job.mode == "generate":
-        ids = engine.share(range(len(job.requests)))
-        mine = generate(engine.model, engine.share(job.requests), job.settings, engine.sync, request_ids=ids)
-    else:
-        mine = translate(engine.model, engine.share(job.requests), job.settings, engine.sync)
-    outputs = engine.gather(mine, len(job.requests))  # also where the slowest rank is waited for
+    outputs = engine.serve(job.requests, job.settings)  # it ends with a gather: the slowest rank is waited for
     return time.perf_counter() - start, outputs
 
 
 def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
     from moe_infer.engine.cli import engine_options
-    from moe_infer.engine.engine import Engine
+    from moe_infer.runtime.engine import Engine
 
     engines = {}
     for v in chosen:

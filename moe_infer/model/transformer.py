@@ -82,17 +82,15 @@ class TransformerLayer(nn.Module):
         if self.cross:
             h_BSD = self.cross_norm(x_BSD)
             x_BSD = x_BSD + self.cross_attn(h_BSD, memory_mask, cache=cache and cache.cross_attn, memory_BKD=memory_BKD)
-        return x_BSD + self._ffn(self.mlp_norm(x_BSD), skip_BS)
-
-    def _ffn(self, h_BSD: torch.Tensor, skip_BS: torch.Tensor | None) -> torch.Tensor:
+        h_BSD = self.mlp_norm(x_BSD)
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         if skip_BS is None:
-            return ffn(h_BSD)
+            return x_BSD + ffn(h_BSD)
         # Only the real tokens go through: padding must not take expert capacity or all-to-all bandwidth.
         keep_BS = ~skip_BS
         y_BSD = torch.zeros_like(h_BSD)
         y_BSD[keep_BS] = ffn(h_BSD[keep_BS].unsqueeze(0)).squeeze(0)
-        return y_BSD
+        return x_BSD + y_BSD
 
 
 class Stack(nn.Module):

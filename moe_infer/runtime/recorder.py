@@ -7,7 +7,7 @@ model call, how many (token, expert) pairs each expert got over the whole group.
     counts = recorder.gather()                         {layer name: int64 [calls, E]}, every rank, summed over ranks
 
 Memory stays bounded: each layer keeps its last `max_calls` calls (E int64 counts each); the totals over every call
-are kept besides. The ranks call each MoE layer in lock-step (moe_infer.engine.lockstep), so call i of one rank and
+are kept besides. The ranks call each MoE layer in lock-step (moe_infer.runtime.lockstep), so call i of one rank and
 call i of another are the same step of the group and their counts add up; calls in which no rank had a token are
 dropped.
 

@@ -14,17 +14,18 @@ import pytest
 import torch
 from random_exports import random_export_config, write_random_export
 
-from moe_infer.engine.generate import GenerationSettings, RequestError, filter_top_k, filter_top_p, generate
-from moe_infer.engine.lockstep import LockStep
-from moe_infer.engine.translate import (
+from moe_infer.model import ModelConfig, MoELayer, load_model
+from moe_infer.runtime.generate import GenerationSettings, RequestError, filter_top_k, filter_top_p, generate
+from moe_infer.runtime.lockstep import LockStep
+from moe_infer.runtime.translate import (
     TranslationSettings,
     beam_search_batch,
     bleu,
+    encode,
     normalized_score,
     score_targets,
     translate,
 )
-from moe_infer.model import ModelConfig, MoELayer, load_model
 from pipeline.errors import ConfigError
 from pipeline.platform.testing import run_distributed
 
@@ -204,7 +205,7 @@ def test_beam_search_with_one_beam_is_greedy(exports):
     model, sources = _mt_with_varied_eos(exports["mt"], max_len=8)
     settings = TranslationSettings(max_len=8, batch_size=len(sources))
     greedy = translate(model, sources, settings)
-    assert beam_search_batch(model, sources, settings, LockStep()) == greedy
+    assert beam_search_batch(model, encode(model, sources), settings, LockStep()) == greedy
 
 
 def test_bleu():
@@ -286,7 +287,7 @@ def test_bad_prompts_are_named(exports):
 
 
 def test_bad_sources_are_named(exports):
-    from moe_infer.engine.translate import check_sources
+    from moe_infer.runtime.translate import check_sources
 
     cfg = ModelConfig.from_export(random_export_config("encoder-decoder"))  # learned positions: 32
     settings = TranslationSettings(max_len=16)

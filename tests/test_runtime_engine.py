@@ -8,11 +8,11 @@ import torch
 from random_exports import random_export_config, write_random_export
 
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
-from moe_infer.engine.engine import Engine, EngineError, EngineOptions
-from moe_infer.engine.generate import GenerationSettings, generate
-from moe_infer.engine.translate import TranslationSettings, translate
 from moe_infer.model import load_model
 from moe_infer.moe.layer import POLICIES, MoEOptions
+from moe_infer.runtime.engine import Engine, EngineError, EngineOptions
+from moe_infer.runtime.generate import GenerationSettings, generate
+from moe_infer.runtime.translate import TranslationSettings, translate
 from pipeline.platform.testing import run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
@@ -62,9 +62,9 @@ def test_every_policy_equals_the_reference_model(exports, ranks, routing):
 
 def _serve_with_placements(export: str) -> float:
     """Each MoE layer with its own shuffled placement (not contiguous): the logits do not change."""
-    from moe_infer.engine.engine import moe_layer_names
     from moe_infer.model.loader import Export
     from moe_infer.placement import Placement
+    from moe_infer.runtime.engine import moe_layer_names
 
     names = moe_layer_names(Export.open(export))
     shuffles = [[[3, 0], [1, 2]], [[2, 1], [0, 3]]]
@@ -78,9 +78,9 @@ def _serve_with_placements(export: str) -> float:
 
 def _serve_with_replicas(export: str) -> float:
     """Expert 1 copied onto both ranks in one layer, experts 0 and 3 in the other: logits unchanged."""
-    from moe_infer.engine.engine import moe_layer_names
     from moe_infer.model.loader import Export
     from moe_infer.placement.replicas import ReplicatedPlacement
+    from moe_infer.runtime.engine import moe_layer_names
 
     names = moe_layer_names(Export.open(export))
     lists = [[[0, 1], [2, 3, 1]], [[0, 1, 3], [2, 3, 0]]]
@@ -116,7 +116,7 @@ def _call_tokens(call: int, rank: int) -> torch.Tensor:
 
 def _record_loads(export: str) -> dict[str, list]:
     """Serve CALLS with a load recorder; one process serves every rank's tokens of a call as one batch."""
-    from moe_infer.engine.trace import LoadRecorder
+    from moe_infer.runtime.recorder import LoadRecorder
 
     engine = Engine.start(export, EngineOptions(policy="dynamic", timeout_s=60))
     recorder = LoadRecorder(engine)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_infer.engine.lockstep import LockStep
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.transformer import Cache, DecoderLM
+from moe_infer.runtime.lockstep import LockStep
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -168,7 +168,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 class _Rows:
-    """The rows of one batch still decoding: their prompt indices, tokens so far (no-cache mode) and outputs."""
+    """The rows of one batch still decoding: their prompt indices, tokens so far (no-cache mode) and outputs. What the
+    model is called with comes from here (`prefill`, `step`); the caller makes the call."""
 
     def __init__(self, model: DecoderLM, prompts: list[list[int]], settings: GenerationSettings):
         self.model, self.settings = model, settings
@@ -177,8 +178,9 @@ class _Rows:
         self.tokens_BS, self.pad_BS = left_pad(prompts, model.cfg.pad_id, model_device(model))
         self.cache: Cache | None = model.new_cache() if settings.use_cache else None
 
-    def prefill(self) -> torch.Tensor:
-        return self.model(self.tokens_BS, self.cache, self.pad_BS)[:, -1]
+    def prefill(self) -> tuple[torch.Tensor, Cache | None, torch.Tensor]:
+        """The model's inputs for the prompts: (tokens, cache, pads)."""
+        return self.tokens_BS, self.cache, self.pad_BS
 
     def record(self, next_B: torch.Tensor) -> torch.Tensor:
         """Append each row's token; return [B'] the rows that go on (EOS and full rows are done)."""
@@ -194,16 +196,18 @@ class _Rows:
         self.ids = [self.ids[row] for row in keep]
         return torch.tensor(keep, dtype=torch.int64, device=next_B.device)
 
-    def step(self, next_B: torch.Tensor, keep_B: torch.Tensor) -> torch.Tensor:
-        """[B', V] logits after feeding the kept rows' new tokens (B' may be 0)."""
+    def step(
+        self, next_B: torch.Tensor, keep_B: torch.Tensor
+    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
+        """The model's inputs for the kept rows' new tokens (B' rows, possibly 0): (tokens, cache, pads)."""
         new_B1 = next_B.index_select(0, keep_B)[:, None]
         if self.cache is not None:
             if keep_B.numel() != next_B.numel():  # finished rows leave the cache: no more compute on them
                 self.cache.select(keep_B)
-            return self.model(new_B1, self.cache)[:, -1]
+            return new_B1, self.cache, None
         self.tokens_BS = torch.cat((self.tokens_BS.index_select(0, keep_B), new_B1), dim=1)
         self.pad_BS = torch.cat((self.pad_BS.index_select(0, keep_B), torch.zeros_like(new_B1, dtype=torch.bool)), 1)
-        return self.model(self.tokens_BS, None, self.pad_BS)[:, -1]
+        return self.tokens_BS, None, self.pad_BS
 
 
 @torch.no_grad()
@@ -216,7 +220,7 @@ def generate_batch(
 ) -> list[list[int]]:
     """One round: the new tokens of each prompt (possibly none: an idle rank still makes the same model calls)."""
     rows = _Rows(model, prompts, settings)
-    logits_BV = rows.prefill()
+    logits_BV = model(*rows.prefill())[:, -1]
     gens = list(generators)
     while True:
         next_B = sample_next(logits_BV, settings, gens)
@@ -224,7 +228,7 @@ def generate_batch(
         gens = [gens[i] for i in keep_B.tolist()]
         if not sync.any(keep_B.numel() > 0):  # one all-reduce per step: every rank stops together
             return rows.outputs
-        logits_BV = rows.step(next_B, keep_B)
+        logits_BV = model(*rows.step(next_B, keep_B))[:, -1]
 
 
 def generate(

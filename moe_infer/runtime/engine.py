@@ -2,6 +2,8 @@
 layer served by the chosen implementation (moe_infer.moe.layer), the model wrapped by DeepSpeed's inference engine.
 
     engine = Engine.start("exports/lm-tiny", EngineOptions(policy="dynamic"))   joins the launcher's job (or none)
+    outputs = engine.serve(requests, GenerationSettings(...))    every request's output ids, in order, on every rank
+                                                                 (TranslationSettings: the sources translated)
     engine.model                     the plain-torch model (DecoderLM / EncoderDecoder) with served MoE layers
     engine.sync                      LockStep over the group: idle ranks keep calling the model with empty batches
     mine = engine.share(requests)    this rank's requests (every rank reads them all, serves every R-th one)
@@ -23,13 +25,15 @@ import torch
 import torch.distributed as dist
 
 from moe_infer.buffering.store import BufferedExperts
-from moe_infer.engine.lockstep import LockStep
 from moe_infer.model.loader import Export, load_model, read_expert
 from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
 from moe_infer.moe.layer import POLICIES, MoEOptions, ServedMoE, build_moe_layer
 from moe_infer.placement import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
+from moe_infer.runtime.generate import GenerationSettings, generate
+from moe_infer.runtime.lockstep import LockStep
+from moe_infer.runtime.translate import TranslationSettings, translate
 from pipeline.errors import PipelineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -103,6 +107,17 @@ class Engine:
     def reset_stats(self) -> None:
         for layer in self.moe_layers:
             layer.reset_stats()
+
+    def serve(self, requests: Sequence[list[int]], settings: GenerationSettings | TranslationSettings) -> list:
+        """Every request's output ids in request order, on every rank (a collective: every rank calls it with all the
+        requests). GenerationSettings: the prompts continued (moe_infer.runtime.generate); TranslationSettings: the
+        sources translated (moe_infer.runtime.translate). Each rank serves its share in lock step with the others."""
+        if isinstance(settings, GenerationSettings):
+            ids = self.share(range(len(requests)))  # sampling is seeded per request id, whatever rank serves it
+            mine = generate(self.model, self.share(requests), settings, self.sync, request_ids=ids)
+        else:
+            mine = translate(self.model, self.share(requests), settings, self.sync)
+        return self.gather(mine, len(requests))
 
     def share(self, requests: Sequence[Any]) -> list[Any]:
         """This rank's requests: every R-th one from its rank on (all ranks see all requests, so validation errors

@@ -9,7 +9,7 @@ ranks of the EP group.
 Sources are the encoder's input exactly as in training (ids + EOS); the decoder starts from BOS. `max_len` bounds the
 decoder steps: an output has at most max_len tokens, and one shorter than max_len ended with EOS.
 
-How a rank steps through its sources (the lock-step rules of moe_infer.engine.generate):
+How a rank steps through its sources (the lock-step rules of moe_infer.runtime.generate):
   * sources sorted by length, cut into batches; every rank steps through `sync.max(local batches)` rounds;
   * a round: one encoder call on the right-padded batch (pads masked, kept out of the FFN / MoE; an idle rank encodes
     an empty batch so the encoder's MoE layers still meet), then one decoder call per step with the KV cache (each
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import sacrebleu
 import torch
 
-from moe_infer.engine.generate import RequestError, check_tokens, length_sorted_batches, model_device
-from moe_infer.engine.lockstep import LockStep
 from moe_infer.model.config import ModelConfig
-from moe_infer.model.transformer import EncoderDecoder
+from moe_infer.model.transformer import Cache, EncoderDecoder
+from moe_infer.runtime.generate import RequestError, check_tokens, length_sorted_batches, model_device
+from moe_infer.runtime.lockstep import LockStep
 from pipeline.errors import ConfigError
 
 
@@ -86,19 +86,17 @@ def normalized_score(log_prob: float, length: int, length_penalty: float) -> flo
     return log_prob / max(length, 1) ** length_penalty
 
 
-class _Decoder:
-    """One round's encoder output and decoder cache, rows selectable (finished rows leave, beams reorder)."""
+@dataclass
+class Encoded:
+    """One round's encoder output and decoder cache, rows selectable (finished rows leave, beams reorder). A decoding
+    step is `model.decode(tokens_B[:, None], *encoded.decoder_inputs())`."""
 
-    def __init__(self, model: EncoderDecoder, sources: list[list[int]]):
-        self.model = model
-        src_BS, self.src_pad_BS = right_pad(sources, model.cfg.pad_id, model_device(model))
-        self.memory_BSD = model.encode(src_BS, self.src_pad_BS, skip_pads=True)
-        self.cache = model.new_cache()
+    memory_BSD: torch.Tensor
+    src_pad_BS: torch.Tensor
+    cache: Cache
 
-    def logprobs(self, tokens_B: torch.Tensor) -> torch.Tensor:
-        """[B, V] float32 log-probs of the next token after feeding `tokens_B`."""
-        logits_BV = self.model.decode(tokens_B[:, None], self.memory_BSD, self.src_pad_BS, self.cache)[:, -1]
-        return torch.log_softmax(logits_BV.float(), dim=-1)
+    def decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor, Cache]:
+        return self.memory_BSD, self.src_pad_BS, self.cache
 
     def select(self, rows_B: torch.Tensor) -> None:
         self.cache.select(rows_B)
@@ -107,17 +105,26 @@ class _Decoder:
 
 
 @torch.no_grad()
-def greedy_batch(
-    model: EncoderDecoder, sources: list[list[int]], settings: TranslationSettings, sync: LockStep
-) -> list[list[int]]:
-    """One round of greedy decoding (no sources: the same model calls on empty batches)."""
-    cfg = model.cfg
-    dec = _Decoder(model, sources)
-    outputs: list[list[int]] = [[] for _ in sources]
-    ids = list(range(len(sources)))
-    tokens_B = torch.full((len(sources),), cfg.bos_id, dtype=torch.int64, device=model_device(model))
+def encode(model: EncoderDecoder, sources: list[list[int]]) -> Encoded:
+    """The encoder over one round's sources (no sources: the same model call on an empty batch)."""
+    src_BS, src_pad_BS = right_pad(sources, model.cfg.pad_id, model_device(model))
+    return Encoded(model.encode(src_BS, src_pad_BS, skip_pads=True), src_pad_BS, model.new_cache())
+
+
+def _logprobs(logits_BSV: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32 log-probs of the next token."""
+    return torch.log_softmax(logits_BSV[:, -1].float(), dim=-1)
+
+
+@torch.no_grad()
+def greedy_batch(model: EncoderDecoder, dec: Encoded, settings: TranslationSettings, sync: LockStep) -> list[list[int]]:
+    """One round of greedy decoding of the encoded sources (none: the same model calls on empty batches)."""
+    cfg, num_sources = model.cfg, dec.memory_BSD.shape[0]
+    outputs: list[list[int]] = [[] for _ in range(num_sources)]
+    ids = list(range(num_sources))
+    tokens_B = torch.full((num_sources,), cfg.bos_id, dtype=torch.int64, device=model_device(model))
     while sync.any(len(ids) > 0):  # one all-reduce per step: every rank stops together
-        next_B = dec.logprobs(tokens_B).argmax(dim=-1)
+        next_B = _logprobs(model.decode(tokens_B[:, None], *dec.decoder_inputs())).argmax(dim=-1)
         keep = []
         for row, token in enumerate(next_B.tolist()):
             if token != cfg.eos_id:
@@ -177,18 +184,17 @@ class _Sentence:
 
 @torch.no_grad()
 def beam_search_batch(
-    model: EncoderDecoder, sources: list[list[int]], settings: TranslationSettings, sync: LockStep
+    model: EncoderDecoder, dec: Encoded, settings: TranslationSettings, sync: LockStep
 ) -> list[list[int]]:
-    """One round of beam search (no sources: the same model calls on empty batches)."""
-    cfg, k = model.cfg, settings.beam_size
-    dec = _Decoder(model, sources)
-    sentences = [_Sentence() for _ in sources]
-    active = list(range(len(sources)))  # sentences still searching, in row order
+    """One round of beam search of the encoded sources (none: the same model calls on empty batches)."""
+    cfg, k, num_sources = model.cfg, settings.beam_size, dec.memory_BSD.shape[0]
+    sentences = [_Sentence() for _ in range(num_sources)]
+    active = list(range(num_sources))  # sentences still searching, in row order
     rows_per = 1  # running beams per active sentence: 1 before the first step, k after
-    tokens_B = torch.full((len(sources),), cfg.bos_id, dtype=torch.int64, device=model_device(model))
+    tokens_B = torch.full((num_sources,), cfg.bos_id, dtype=torch.int64, device=model_device(model))
     step = 0
     while sync.any(len(active) > 0):
-        logprobs_BV = dec.logprobs(tokens_B)
+        logprobs_BV = _logprobs(model.decode(tokens_B[:, None], *dec.decoder_inputs()))
         vocab = logprobs_BV.shape[-1]
         scores_B = torch.tensor(
             [score for j in active for _, score in sentences[j].beams], dtype=torch.float32, device=tokens_B.device
@@ -223,7 +229,8 @@ def translate(
     outputs: list[list[int]] = [[] for _ in sources]
     for r in range(sync.max(len(batches))):
         batch = batches[r] if r < len(batches) else []
-        for i, out in zip(batch, run_batch(model, [sources[i] for i in batch], settings, sync), strict=True):
+        encoded = encode(model, [sources[i] for i in batch])
+        for i, out in zip(batch, run_batch(model, encoded, settings, sync), strict=True):
             outputs[i] = out
     return outputs
 
