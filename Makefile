@@ -53,7 +53,7 @@ infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpe
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
 bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny (trained and converted first if missing): runs/bench/, then `make report`
-	$(PY) -m moe_infer.engine.suite --out runs/bench --nproc $(NPROC) $(ARGS)
+	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.
 exports/%/manifest.json:
@@ -76,7 +76,7 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 		--nproc_per_node $(NPROC) launch/infer.py --export exports/demo-lm-tiny --max-new-tokens 40 --quiet
 	@echo "demo: a short benchmark of exports/demo-lm-tiny (the layer bench, policies, buffering replay, placement)"
 	rm -rf runs/demo-bench
-	$(PY) -m moe_infer.engine.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
+	$(PY) -m pipeline.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
 		--out runs/demo-bench --nproc $(NPROC)
 	$(PY) -m pipeline.report --runs runs/demo-bench --out reports/demo-report.html
 

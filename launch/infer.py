@@ -1,11 +1,12 @@
-"""Serve an export: generate text (LM), translate (MT) or benchmark the MoE policies, with expert parallelism.
+"""Serve an export: generate text (LM) or translate (MT), with expert parallelism; or benchmark it.
 
     python launch/infer.py --export exports/lm-tiny < prompts.txt                        one process
     deepspeed --num_gpus 2 launch/infer.py --export exports/lm-tiny --input prompts.txt
     torchrun --nproc-per-node 2 launch/infer.py --export exports/mt-tiny --input src.txt --references ref.txt
     python launch/infer.py --export exports/lm-tiny --mode bench --policies dynamic,static --max-batch 16
 
-Everything is in moe_infer.engine.cli (flags: --help) and moe_infer.engine.bench.
+Serving is moe_infer.serve.cli (flags: --help). `--mode bench` and `--mode bench-serving` run the benchmarks
+`python -m moe_infer.bench model` and `serving` with the other flags (their own: `python -m moe_infer.bench --help`).
 """
 
 import sys
@@ -14,7 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_infer.engine.cli import main  # noqa: E402
+from moe_infer.bench.cli import infer_mode_argv  # noqa: E402
+from moe_infer.bench.cli import main as bench  # noqa: E402
+from moe_infer.serve.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_argv = infer_mode_argv(sys.argv[1:])  # --mode bench | bench-serving: a benchmark, with its own flags
+    sys.exit(main() if bench_argv is None else bench(bench_argv))

@@ -1,9 +1,14 @@
 """The errors a user can cause, each with one clear message.
 
 Every stage raises a subclass of `PipelineError` for bad input (a missing file, a bad config value, an impossible
-shape). Entry points catch `PipelineError` and print its message without a stack trace; anything else is a bug and
-keeps its trace.
+shape). Entry points catch `PipelineError` and print its message without a stack trace (`exit_status` does it for a
+single-process command); anything else is a bug and keeps its trace.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class PipelineError(Exception):
@@ -35,3 +40,13 @@ class PlatformError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, incomplete, corrupt, or from a model other than the config describes."""
+
+
+def exit_status(command: Callable[..., int], *args) -> int:
+    """A command-line tool's exit status: `command(*args)`'s, or 2 with one `error: ...` line on stderr (and no stack
+    trace) when it raises a PipelineError, the user's to fix."""
+    try:
+        return command(*args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_infer.buffering.replay import COLUMNS as REPLAY_COLUMNS
-from moe_infer.buffering.replay import ratios_to_belady
-from moe_infer.engine.bench import Row as BenchRow
-from moe_infer.engine.serving_bench import Result as ServingResult
+from moe_infer.bench.model import Row as BenchRow
+from moe_infer.bench.replay import COLUMNS as REPLAY_COLUMNS
+from moe_infer.bench.replay import ratios_to_belady
+from moe_infer.bench.serving import Result as ServingResult
 from moe_infer.placement.__main__ import COLUMNS as PLACEMENT_COLUMNS
 from pipeline.report import context
 from pipeline.report.__main__ import main
@@ -29,7 +29,7 @@ def fake_wandb_run(run_dir: Path, run_id: str) -> None:
 
 
 def write_layer(root: Path, ranks: int = 2) -> None:
-    """layer-ep<R>.json as moe_infer.engine.layer_bench writes it: beside its run directory."""
+    """layer-ep<R>.json as moe_infer.bench.layer writes it: beside its run directory."""
     run_dir = root / "bench" / f"layer-ep{ranks}"
     run_dir.mkdir(parents=True)
     fake_wandb_run(run_dir, "layer001")
@@ -70,7 +70,7 @@ def write_layer(root: Path, ranks: int = 2) -> None:
 
 
 def write_bench(root: Path, export: str, encoder: bool, static_oom: int | None) -> None:
-    """bench.json as moe_infer.engine.bench writes it (its own Row dataclass)."""
+    """bench.json as moe_infer.bench.model writes it (its own Row dataclass)."""
     run_dir = root / f"bench-{export}"
     run_dir.mkdir(parents=True)
     layers = {"decoder.layers.2": {"prefill": PHASES, "decode": PHASES}}
@@ -109,7 +109,7 @@ def write_bench(root: Path, export: str, encoder: bool, static_oom: int | None) 
 
 
 def write_serving(root: Path) -> None:
-    """serving.json as moe_infer.engine.serving_bench writes it (its own Result dataclass): the baseline, K slots x
+    """serving.json as moe_infer.bench.serving writes it (its own Result dataclass): the baseline, K slots x
     eviction policy, and a placement file."""
     run_dir = root / "bench-serving-mt-tiny"
     run_dir.mkdir(parents=True)
@@ -206,8 +206,8 @@ def write_buffering(root: Path) -> None:
 
 
 def write_replay(root: Path) -> None:
-    """replay.json shaped as `python -m moe_infer.buffering replay --run-dir` writes it: the settings, then the
-    rows of moe_infer.buffering.replay.COLUMNS, K = L/2 and each policy's misses over Belady's there."""
+    """replay.json shaped as `python -m moe_infer.bench replay --run-dir` writes it: the settings, then the
+    rows of moe_infer.bench.replay.COLUMNS, K = L/2 and each policy's misses over Belady's there."""
     rows = []
     for layer in ("decoder.layers.2", "total"):
         for policy, misses in (("paper", [9, 5, 0]), ("lru", [9, 8, 0]), ("belady", [9, 4, 0])):
@@ -305,7 +305,7 @@ def test_missing_experiments_say_not_run_with_the_command(tmp_path):
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
     html = out.read_text()
     assert html.count("not run: <code>") == 4
-    assert "python -m moe_infer.buffering replay" in html and "--mode bench-serving" in html
+    assert "python -m moe_infer.bench replay" in html and "--mode bench-serving" in html
     assert "not measured" in html and "make bench" in html
     assert "not run: `make bench" in (tmp_path / "report.md").read_text()
 

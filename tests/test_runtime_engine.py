@@ -210,31 +210,3 @@ def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
 def test_an_unknown_policy_is_named():
     with pytest.raises(EngineError, match=r"unknown MoE policy 'fast'; expected one of dynamic, static"):
         Engine.start("anywhere", EngineOptions(policy="fast"))
-
-
-def _layer_bench(out: str) -> None:
-    from moe_infer.engine import layer_bench
-
-    argv = ["--experts", "8", "--hidden", "16", "--ffn", "32", "--tokens", "40", "--capacity-fraction", "1.0"]
-    assert (
-        layer_bench.main([*argv, "--ds-capacity-factor", "8", "--repeats", "1", "--slow-repeats", "1", "--out", out])
-        == 0
-    )
-
-
-def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path):
-    import json
-
-    out = tmp_path / "layer.json"
-    run_distributed(_layer_bench, world_size=2, args=(str(out),), init_process_group=False, timeout_s=120)
-    report = json.loads(out.read_text())
-    by_name = {r["name"]: r for r in report["results"]}
-    assert report["ranks"] == 2
-    assert set(by_name) == {*POLICIES, "floor-matmul", "floor-ffn", "floor-torch-ffn", "dense-equivalent"}
-    assert by_name["dense-equivalent"]["activation_mb"] > 0 and by_name["dense-equivalent"]["ms"] > 0
-    for name in POLICIES:  # capacity 1.0 of the tokens per rank, and DeepSpeed's no-drop padding: nothing dropped
-        assert by_name[name]["dropped_fraction"] == 0.0
-        assert by_name[name]["max_diff_vs_dynamic"] < 1e-5
-        assert set(by_name[name]["phases_ms"]) == {"gate", "dispatch", "experts", "combine"}
-    assert by_name["static"]["activation_mb"] > by_name["dynamic"]["activation_mb"]
-    assert 0 < by_name["dynamic"]["exchange_ms"] < sum(by_name["dynamic"]["phases_ms"].values())

@@ -1,11 +1,11 @@
-"""The experiment suite's plan and runner (moe_infer.engine.suite); the experiments themselves are tested where
+"""The experiment suite's plan and runner (pipeline.suite); the experiments themselves are tested where
 they live (layer bench, bench, bench-serving, replay, placement)."""
 
 import argparse
 import json
 import sys
 
-from moe_infer.engine.suite import SUITE_FILE, Suite, plan
+from pipeline.suite import SUITE_FILE, Suite, plan
 
 
 def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):

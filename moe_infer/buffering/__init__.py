@@ -4,11 +4,12 @@ of them in device slots, loading a missing active expert on demand and evicting 
     cache.py     ExpertCache: the slot state machine (hits, misses, victims), Access records, simulate()
     policies.py  the eviction policies by name: paper (not needed later in the batch, then LIFO), fifo, lru, lfu,
                  and belady (Belady's MIN, the offline optimum, for replays only)
-    replay.py    replay recorded expert loads through every policy and cache size (`python -m moe_infer.buffering`)
-    prefetch.py  the cross-layer prefetch study (beyond the paper): predict layer l+1's experts from layer l's and
-                 copy them in early; replayed against a base-rate control (`python -m moe_infer.buffering prefetch`).
-                 Not used by the engine: on our traces it did not beat plain LFU eviction (see its docstring)
-    store.py     the engine's expert store, which moves the weights as ExpertCache decides
+    store.py     the engine's expert store, which moves the weights as ExpertCache decides (the runtime gives it to
+                 a served MoE layer in place of moe_infer.moe.experts.LocalExperts)
+
+The studies built on the cache are benchmarks: `python -m moe_infer.bench replay` (every eviction policy and cache
+size on a recorded trace) and `prefetch` (cross-layer prefetch, not used by the engine); `python -m
+moe_infer.buffering replay|prefetch` runs them too.
 """
 
 from moe_infer.buffering.cache import Access, CacheStats, ExpertCache, simulate

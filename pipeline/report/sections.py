@@ -98,7 +98,7 @@ def _launcher(ranks: Any) -> str:
 
 def _layer(s: Source) -> list[Block]:
     a, ranks = s.data["args"], s.data["ranks"]
-    module = "--module moe_infer.engine.layer_bench" if ranks > 1 else "-m moe_infer.engine.layer_bench"
+    module = "--module moe_infer.bench layer" if ranks > 1 else "-m moe_infer.bench layer"
     cmd = f"{_launcher(ranks)} {module} --out {a.get('out', s.path)} --run-dir {a.get('run_dir', '-')}"
     what = (
         f"one MoE layer ({a.get('experts')} experts, top-{a.get('topk')}, D={a.get('hidden')}, F={a.get('ffn')}, "
@@ -181,7 +181,7 @@ def _buffering(s: Source) -> list[Block]:
 def _replay(s: Source) -> list[Block]:
     d = s.data
     cmd = _flag_command(
-        "python -m moe_infer.buffering replay",
+        "python -m moe_infer.bench replay",
         {"trace": d.get("trace"), "ranks": d.get("ranks"), "slots": d.get("slots"), "run_dir": str(s.path.parent)},
     )
     totals = [r for r in d["rows"] if r["layer"] == "total"] or d["rows"]

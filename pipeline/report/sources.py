@@ -3,11 +3,11 @@
 Every benchmark writes plain files next to its W&B run (pipeline.tracking): these ARE the run's contents, so the
 report reads them and never the protobuf `.wandb` log. One result file per experiment run:
 
-    layer-ep*.json           moe_infer.engine.layer_bench   (its W&B run: the directory in its args.run_dir)
-    bench.json               moe_infer.engine.bench         (launch/infer.py --mode bench)
-    serving.json             moe_infer.engine.serving_bench (launch/infer.py --mode bench-serving: expert buffering
+    layer-ep*.json           moe_infer.bench.layer          (its W&B run: the directory in its args.run_dir)
+    bench.json               moe_infer.bench.model          (launch/infer.py --mode bench)
+    serving.json             moe_infer.bench.serving        (launch/infer.py --mode bench-serving: expert buffering
                              and placements against the baseline); buffering.json, its earlier form, reads the same
-    replay.json              moe_infer.buffering replay
+    replay.json              moe_infer.bench.replay         (python -m moe_infer.bench replay)
     placement.table.json     moe_infer.placement evaluate   (the Tracker's table; that command writes no other file)
 
 A file that cannot be read, or lacks a field the report needs, does not stop the report: `discover` returns it as a
@@ -36,12 +36,12 @@ PATTERNS = {
 }
 # What produces each kind, for the report's "not run" lines.
 COMMANDS = {
-    "layer": "make bench  (python -m moe_infer.engine.layer_bench --out runs/bench/layer-ep1.json "
+    "layer": "make bench  (python -m moe_infer.bench layer --out runs/bench/layer-ep1.json "
     "--run-dir runs/bench/layer-ep1)",
     "bench": "python launch/infer.py --export exports/lm-tiny --mode bench --run-dir runs/bench-lm-tiny",
     "buffering": "deepspeed --num_gpus 2 launch/infer.py --export exports/mt-tiny --mode bench-serving "
     "--input REQUESTS --slots-sweep 1,2,3 --evictions paper,lru --run-dir runs/bench-serving-mt-tiny",
-    "replay": "python -m moe_infer.buffering replay --trace runs/lm-tiny/traces/valid-step000300.npz --ranks 2 "
+    "replay": "python -m moe_infer.bench replay --trace runs/lm-tiny/traces/valid-step000300.npz --ranks 2 "
     "--run-dir runs/lm-tiny-replay",
     "placement": "python -m moe_infer.placement evaluate --trace runs/lm-tiny/traces/valid-step000300.npz "
     "--ranks 2,4,8,16 --run-dir runs/lm-tiny-placement",

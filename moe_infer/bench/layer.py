@@ -1,7 +1,7 @@
 """One MoE layer, every implementation side by side on the same weights and tokens: the engine's headline benchmark.
 
-    python -m moe_infer.engine.layer_bench                          EP=1, the paper-LM-shaped layer (below)
-    torchrun --nproc-per-node 2 -m moe_infer.engine.layer_bench     EP=2 (or deepspeed --num_gpus 2 / make bench)
+    python -m moe_infer.bench layer                                 EP=1, the paper-LM-shaped layer (below)
+    torchrun --nproc-per-node 2 -m moe_infer.bench layer            EP=2 (or deepspeed --num_gpus 2 / make bench)
 
 The default layer has the paper LM's waste factor E*C/k = 12.8 (E=64, C=0.4, top-2) at D=256, F=1024 with S=4096
 tokens per rank. Each rank brings its own tokens (a different seed per rank); the router and experts are the same
@@ -11,7 +11,7 @@ For each implementation: wall time per layer call (the slowest rank's; the best 
 timing every implementation once in turn, so a noisy neighbour on a shared machine slows them all alike),
 tokens/s over the whole group, time per phase (gate, dispatch, experts, combine) and, for dynamic and static, the
 time of those phases spent waiting for all-to-alls (a2a ms), the activation memory of one call
-(moe_infer.engine.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
+(moe_infer.bench.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
 (the implementations that drop nothing must agree to fp32 rounding). Two floors, timed the same way:
     floor-matmul   this rank's expert matrix products alone (x W1^T, h W2^T per expert, rows pre-grouped), with the
                    kernel the engine's experts use (moe_infer.moe.experts: oneDNN on CPU, cuBLAS on CUDA)
@@ -21,7 +21,8 @@ time of those phases spent waiting for all-to-alls (a2a ms), the activation memo
 And the MoE-vs-dense characterisation: `dense-equivalent`, one dense FFN of K*F hidden units on every token of the
 rank (the same FLOPs per token as top-K routing, with the engine's kernel; no router, no exchange), with its time and
 activation memory.
-The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given.
+The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given
+(moe_infer.bench.results).
 
 Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts per token, R ranks, L experts per rank.
 """
@@ -29,8 +30,6 @@ Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts pe
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,16 +37,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_infer.bench.memory import peak_activation_bytes
+from moe_infer.bench.results import Results
+from moe_infer.bench.synthetic import DENSE, DenseEquivalent, layer_config, random_layer
 from moe_infer.collectives import all_reduce, barrier, clock
-from moe_infer.engine.memory import peak_activation_bytes
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import activation
-from moe_infer.moe.experts import ExpertTensors, LocalExperts, RouterTensors
+from moe_infer.moe.experts import LocalExperts
 from moe_infer.moe.layer import POLICIES, MoEOptions, build_moe_layer
-from moe_infer.moe.stats import MoEStats
+from moe_infer.moe.stats import PHASES, MoEStats
 from moe_infer.placement import Placement
-from pipeline.atomic import write_atomic
+from moe_infer.serve.flags import positive_int
+from moe_infer.serve.process import launched
 from pipeline.errors import PipelineError
+from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
 
 
 @dataclass
@@ -61,35 +64,6 @@ class Result:
     sent_mb: float = 0.0  # bytes this rank sent to the others in the call's all-to-alls (the largest over ranks)
     exchange_ms: float = 0.0  # time waiting for all-to-alls, within dispatch + combine (dynamic, static; slowest rank)
     max_diff_vs_dynamic: float | None = None
-
-
-def layer_config(experts: int, hidden: int, ffn: int, topk: int, activation: str = "gelu") -> ModelConfig:
-    # DeepSpeed's top-1 takes the softmax over all experts, its top-2 renormalises the two: match it either way.
-    return ModelConfig.for_moe_layer(
-        experts, hidden, ffn, topk, router_pre_softmax=topk == 1, router_bias=False, activation=activation
-    )
-
-
-def random_layer(cfg: ModelConfig, seed: int) -> tuple[RouterTensors, ExpertTensors]:
-    """Weights scaled like a trained layer's (std 1/sqrt(fan-in)); the same on every rank for the same seed."""
-    gen = torch.Generator().manual_seed(seed)
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    f1 = 2 * f if cfg.activation == "swiglu" else f  # swiglu's fc1 computes the gate and the value
-
-    def randn(*shape, fan_in):
-        return torch.randn(*shape, generator=gen) / fan_in**0.5
-
-    router = {"weight": randn(cfg.num_experts, d, fan_in=d)}
-    experts = {
-        e: {
-            "fc1.weight": randn(f1, d, fan_in=d),
-            "fc1.bias": randn(f1, fan_in=d),
-            "fc2.weight": randn(d, f, fan_in=f),
-            "fc2.bias": randn(d, fan_in=f),
-        }
-        for e in range(cfg.num_experts)
-    }
-    return router, experts
 
 
 def _slowest(value: float, device: torch.device) -> float:
@@ -134,16 +108,7 @@ def expert_floors(
     return {"floor-matmul": matmuls, "floor-ffn": ffns, "floor-torch-ffn": torch_ffns}
 
 
-def run(args: argparse.Namespace) -> list[Result]:
-    from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
-
-    platform = detect_platform()
-    set_threads_per_rank()
-    info = init_distributed(platform, use_deepspeed=True)
-    device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
-    ranks, rank = info.world_size, info.rank
-    if args.experts % ranks:
-        raise PipelineError(f"layer bench: {args.experts} experts cannot be split evenly over {ranks} ranks")
+def run(args: argparse.Namespace, device: torch.device, ranks: int, rank: int) -> list[Result]:
     cfg = layer_config(args.experts, args.hidden, args.ffn, args.topk, args.activation)
     placement = Placement.contiguous(cfg.num_experts, ranks)
     router, all_experts = random_layer(cfg, args.seed)
@@ -162,7 +127,9 @@ def run(args: argparse.Namespace) -> list[Result]:
         rows_L = _rows_per_local_expert(layers["dynamic"], x_TD, placement, rank)
         weights_L = [local[e] for e in placement.local_experts(rank)]
         calls.update(expert_floors(cfg, layers["dynamic"].experts, weights_L, rows_L, device))
-    calls[DENSE] = dense_equivalent(args, x_TD, device)
+    dense = DenseEquivalent(cfg, device, args.seed).ffn  # the FFN alone: K*F hidden units, the MoE layer's FLOPs
+    ones_T = torch.ones(x_TD.shape[0], device=device)
+    calls[DENSE] = lambda: dense.run(0, x_TD, ones_T)
 
     # Round robin: every repeat times each implementation once, so a noisy neighbour slows them all alike; the best
     # of the repeats is the figure (noise only ever adds time), with the phase split of that same call. The slow
@@ -204,15 +171,6 @@ def run(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def dense_equivalent(args: argparse.Namespace, x_TD: torch.Tensor, device: torch.device):
-    """A call of the dense FFN with the MoE layer's FLOPs per token: K*F hidden units, every token."""
-    cfg = layer_config(1, args.hidden, args.topk * args.ffn, 1, args.activation)
-    _, experts = random_layer(cfg, args.seed)
-    dense = LocalExperts(cfg, [{k: v.to(device) for k, v in experts[0].items()}])
-    ones_T = torch.ones(x_TD.shape[0], device=device)
-    return lambda: dense.run(0, x_TD, ones_T)
-
-
 def _rows_per_local_expert(layer, x_TD: torch.Tensor, placement: Placement, rank: int) -> list[int]:
     """How many rows each local expert of this rank receives from the whole group (what dynamic computes)."""
     with torch.inference_mode():
@@ -248,22 +206,25 @@ def format_table(results: list[Result], ranks: int) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("gate", "dispatch", "experts", "combine")
 SLOW = ("static",)  # timed apart from the round robin (see run)
-DENSE = "dense-equivalent"
 EXCHANGE_TIMED = ("dynamic", "static")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], prog="python -m moe_infer.engine.layer_bench"
-    )
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=1024)
-    parser.add_argument("--topk", type=int, default=2)
+def _policies(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown policies {unknown}; expected some of {', '.join(POLICIES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experts", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--ffn", type=positive_int, default=1024)
+    parser.add_argument("--topk", type=positive_int, default=2)
     parser.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="tokens per rank")
     parser.add_argument("--capacity-fraction", type=float, default=0.4, help="static: slots per expert / tokens")
     parser.add_argument("--ds-capacity-factor", type=float, default=1.0)
     parser.add_argument(
@@ -272,62 +233,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="DeepSpeed drop_tokens=False (pad to the largest count; the default)",
     )
-    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--slow-repeats", type=int, default=2, help="timed calls of static (seconds each)")
+    parser.add_argument("--policies", type=_policies, default=list(POLICIES))
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--slow-repeats", type=positive_int, default=2, help="timed calls of static (seconds each)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--run-dir", type=Path, help="track the run here (W&B offline + metrics.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
-    args = parser.parse_args(argv)
-    unknown = [p for p in args.policies if p not in POLICIES]
-    if unknown:
-        parser.error(f"unknown policies {unknown}; expected some of {', '.join(POLICIES)}")
-    for name in ("experts", "hidden", "ffn", "topk", "tokens", "repeats", "slow_repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(format_table(results, ranks))
-        settings = {k: str(v) for k, v in vars(args).items() if k != "local_rank"}
-        if args.out:
-            payload = {"ranks": ranks, "args": settings, "results": [asdict(r) for r in results]}
-            write_atomic(args.out, json.dumps(payload, indent=1))
-        if args.run_dir:
-            track(results, ranks, settings, args.run_dir)
-    return 0
+def main(args: argparse.Namespace) -> int:
+    with launched(quiet=False) as command:
+        platform = detect_platform()
+        set_threads_per_rank()
+        info = init_distributed(platform, use_deepspeed=True)
+        device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
+        if args.experts % info.world_size:
+            raise PipelineError(
+                f"layer bench: {args.experts} experts cannot be split evenly over {info.world_size} ranks"
+            )
+        command.checked()
+        results = run(args, device, info.world_size, info.rank)
+        write(results, info.world_size, args, command)
+    return command.status
 
 
-def track(results: list[Result], ranks: int, settings: dict, run_dir: Path) -> None:
-    """One W&B run (offline by default) per benchmark: a row per implementation, the table, the ratios as summary."""
-    from pipeline.tracking import NamedRun, Tracker
-
+def write(results: list[Result], ranks: int, args: argparse.Namespace, command) -> None:
+    """The table; --out, the JSON; --run-dir, one W&B run (offline by default): a row per implementation, the table,
+    the ratios as summary."""
+    settings = {k: str(v) for k, v in vars(args).items() if k != "local_rank"}
     columns = ["implementation", "ms", "tokens_per_s", "x_dynamic", *PHASES, "exchange_ms", "activation_mb", "sent_mb"]
-    columns.append("dropped")
-    columns.append("diff")
+    columns += ["dropped", "diff"]
     base = next((r.ms for r in results if r.name == "dynamic"), None)
-    rows = []
-    with Tracker(NamedRun(f"layer-bench-ep{ranks}", {"ranks": ranks, **settings}), run_dir, "bench") as tracker:
+    name = f"layer-bench-ep{ranks}"
+    is_main = command.rank == 0
+    with Results(name, {"ranks": ranks, **settings}, args.run_dir, "bench", args.out, is_main=is_main) as out:
+        rows = []
         for step, r in enumerate(results):
             ratio = r.ms / base if base else None
             row = [r.name, r.ms, r.tokens_per_s, ratio, *(r.phases_ms.get(p) for p in PHASES)]
             exchange = r.exchange_ms if r.name in EXCHANGE_TIMED else None
             rows.append(row + [exchange, r.activation_mb, r.sent_mb, r.dropped_fraction, r.max_diff_vs_dynamic])
-            tracker.log({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
-        tracker.log_table("layer_bench", columns, rows)
-        tracker.summary(**{f"{r.name}_x_dynamic": r.ms / base for r in results if base})
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            out.row({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
+        out.table("layer_bench", columns, rows, **{f"{r.name}_x_dynamic": r.ms / base for r in results if base})
+        out.save({"ranks": ranks, "args": settings, "results": [asdict(r) for r in results]})
+        out.print(format_table(results, ranks), command.out)

@@ -1,6 +1,6 @@
-"""`launch/infer.py --mode bench-serving`: the same real requests served under several engine settings, side by side:
-every expert resident in the contiguous placement (the baseline), expert buffering (K device slots per MoE layer x
-eviction policy) and placement files (moe_infer.placement fit).
+"""`python -m moe_infer.bench serving` (or `launch/infer.py --mode bench-serving`): the same real requests served under
+several engine settings, side by side: every expert resident in the contiguous placement (the baseline), expert
+buffering (K device slots per MoE layer x eviction policy) and placement files (moe_infer.placement fit).
 
     deepspeed --num_gpus 2 launch/infer.py --export exports/mt-tiny --mode bench-serving --input src.txt \\
         --slots-sweep 1,2,3 --evictions paper,lru --repeats 3 [--beam-size 4]
@@ -22,15 +22,29 @@ the mean over max of the expert rows each rank computed (1 = even). Output: the 
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from moe_infer.bench.results import Results
 from moe_infer.collectives import all_reduce, barrier
-from pipeline.atomic import write_atomic
+from moe_infer.runtime.engine import Engine
+from moe_infer.serve.cli import Job, prepare
+from moe_infer.serve.flags import (
+    ENGINE_EVICTIONS,
+    add_engine_arguments,
+    add_request_arguments,
+    engine_options,
+    flag_record,
+    positive_int,
+    read_placements,
+)
+from moe_infer.serve.process import launched, progress
 from pipeline.errors import ConfigError, PipelineError
+
+REPO = Path(__file__).resolve().parents[2]
 
 RESULT_FILE = "serving.json"
 COLUMNS = [
@@ -74,11 +88,9 @@ class Result:
         return [getattr(self, c) for c in COLUMNS]
 
 
-def plan_variants(job) -> list[Variant]:
+def plan_variants(job: Job) -> list[Variant]:
     """The variants to compare, checked before any collective (the same on every rank): a slot count that would not
     buffer, or a placement file that cannot serve this export on these ranks, is one clear error."""
-    from moe_infer.engine.cli import read_placements
-
     args = job.args
     if args.slots_sweep and args.policy not in ("dynamic", "static"):
         raise ConfigError("--slots-sweep", f"expert buffering needs --policy dynamic or static, not {args.policy}")
@@ -128,10 +140,7 @@ def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, outputs
 
 
-def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
-    from moe_infer.engine.cli import engine_options
-    from moe_infer.runtime.engine import Engine
-
+def _start_engines(job: Job, chosen: list[Variant]) -> dict[str, Any]:
     engines = {}
     for v in chosen:
         options = engine_options(job.args, job.args.policy, v.placements)
@@ -140,17 +149,13 @@ def _start_engines(job, chosen: list[Variant]) -> dict[str, Any]:
     return engines
 
 
-def run_serving_bench(job, out: IO[str]) -> int:
-    """`job`: moe_infer.engine.cli.Job with requests read (generate or translate) and `variants` planned."""
-    from moe_infer.engine.cli import REPO, _flags, progress
-    from pipeline.tracking import NamedRun, Tracker
-
+def run_variants(job: Job, chosen: list[Variant], out: IO[str]) -> None:
+    """Serve `job`'s requests with every variant, round after round; the table, serving.json and the W&B run."""
     args = job.args
     run_dir = Path(args.run_dir or REPO / "runs" / f"bench-serving-{job.export.path.name}")
-    chosen = job.variants
     engines = _start_engines(job, chosen)
     first = engines["baseline"]
-    progress(args, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "
+    progress(args.quiet, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "
              f"{len(job.requests)} {job.mode} requests on {first.world_size} rank(s) ({first.device})")  # fmt: skip
     best: dict[str, tuple[float, list[float]]] = {}
     reference = None
@@ -168,19 +173,15 @@ def run_serving_bench(job, out: IO[str]) -> int:
                 best[v.label] = (seconds, _layer_figures(engine)[1])
     tokens = sum(map(len, reference))
     rows = _results(chosen, engines, best, tokens)
-    if job.rank == 0:
-        meta = {"export": str(job.export.path), "ranks": job.world, "device": str(first.device), "mode": job.mode,
-                "requests": len(job.requests), "output_tokens": tokens,
-                "settings": _flags(args)}  # fmt: skip
-        write_atomic(run_dir / RESULT_FILE, json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    run = NamedRun(f"bench-serving-{job.export.path.name}", {"export": str(job.export.path), **_flags(args)})
-    with Tracker(run, run_dir, "bench-serving", is_main=job.rank == 0) as tracker:
-        tracker.log_table("serving", COLUMNS, [r.table_row() for r in rows])
-        tracker.summary(**{f"{r.variant}/{c}": getattr(r, c) for r in rows for c in COLUMNS[4:]})
-    if job.rank == 0:
-        out.write(format_table(rows, job, first) + f"\nresults: {run_dir / RESULT_FILE}\n")
-        out.flush()
-    return 0
+    meta = {"export": str(job.export.path), "ranks": job.world, "device": str(first.device), "mode": job.mode,
+            "requests": len(job.requests), "output_tokens": tokens, "settings": flag_record(args)}  # fmt: skip
+    name, settings = f"bench-serving-{job.export.path.name}", {"export": str(job.export.path), **flag_record(args)}
+    json_path = run_dir / RESULT_FILE
+    with Results(name, settings, run_dir, "bench-serving", json_path=json_path, is_main=job.rank == 0) as results:
+        results.save({**meta, "rows": [asdict(r) for r in rows]})
+        summary = {f"{r.variant}/{c}": getattr(r, c) for r in rows for c in COLUMNS[4:]}
+        results.table("serving", COLUMNS, [r.table_row() for r in rows], **summary)
+        results.print(format_table(rows, job, first), out)
 
 
 def _results(chosen: list[Variant], engines: dict, best: dict, tokens: int) -> list[Result]:
@@ -241,3 +242,54 @@ def format_table(rows: list[Result], job, engine) -> str:
         values += [f"{r.stall_ms:.1f}", f"{r.rank_balance:.3f}"]
         lines.append(f"{r.variant:<{width}}" + "".join(f"{v:>11}" for v in values))
     return "\n".join(lines)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    if text.strip() == "none":
+        return []
+    try:
+        values = [positive_int(part) for part in text.split(",") if part.strip()]
+    except (ValueError, argparse.ArgumentTypeError):
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (or none), got {text!r}")
+    return values
+
+
+def _evictions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(n not in ENGINE_EVICTIONS for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(ENGINE_EVICTIONS)}")
+    return names
+
+
+def _paths(text: str) -> list[Path]:
+    return [Path(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    add_request_arguments(parser)
+    variants = parser.add_argument_group("the variants")
+    variants.add_argument(
+        "--slots-sweep", type=_int_list, default=[], help="expert buffering: device slots per layer to compare (1,2)"
+    )
+    variants.add_argument(
+        "--evictions", type=_evictions, default=["paper"], help=f"comma-separated of {', '.join(ENGINE_EVICTIONS)}"
+    )
+    variants.add_argument(
+        "--placements", type=_paths, default=[], help="comma-separated placement files to compare with contiguous"
+    )
+    variants.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; the best is kept")
+
+
+def main(args: argparse.Namespace) -> int:
+    with launched(args.quiet) as command:
+        job = prepare(args, command.rank, command.world)
+        chosen = plan_variants(job)
+        command.checked()
+        run_variants(job, chosen, command.out)
+    return command.status

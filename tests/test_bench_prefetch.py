@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
+from moe_infer.bench import prefetch as pf
+from moe_infer.bench.cli import main as bench_cli
 from moe_infer.buffering import ExpertCache, simulate
-from moe_infer.buffering import prefetch as pf
-from moe_infer.buffering.__main__ import main as buffering_cli
 from moe_infer.placement.history import LoadHistory
 from pipeline.errors import PipelineError
 
@@ -163,7 +163,7 @@ def test_bad_inputs_are_clear_errors(layers, kwargs, message):
 
 def test_prefetch_cli_prints_and_logs(tmp_path, capsys):
     trace, run = _predictable().save(tmp_path / "load.npz"), tmp_path / "run"
-    assert buffering_cli(["prefetch", "--trace", str(trace), "--ranks", "2", "--run-dir", str(run)]) == 0
+    assert bench_cli(["prefetch", "--trace", str(trace), "--ranks", "2", "--run-dir", str(run)]) == 0
     printed = capsys.readouterr().out
     assert "predicted: decoder.layers.2 -> decoder.layers.4" in printed
     assert re.search(r"^decoder\.layers\.4\npolicy\s+K\s+stalls\s+stalls\+pf", printed, re.M)
@@ -184,6 +184,6 @@ def test_prefetch_cli_prints_and_logs(tmp_path, capsys):
 )
 def test_prefetch_cli_reports_bad_arguments(tmp_path, capsys, extra, message):
     trace = _predictable().save(tmp_path / "load.npz")
-    assert buffering_cli(["prefetch", "--trace", str(trace), "--ranks", "2", *extra]) == 2
+    assert bench_cli(["prefetch", "--trace", str(trace), "--ranks", "2", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err

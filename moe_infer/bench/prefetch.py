@@ -1,4 +1,9 @@
 """Cross-layer expert prefetch, as a replay study: does knowing layer l's active experts cut layer l+1's cache misses?
+A study beyond the paper, not used by the engine: on our traces it did not beat plain LFU eviction.
+
+    python -m moe_infer.bench prefetch --trace runs/lm-tiny-e64/traces/served-decode-heldout.npz --ranks 2 \\
+        [--slots 8,16,24] [--policies paper,lru] [--threshold 0.5] [--predictor transition|base] [--run-dir DIR]
+                                                  (also `python -m moe_infer.buffering prefetch ...`)
 
     history = LoadHistory.read("runs/lm-tiny-e64/traces/served-decode-heldout.npz")
     rows = prefetch_study(history, ranks=2, slots=[8, 16], policies=["paper", "lru"])
@@ -35,17 +40,20 @@ Shape legend: B calls (batches), E experts, L local experts per rank, K device s
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from moe_infer.bench.replay import ORACLE, TOTAL, int_list, local_expert_lists, name_list, rank_batches
+from moe_infer.bench.results import Results
 from moe_infer.buffering.cache import ExpertCache, simulate
-from moe_infer.buffering.policies import CacheView, EvictionPolicy, make_policy
-from moe_infer.buffering.replay import ORACLE, TOTAL, local_expert_lists, rank_batches
+from moe_infer.buffering.policies import POLICIES, CacheView, EvictionPolicy, make_policy
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.map import Placement
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_status
 
 COLUMNS = [
     "layer",
@@ -264,3 +272,65 @@ def format_tables(rows: list[list]) -> str:
         ]
         blocks.append(f"{layer}\n" + "\n".join(lines))
     return "\n\n".join(blocks)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+
+def study(args: argparse.Namespace) -> int:
+    history = LoadHistory.read(args.trace)
+    if args.ranks < 1 or history.num_experts % args.ranks:
+        raise PipelineError(f"--ranks: {args.ranks} ranks do not split the {history.num_experts} experts evenly")
+    local = history.num_experts // args.ranks
+    slots = int_list(args.slots, "--slots") if args.slots else sorted({max(1, local * q // 4) for q in (1, 2, 3)})
+    if not slots or any(not 1 <= k <= local for k in slots):
+        raise PipelineError(f"--slots: each K must be in 1..{local} (the local experts per rank), got {slots}")
+    policies = name_list(args.policies)
+    rows = prefetch_study(history, args.ranks, slots, policies, args.threshold, args.predictor)
+    pairs = ", ".join(f"{a} -> {b}" for a, b in layer_pairs(history))
+    print(f"{args.trace}: {history.num_experts} experts, {args.ranks} rank(s), L={local}, predicted: {pairs}")
+    print(
+        f"fit on the first {history.num_batches // 2} calls, replayed on the rest; predictor {args.predictor}, ", end=""
+    )
+    print(f"threshold {args.threshold}; stalls = on-demand misses, copies+pf = stalls+pf + prefetched\n")
+    print(format_tables(rows))
+    if args.run_dir:
+        settings = {
+            "trace": str(args.trace),
+            "ranks": args.ranks,
+            "num_experts": history.num_experts,
+            "local_experts": local,
+            "slots": slots,
+            "policies": policies,
+            "threshold": args.threshold,
+            "predictor": args.predictor,
+            "layers": history.layer_names,
+        }
+        names = COLUMNS
+        summary = {f"{r[0]}/{r[1]}/K{r[2]}/{names[i]}": r[i] for r in rows for i in (4, 5, 6, 8, 10)}
+        doc = {**settings, "columns": names, "rows": rows}
+        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / "prefetch.json") as results:
+            results.table("prefetch", names, rows, **summary)
+            results.save(doc)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, required=True, help="load history or routing trace (as for replay)")
+    parser.add_argument(
+        "--ranks", type=int, default=1, help="expert-parallel ranks D, contiguous placement (default 1)"
+    )
+    parser.add_argument("--slots", help="comma-separated device slots K per rank (default: L/4, L/2, 3L/4)")
+    parser.add_argument("--policies", default="paper,lru", help=f"comma-separated, of {', '.join(POLICIES[:-1])}")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"prefetch experts predicted to run with at least this probability (default {DEFAULT_THRESHOLD})",
+    )
+    parser.add_argument("--predictor", choices=PREDICTORS, default="transition", help="base: the control")
+    parser.add_argument("--run-dir", type=Path, help="also log the rows here (W&B table + summary, prefetch.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return exit_status(study, args)

@@ -1,15 +1,18 @@
 """The paper's experiments as one suite (`make bench`): each experiment is one or more commands of the project's own
 tools, run one after another, each writing its figures (JSON + an offline W&B run) under --out for `make report`.
 
-    python -m moe_infer.engine.suite [--lm exports/lm-tiny] [--mt exports/mt-tiny] [--out runs/bench] [--quick]
+    python -m pipeline.suite [--lm exports/lm-tiny] [--mt exports/mt-tiny] [--out runs/bench] [--quick]
 
-    layer        moe_infer.engine.layer_bench at EP=1 and EP=N: every MoE implementation on one paper-shaped layer
+It lives in pipeline/, not with the benchmarks (moe_infer.bench): its held-out inputs come from the training data
+stage (pipeline.config, pipeline.data), which moe_infer does not import; the benchmarks run as commands.
+
+    layer        python -m moe_infer.bench layer at EP=1 and EP=N: every MoE implementation on one paper-shaped layer
                  (untrained weights at the paper LM's waste factor), the FLOP-equivalent dense FFN, the floors
     policies-*   launch/infer.py --mode bench: throughput vs batch size per gating policy (LM: prefill + decode;
                  MT: encoder + decoder), peak memory, until --max-batch or out of memory; and the model with every
                  MoE layer replaced by its FLOP-equivalent dense FFN (MoE vs dense)
     traces-*     the trained models serving held-out text with --record-trace: the expert-load histories below
-    replay-*     python -m moe_infer.buffering replay: miss rate vs cache size per eviction policy, Belady's MIN
+    replay-*     python -m moe_infer.bench replay: miss rate vs cache size per eviction policy, Belady's MIN
     buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
     placement-lm python -m moe_infer.placement evaluate (Max Load, Avg Max Load per algorithm and D), then
                  bench-serving of the fitted placements against contiguous on held-out prompts
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from pipeline.atomic import write_atomic
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SUITE_FILE = "suite.json"
 PROMPT_WORDS = 24  # words per LM prompt cut from held-out scenes
 MAX_SOURCE_WORDS = 36  # MT sources longer than this may not fit mt-tiny's 64 learned positions
@@ -130,7 +133,8 @@ def plan(args: argparse.Namespace) -> Suite:
         "layer",
         py,
         "-m",
-        "moe_infer.engine.layer_bench",
+        "moe_infer.bench",
+        "layer",
         *layer,
         "--out",
         out / "layer-ep1.json",
@@ -141,7 +145,8 @@ def plan(args: argparse.Namespace) -> Suite:
         "layer",
         *torchrun,
         "-m",
-        "moe_infer.engine.layer_bench",
+        "moe_infer.bench",
+        "layer",
         *layer,
         "--out",
         out / f"layer-ep{nproc}.json",
@@ -195,7 +200,7 @@ def plan(args: argparse.Namespace) -> Suite:
             f"replay-{name}",
             py,
             "-m",
-            "moe_infer.buffering",
+            "moe_infer.bench",
             "replay",
             "--trace",
             trace,
@@ -285,7 +290,7 @@ def plan(args: argparse.Namespace) -> Suite:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_infer.engine.suite",
+        prog="python -m pipeline.suite",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

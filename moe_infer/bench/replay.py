@@ -1,5 +1,13 @@
 """Replay recorded expert loads through every eviction policy and cache size: the paper's cache-miss figure.
 
+    python -m moe_infer.bench replay --trace runs/lm-tiny/traces/valid-step000300.npz --ranks 2 \\
+        [--placement placement.json] [--slots 1,2,4] [--policies paper,fifo,lru,lfu] [--layers decoder.layers.2] \\
+        [--run-dir runs/lm-tiny-buffering]               (also `python -m moe_infer.buffering replay ...`)
+
+prints one miss-rate table per MoE layer and their total (rows: policies, Belady's MIN last; columns: device slots
+K per rank), then each policy's misses over Belady's at K = L/2. With --run-dir the rows are also written to
+replay.json and logged as a W&B run (table + summary; moe_infer.bench.results).
+
     history = LoadHistory.read("runs/lm-tiny/traces/valid-step000300.npz")     training trace or engine load history
     rows = replay_history(history, ranks=2, placements=None, slots=[1, 2, 3, 4], policies=["paper", "lru"])
     print(format_tables(rows))                      one miss-rate table per layer, then the total
@@ -23,20 +31,25 @@ Shape legend: B batches, E experts, L local experts per rank, K device slots.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from moe_infer.bench.results import Results
 from moe_infer.buffering.cache import simulate
-from moe_infer.buffering.policies import make_policy
+from moe_infer.buffering.policies import POLICIES, make_policy
+from moe_infer.placement.files import placements_for_export, read_placement_file
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.map import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_status
 
 COLUMNS = ["layer", "policy", "slots", "hits", "misses", "accesses", "miss_rate"]
 TOTAL = "total"
 ORACLE = "belady"
+DEFAULT_POLICIES = "paper,fifo,lru,lfu"
 
 
 def rank_batches(counts_BE: np.ndarray, local_experts: Sequence[int]) -> list[list[int]]:
@@ -132,3 +145,102 @@ def format_tables(rows: list[list]) -> str:
         ]
         blocks.append(f"{layer}\n" + "\n".join(lines))
     return "\n\n".join(blocks)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def replay(args: argparse.Namespace) -> int:
+    history = LoadHistory.read(args.trace)
+    layers = name_list(args.layers) if args.layers else history.layer_names
+    unknown = [layer for layer in layers if layer not in history.counts_BE]
+    if unknown:
+        raise PipelineError(f"--layers: unknown layer(s) {unknown}; {args.trace} has {history.layer_names}")
+    placements = None
+    ranks = args.ranks
+    if args.placement:
+        pfile = read_placement_file(args.placement, num_experts=history.num_experts, ranks=ranks)
+        ranks = pfile.ranks
+        placements = placements_for_export(pfile, layers)
+    ranks = 1 if ranks is None else ranks
+    if ranks < 1:
+        raise PipelineError(f"--ranks: must be at least 1, got {ranks}")
+    if placements is None and history.num_experts % ranks:
+        raise PipelineError(f"--ranks: {ranks} ranks do not split the {history.num_experts} experts evenly")
+    # L: the most local experts any rank holds (more than E / D only with replicas).
+    local = max(p.experts_per_rank for p in placements.values()) if placements else history.num_experts // ranks
+    slots = int_list(args.slots, "--slots") if args.slots else list(range(1, local + 1))
+    if not slots or any(not 1 <= k <= local for k in slots):
+        raise PipelineError(f"--slots: each K must be in 1..{local} (the local experts per rank), got {slots}")
+    policies = name_list(args.policies)
+    rows = replay_history(history, ranks, placements, slots, policies, layers)
+    half = max(1, local // 2)
+    ratios = ratios_to_belady(rows, half) if half in slots else {}
+    where = f"placement {args.placement}" if args.placement else "contiguous placement"
+    batches = {layer: len(history.counts_BE[layer]) for layer in layers}
+    print(f"{args.trace}: {history.num_experts} experts, {ranks} rank(s), {where}, L={local}, batches {batches}")
+    print(format_tables(rows))
+    if ratios:
+        print(f"\nmisses / {ORACLE} misses at K = L/2 = {half}:")
+        for policy, ratio in ratios[TOTAL].items():
+            print(f"  {policy:8s} {'inf' if ratio is None else f'{ratio:.3f}'}")
+    else:
+        print(f"\n(K = L/2 = {half} is not among --slots: no ratio to {ORACLE})")
+    if args.run_dir:
+        settings = {
+            "trace": str(args.trace),
+            "ranks": ranks,
+            "placement": str(args.placement or "contiguous"),
+            "num_experts": history.num_experts,
+            "local_experts": local,
+            "slots": slots,
+            "policies": [p for p in policies if p != ORACLE] + [ORACLE],
+            "layers": layers,
+        }
+        # One summary figure per (layer, policy, K), so runs compare without opening the table.
+        summary = {f"{layer}/{policy}/K{k}/miss_rate": rate for layer, policy, k, *_, rate in rows}
+        summary |= {
+            f"{layer}/{policy}/K{half}/misses_over_belady": ratio
+            for layer, by_policy in ratios.items()
+            for policy, ratio in by_policy.items()
+            if ratio is not None
+        }
+        doc = {**settings, "columns": COLUMNS, "rows": rows, "half_slots": half, "misses_over_belady": ratios}
+        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / "replay.json") as results:
+            results.table("buffering", COLUMNS, rows, **summary)
+            results.save(doc)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        required=True,
+        help="routing trace (launch/train.py --record-traces) or load history (launch/infer.py --record-trace)",
+    )
+    parser.add_argument("--ranks", type=int, help="expert-parallel ranks D (default: the placement file's, else 1)")
+    parser.add_argument("--placement", type=Path, help="placement file (JSON); default: contiguous")
+    parser.add_argument("--slots", help="comma-separated device slots K per rank (default: 1..L)")
+    parser.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help=f"comma-separated, of {', '.join(POLICIES)} (default {DEFAULT_POLICIES}; {ORACLE} is always added last)",
+    )
+    parser.add_argument("--layers", help="comma-separated MoE layer names (default: every layer of the trace)")
+    parser.add_argument("--run-dir", type=Path, help="also log the rows here (W&B table + summary, replay.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return exit_status(replay, args)
