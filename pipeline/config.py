@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.data.spec import DataConfig
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, exit_status
 from pipeline.tokenizer import TokenizerConfig
 from pipeline.tracking import TrackingConfig
 
@@ -365,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a config name (lm-tiny) or a path to a YAML file")
     add_override_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(show, args)
+
+
+def show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     counts = count_parameters(cfg)
     print("# parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))

