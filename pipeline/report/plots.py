@@ -163,7 +163,7 @@ def buffering_curves(source: Source) -> bytes | None:
     baseline = baseline_row(rows)
     buffered = [r for r in rows if r["slots"] is not None]
     placed = [r for r in rows if r["slots"] is None and r is not baseline]
-    panels = [("x_resident", "throughput / baseline"), ("expert_mb_per_rank", "device expert MB per rank")]
+    panels = [("x_baseline", "throughput / baseline"), ("expert_mb_per_rank", "device expert MB per rank")]
     panels = [*panels, ("miss_rate", "miss rate")] if buffered else []
     if not panels and not placed:
         return None
@@ -183,7 +183,7 @@ def buffering_curves(source: Source) -> bytes | None:
         axes[0].legend(fontsize=8)
     if placed:
         ax = axes[-1]
-        ax.barh(range(len(placed)), [r["x_resident"] for r in placed], color="#76b7b2")
+        ax.barh(range(len(placed)), [r["x_baseline"] for r in placed], color="#76b7b2")
         ax.set_yticks(range(len(placed)), [r["variant"] for r in placed])
         ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xlabel("throughput / baseline (contiguous)")

@@ -153,10 +153,9 @@ def _buffering(s: Source) -> list[Block]:
     flags = d.get("settings", {})
     keep = ("export", "mode", "policy", "input", "slots_sweep", "evictions", "placements", "repeats", "run_dir")
     cmd = _flag_command(f"{_launcher(d.get('ranks'))} launch/infer.py", {k: flags.get(k) for k in keep})
-    known = ["variant", "tok_s", "x_resident", "expert_mb_per_rank", "memory_saving", "miss_rate", "copied_mb"]
+    known = ["variant", "tok_s", "x_baseline", "expert_mb_per_rank", "memory_saving", "miss_rate", "copied_mb"]
     known += ["copy_ms", "stall_ms"]
     hidden = ["slots", "eviction", "seconds", "decoder_expert_mb", "decoder_memory_saving", "hits", "misses"]
-    hidden.append("x_baseline")  # read as x_resident
     # Columns a newer bench adds (the placement, rank balance) are shown as they come, after the known ones.
     first = d["rows"][0]
     extra = [k for k in first if k not in known + hidden and not isinstance(first[k], dict | list)]

@@ -182,14 +182,14 @@ def _read_bench(path: Path) -> tuple[dict, RunInfo | None, str]:
 
 
 def _read_buffering(path: Path) -> tuple[dict, RunInfo | None, str]:
-    """serving.json, or the buffering.json it grew from: the ratio to the baseline (all experts resident, contiguous
-    placement) is `x_baseline` there and `x_resident` here; both read as `x_resident`."""
+    """serving.json, or the buffering.json it grew from: `x_baseline` is the ratio to the baseline (all experts
+    resident, contiguous placement), which buffering.json called `x_resident` (read as x_baseline)."""
     data = _load_json(path)
     export = _need(path, data, "export", str)
     for row in data.get("rows") or []:
-        if isinstance(row, dict) and "x_resident" not in row and "x_baseline" in row:
-            row["x_resident"] = row["x_baseline"]
-    fields = {"variant": str, "slots": (int, type(None)), "tok_s": NUM, "x_resident": NUM}
+        if isinstance(row, dict) and "x_baseline" not in row and "x_resident" in row:
+            row["x_baseline"] = row.pop("x_resident")
+    fields = {"variant": str, "slots": (int, type(None)), "tok_s": NUM, "x_baseline": NUM}
     fields |= {"expert_mb_per_rank": NUM, "memory_saving": NUM, "miss_rate": NUM}
     for row in _check_rows(path, data.get("rows"), fields):
         row.setdefault("eviction", "-")
