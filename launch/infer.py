@@ -15,10 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_infer.bench.cli import infer_mode_argv  # noqa: E402
-from moe_infer.bench.cli import main as bench  # noqa: E402
+from moe_infer.bench import infer_mode_argv  # noqa: E402
 from moe_infer.serve.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     bench_argv = infer_mode_argv(sys.argv[1:])  # --mode bench | bench-serving: a benchmark, with its own flags
-    sys.exit(main() if bench_argv is None else bench(bench_argv))
+    if bench_argv is not None:
+        from moe_infer.bench.cli import main as bench
+
+        sys.exit(bench(bench_argv))
+    sys.exit(main())

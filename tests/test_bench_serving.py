@@ -6,7 +6,7 @@ import json
 import pytest
 from cli_exports import GENERATE, make_cli_exports, run, torchrun
 
-from moe_infer.bench.cli import infer_mode_argv
+from moe_infer.bench import infer_mode_argv
 from moe_infer.bench.cli import main as bench_main
 
 

@@ -13,3 +13,20 @@
 The experiments of the paper, run together (`make bench`), are pipeline.suite: it needs the training stages for its
 held-out inputs, so it lives in pipeline/ and runs these benchmarks as commands.
 """
+
+# launch/infer.py --mode X: the benchmark it runs (the rest of its flags are the benchmark's).
+INFER_MODES = {"bench": "model", "bench-serving": "serving"}
+
+
+def infer_mode_argv(argv: list[str]) -> list[str] | None:
+    """`launch/infer.py --mode bench|bench-serving ...` as `python -m moe_infer.bench model|serving ...`; None for
+    any other mode (the serving CLI's)."""
+    for i, arg in enumerate(argv):
+        if arg == "--mode" and i + 1 < len(argv):
+            mode, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
+        elif arg.startswith("--mode="):
+            mode, rest = arg.removeprefix("--mode="), argv[:i] + argv[i + 1 :]
+        else:
+            continue
+        return [INFER_MODES[mode], *rest] if mode in INFER_MODES else None
+    return None

@@ -14,18 +14,17 @@ this command line only registers them (so no benchmark imports another's entry p
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from moe_infer.bench import layer, model, prefetch, replay, serving
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
 BENCHMARKS = {
-    "model": ("moe_infer.bench.model", "the whole model served by each MoE policy, swept over batch sizes"),
-    "layer": ("moe_infer.bench.layer", "one MoE layer: every implementation, the floors, the dense equivalent"),
-    "serving": ("moe_infer.bench.serving", "real requests served with expert buffering and placements, side by side"),
-    "replay": ("moe_infer.bench.replay", "expert loads replayed through every eviction policy and cache size"),
-    "prefetch": ("moe_infer.bench.prefetch", "the cross-layer prefetch study (replayed against a base-rate control)"),
+    "model": (model, "the whole model served by each MoE policy, swept over batch sizes"),
+    "layer": (layer, "one MoE layer: every implementation, the floors, the dense equivalent"),
+    "serving": (serving, "real requests served with expert buffering and placements, side by side"),
+    "replay": (replay, "expert loads replayed through every eviction policy and cache size"),
+    "prefetch": (prefetch, "the cross-layer prefetch study (replayed against a base-rate control)"),
 }
-# launch/infer.py --mode X: the benchmark it runs (the rest of its flags are the benchmark's).
-INFER_MODES = {"bench": "model", "bench-serving": "serving"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moe_infer.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (module_name, help_) in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
+    for name, (module, help_) in BENCHMARKS.items():
         command = sub.add_parser(
             name, help=help_, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
@@ -48,17 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     benchmark_main = args.main
     del args.main, args.benchmark  # the benchmark's own flags are what it records
     return benchmark_main(args)
-
-
-def infer_mode_argv(argv: list[str]) -> list[str] | None:
-    """`launch/infer.py --mode bench|bench-serving ...` as `python -m moe_infer.bench model|serving ...`; None for
-    any other mode (the serving CLI's)."""
-    for i, arg in enumerate(argv):
-        if arg == "--mode" and i + 1 < len(argv):
-            mode, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
-        elif arg.startswith("--mode="):
-            mode, rest = arg.removeprefix("--mode="), argv[:i] + argv[i + 1 :]
-        else:
-            continue
-        return [INFER_MODES[mode], *rest] if mode in INFER_MODES else None
-    return None
