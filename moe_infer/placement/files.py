@@ -13,7 +13,7 @@ Layout (JSON):
      "algorithm": "greedy", "source": "<trace file>"}
 
 Every expert is placed at least once per layer, never twice on one rank. Without replicas (every expert exactly
-once) every rank holds the same number of experts, as the gating policies require; with replicas the ranks may hold
+once) every rank holds the same number of experts, as the dispatchers require; with replicas the ranks may hold
 different numbers.
 """
 

@@ -6,7 +6,7 @@
     placement.position_of_E[e]                                   rank * L + slot: the expert's place in rank-major order
 
 Every rank holds the same number L = E / R of experts, each in a dense slot 0..L-1, and every expert is placed
-exactly once. The gating policies exchange fixed per-rank blocks of L experts, which is why the counts are equal.
+exactly once. The dispatchers exchange fixed per-rank blocks of L experts, which is why the counts are equal.
 Replicas (one expert on several ranks) are a later step: `from_rank_lists` is where duplicates would be admitted,
 with a per-expert choice of copy; everything downstream reads only `rank_of_E`/`slot_of_E`.
 

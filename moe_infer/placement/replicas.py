@@ -4,7 +4,7 @@
     placement.local_experts(1)              [3, 0, 4]: rank 1's slots (ranks may hold different numbers of them)
     placement.pair_positions(experts_TK)    int64 [T*K]: rank * S + slot of the copy each (token, expert) pair uses
 
-The dynamic gating policy needs nothing else: it sorts pairs by position, exchanges per-position counts and runs
+Dynamic dispatch needs nothing else: it sorts pairs by position, exchanges per-position counts and runs
 each local slot's expert, so a copy is just another position. Positions are rank * S + slot with S the most slots
 any rank holds; a rank with fewer slots simply never receives rows for the ones it lacks.
 
