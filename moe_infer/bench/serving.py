@@ -23,13 +23,12 @@ the mean over max of the expert rows each rank computed (1 = even). Output: the 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 from moe_infer.bench.results import Results
-from moe_infer.collectives import all_reduce, barrier
+from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.runtime.engine import Engine
 from moe_infer.serve.cli import Job, prepare
 from moe_infer.serve.flags import (
@@ -135,9 +134,9 @@ def _layer_figures(engine) -> tuple[list[float], list[float]]:
 def _serve_once(engine, job) -> tuple[float, list[list[int]]]:
     engine.reset_stats()
     barrier(engine.device)  # every rank starts the clock together
-    start = time.perf_counter()
+    start = clock(engine.device)
     outputs = engine.serve(job.requests, job.settings)  # it ends with a gather: the slowest rank is waited for
-    return time.perf_counter() - start, outputs
+    return clock(engine.device) - start, outputs
 
 
 def _start_engines(job: Job, chosen: list[Variant]) -> dict[str, Any]:

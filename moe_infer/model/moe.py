@@ -5,8 +5,9 @@
     y_NE = expert(x_TD[plan.tokens_of(e)], plan.probs_of(e))   for each expert e that got tokens
     y_TD = combine(y_N, plan, T)                          each token's expert outputs summed
 
-The dispatch here is the single-process reference (every expert local, no capacity limit, nothing dropped); expert
-parallelism and the dispatchers (moe_infer.moe.dispatch) replace `dispatch`/`combine` and keep the router and the experts as they are.
+The dispatch here is the single-process reference (every expert local, no capacity limit, nothing dropped); under
+expert parallelism the served layer's dispatchers (moe_infer.moe.dispatch) replace `dispatch`/`combine` and keep the
+router and the experts as they are.
 
 megatron-core 0.16.1 numerics, matched in fp32: router logits in fp32 (`x @ W^T + b`); pre_softmax: softmax over all
 experts then top-k (the k probabilities do not sum to 1), else top-k of the logits then softmax over those k. The

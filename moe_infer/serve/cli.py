@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from moe_infer.collectives import all_reduce
+from moe_infer.collectives import all_reduce, clock
 from moe_infer.model.loader import Export
 from moe_infer.placement.history import LoadHistory
 from moe_infer.runtime.engine import Engine, expert_placements
@@ -172,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             f"serving {len(job.requests)} {job.mode} requests from {job.export.path} on {engine.world_size} rank(s) "
             f"({engine.device}, policy {args.policy}, {args.dtype})",
         )
-        start = time.perf_counter()
+        start = clock(engine.device)
         outputs = engine.serve(job.requests, job.settings)
-        finish(job, engine, recorder, outputs, time.perf_counter() - start, command.out)
+        finish(job, engine, recorder, outputs, clock(engine.device) - start, command.out)
     return command.status
 
 
