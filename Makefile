@@ -33,7 +33,7 @@ setup: ## create .venv and install torch (TORCH_SPEC) then the project; fast whe
 		echo "setup: installing $(TORCH_SPEC)"; \
 		$(PIP) install -q $(TORCH_SPEC) || exit 1; \
 		echo "setup: installing moe-pipeline and its pinned dependencies"; \
-		$(PIP) install -q -e ".[dev]" || exit 1; \
+		$(PIP) install -q -e ".[dev,hf]" || exit 1; \
 		echo "$(SETUP_KEY)" > $(STAMP); \
 		echo "setup: done ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"; \
 	fi
