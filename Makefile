@@ -18,7 +18,7 @@ NPROC ?= 2
 EXPORT ?= exports/$(MODEL)
 DEEPSPEED := $(VENV)/bin/deepspeed
 
-.PHONY: help setup data train convert infer bench report demo test test-all lint clean
+.PHONY: help setup data train convert export-hf infer bench report demo test test-all lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--
 
 convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export (exports/MODEL, or OUT=); ARGS pass through
 	$(PY) -m pipeline.convert --ckpt $(or $(CKPT),runs/$(MODEL)) --out $(or $(OUT),exports/$(MODEL)) $(ARGS)
+
+export-hf: setup ## export (EXPORT, default exports/MODEL) -> Hugging Face Qwen3-MoE directory (OUT, default exports/MODEL-hf), verified with transformers; ARGS pass through
+	$(PY) -m pipeline.convert.hf $(EXPORT) $(or $(OUT),exports/$(MODEL)-hf) $(ARGS)
 
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)

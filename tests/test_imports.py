@@ -4,7 +4,8 @@
   * no import circle among the modules of moe_infer, nor among those of pipeline;
   * moe_infer imports from pipeline only its utilities (errors, atomic, platform, tokenizer, tracking), never a stage;
   * each moe_infer package imports only its own layer or those below it (ARCHITECTURE.md, "moe_infer in layers"):
-        export_format, collectives  ->  model  ->  placement  ->  moe  ->  buffering  ->  runtime  ->  serve  ->  bench
+        export_format, collectives, hf_layout  ->  model  ->  placement  ->  moe  ->  buffering  ->  runtime  ->  serve
+        ->  bench
     A package's `__main__` is a command, not a layer: it may name any package (moe_infer.buffering's is the old name
     of two benchmarks), and no module may import a `__main__`.
 
@@ -22,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("moe_infer", "pipeline")
 LAYERS = [
-    ("export_format", "collectives"),
+    ("export_format", "collectives", "hf_layout"),
     ("model",),
     ("placement",),
     ("moe",),
