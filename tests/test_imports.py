@@ -200,3 +200,18 @@ def test_each_rule_catches_its_violation(tmp_path, module, source, problem):
     target.write_text(target.read_text() + "\n" + source)
     found = violations(import_graph(tmp_path))
     assert any(problem in line for line in found), found
+
+
+def test_moe_infer_imports_transformers_only_where_it_is_used():
+    """transformers is an optional extra: no moe_infer module imports it when the module itself is imported (only
+    inside the functions of the transformers baseline), so serving and every other benchmark run without it."""
+    offenders = []
+    for module, path in module_files().items():
+        if not module.startswith("moe_infer"):
+            continue
+        tree = ast.parse(path.read_text())
+        top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        names = [a.name for n in top_level if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in top_level if isinstance(n, ast.ImportFrom)]
+        offenders += [f"{module}: {name}" for name in names if name.split(".")[0] in ("transformers", "tokenizers")]
+    assert offenders == []

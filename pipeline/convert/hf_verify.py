@@ -126,8 +126,11 @@ def check_tokenizer(hf_dir: Path, ours: Reference, texts: list[str]) -> dict[str
 def verify(hf_dir: Path, export_dir: Path, texts: list[str]) -> dict[str, Any]:
     """Every check above on the directory `hf_dir` written from `export_dir`; raises HFParityError if one fails."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     from moe_infer.hf_layout import ARCHITECTURE
+
+    transformers_logging.disable_progress_bar()  # the converter prints its own lines
     from moe_infer.model import Export, load_model
 
     export = Export.open(export_dir)
