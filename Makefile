@@ -18,7 +18,7 @@ NPROC ?= 2
 EXPORT ?= exports/$(MODEL)
 DEEPSPEED := $(VENV)/bin/deepspeed
 
-.PHONY: help setup data train convert infer bench report demo test test-all lint clean
+.PHONY: help setup data train convert export-hf infer bench report demo test test-all lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ setup: ## create .venv and install torch (TORCH_SPEC) then the project; fast whe
 		echo "setup: installing $(TORCH_SPEC)"; \
 		$(PIP) install -q $(TORCH_SPEC) || exit 1; \
 		echo "setup: installing moe-pipeline and its pinned dependencies"; \
-		$(PIP) install -q -e ".[dev]" || exit 1; \
+		$(PIP) install -q -e ".[dev,hf]" || exit 1; \
 		echo "$(SETUP_KEY)" > $(STAMP); \
 		echo "setup: done ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"; \
 	fi
@@ -49,10 +49,13 @@ train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--
 convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export (exports/MODEL, or OUT=); ARGS pass through
 	$(PY) -m pipeline.convert --ckpt $(or $(CKPT),runs/$(MODEL)) --out $(or $(OUT),exports/$(MODEL)) $(ARGS)
 
+export-hf: setup ## export (EXPORT, default exports/MODEL) -> Hugging Face Qwen3-MoE directory (OUT, default exports/MODEL-hf), verified with transformers; ARGS pass through
+	$(PY) -m pipeline.convert.hf $(EXPORT) $(or $(OUT),exports/$(MODEL)-hf) $(ARGS)
+
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny (trained and converted first if missing): runs/bench/, then `make report`
+bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json exports/lm-qwen3-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny, and transformers vs our engine on lm-qwen3-tiny (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.

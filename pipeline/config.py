@@ -51,6 +51,12 @@ class ModelConfig:
     activation: Literal["gelu", "swiglu"] = "gelu"
     position_embedding: Literal["learned", "rope"] = "learned"
     tie_embeddings: bool = True
+    bias: bool = (
+        True  # linear biases (attention, FFNs, experts, router); false: none anywhere (megatron add_bias_linear)
+    )
+    qk_norm: bool = (
+        False  # a per-head `norm` on queries and keys of self-attention, before RoPE (megatron qk_layernorm)
+    )
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -325,16 +331,18 @@ def count_parameters(cfg: RunConfig) -> dict[str, int]:
     m, moe = cfg.model, cfg.moe
     d, f = m.hidden_size, m.ffn_hidden_size
     vocab = cfg.tokenizer.vocab_size
-    ffn_mats = 3 if m.activation == "swiglu" else 2
+    fc1_rows = 2 * f if m.activation == "swiglu" else f
     norm = 2 * d if m.norm == "layernorm" else d
-    attention = 4 * d * d + 4 * d
-    ffn = ffn_mats * d * f + (f + d)
-    router = moe.num_experts * d
+    head_norm = (2 if m.norm == "layernorm" else 1) * (d // m.num_attention_heads)
+    attention = 4 * d * d + 4 * d * m.bias
+    self_attention = attention + 2 * head_norm * m.qk_norm
+    ffn = (fc1_rows + f) * d + (fc1_rows + d) * m.bias
+    router = moe.num_experts * (d + m.bias)
 
     def stack(num_layers: int, cross_attention: bool) -> tuple[int, int, int]:
         total = expert = active = 0
         for layer in range(1, num_layers + 1):
-            base = attention + 2 * norm + (attention + norm if cross_attention else 0)
+            base = self_attention + 2 * norm + (attention + norm if cross_attention else 0)
             if moe.is_moe_layer(layer):
                 total += base + router + moe.num_experts * ffn
                 expert += moe.num_experts * ffn

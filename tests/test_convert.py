@@ -259,6 +259,10 @@ VARIANTS = {
     "mt": ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope", "moe.interval=1",
            "moe.topk=3", "model.tie_embeddings=false"],
     "mt-pre-softmax": ["moe.router_pre_softmax=true", "model.position_embedding=rope"],
+    # Qwen3-MoE's shape (configs/lm-qwen3-tiny): no linear biases, per-head RMSNorm on q and k
+    "lm-qwen3": ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope", "model.bias=false",
+                 "model.qk_norm=true", "model.tie_embeddings=false"],
+    "mt-qk-norm": ["model.bias=false", "model.qk_norm=true"],  # LayerNorm q/k norms (weight and bias)
 }  # fmt: skip
 
 
@@ -292,3 +296,11 @@ def test_every_model_variant_matches_megatron(runs):
     config = json.loads((runs["variants_root"] / "mt-export" / fmt.CONFIG_FILE).read_text())
     assert config["moe"]["moe_layers"] == {"decoder": [1, 2], "encoder": [1, 2]}
     assert config["model"]["lm_head_bias"] is False and "lm_head.weight" in fmt.dense_shapes(config)
+    qwen = json.loads((runs["variants_root"] / "lm-qwen3-export" / fmt.CONFIG_FILE).read_text())
+    assert qwen["format_version"] == fmt.FORMAT_VERSION == 2
+    assert (qwen["model"]["bias"], qwen["model"]["qk_norm"], qwen["moe"]["router"]["bias"]) == (False, True, False)
+    assert "decoder.layers.1.attn.q_norm.weight" in fmt.dense_shapes(qwen)
+    assert not [name for name in fmt.dense_shapes(qwen) if name.endswith(".bias")]
+    assert fmt.expert_shapes(qwen).keys() == {"fc1.weight", "fc2.weight"}
+    mt_qk = json.loads((runs["variants_root"] / "mt-qk-norm-export" / fmt.CONFIG_FILE).read_text())
+    assert "encoder.layers.1.attn.k_norm.bias" in fmt.dense_shapes(mt_qk)

@@ -29,7 +29,7 @@ _UNSUPPORTED = {
     "num_query_groups": None,  # grouped-query attention (None or the head count is plain multi-head)
     "softmax_scale": None,
     "apply_query_key_layer_scaling": False,
-    "qk_layernorm": False,
+    "add_qkv_bias": False,  # a q/k/v bias without the other linear biases (model.bias covers all of them alike)
     "layernorm_zero_centered_gamma": False,
     "apply_residual_connection_post_layernorm": False,
     "rotary_interleaved": False,
@@ -86,6 +86,8 @@ def export_config(source: Source, megatron_model: torch.nn.Module) -> dict[str, 
             # T5's lm_head has a bias exactly when it shares the embedding (megatron T5LMHead); GPT's never.
             "lm_head_bias": not lm and m.tie_embeddings,
             "dtype": _DTYPES[dtype],
+            "bias": bool(mcfg.add_bias_linear),
+            "qk_norm": bool(mcfg.qk_layernorm),
         },
         "moe": {
             "num_experts": moe.num_experts,
