@@ -94,9 +94,14 @@ def _logits_from_checkpoint(name: str, overrides: list[str], ckpt: str) -> torch
 
 
 def _train_then_logits(name: str, overrides: list[str], run_dir: str) -> dict:
+    import psutil
+
     summary = _train_runs([(name, overrides, run_dir)])[0]
+    # Two checkpoints were saved: any process a save started is still a child of this rank now.
+    children = [" ".join(p.cmdline())[:120] for p in psutil.Process().children(recursive=True)]
     ckpt = ckpt_io.latest_checkpoint(Path(run_dir))
-    return {"summary": summary, "ckpt": str(ckpt), "logits": _logits_from_checkpoint(name, overrides, str(ckpt))}
+    logits = _logits_from_checkpoint(name, overrides, str(ckpt))
+    return {"summary": summary, "ckpt": str(ckpt), "logits": logits, "children": children}
 
 
 CKPT_STEPS = ["train.steps=6", "train.eval_interval=6", "train.save_interval=3"]
@@ -109,7 +114,14 @@ def trained(request, tmp_path_factory):
     name, overrides = f"{task}-tiny", [*(LM_TINY if task == "lm" else MT_TINY), *CKPT_STEPS]
     run_dir = tmp_path_factory.mktemp(f"{task}-run")
     ranks = run_distributed(_train_then_logits, world_size=2, args=(name, overrides, str(run_dir)), timeout_s=300)
-    return {"name": name, "overrides": overrides, "run_dir": run_dir, **ranks[0], "rank1_logits": ranks[1]["logits"]}
+    return {
+        "name": name,
+        "overrides": overrides,
+        "run_dir": run_dir,
+        **ranks[0],
+        "rank1_logits": ranks[1]["logits"],
+        "rank1_children": ranks[1]["children"],
+    }
 
 
 def test_checkpoints_are_complete_and_atomic(trained):
@@ -121,6 +133,11 @@ def test_checkpoints_are_complete_and_atomic(trained):
     assert meta["step"] == 6 and meta["world_size"] == 2 and meta["ep_size"] == 2
     assert sorted(p.name for p in (ckpt / "train_state").iterdir()) == ["rank00000.pt", "rank00001.pt"]
     assert (ckpt / "tokenizer.model").is_file() and (ckpt / "config.yaml").is_file()
+
+
+def test_a_checkpoint_save_starts_no_process_that_could_outlive_the_rank(trained):
+    # megatron's default save strategy leaves a multiprocessing Manager (and forks writers) behind in every rank.
+    assert trained["children"] == [] and trained["rank1_children"] == []
 
 
 def test_an_ep2_checkpoint_loads_at_ep1_with_identical_logits(trained):

@@ -89,6 +89,8 @@ def save_checkpoint(
     """Collective: every rank calls it at the same step. Returns the complete checkpoint directory."""
     from megatron.core import dist_checkpointing
 
+    from pipeline.train.sharded_save import SynchronousTorchDistSave
+
     root = run_dir / "checkpoints"
     final = root / f"step_{step:06d}"
     partial = root / f".{final.name}.partial"
@@ -97,7 +99,9 @@ def save_checkpoint(
         (partial / "model").mkdir(parents=True)
         (partial / "train_state").mkdir()
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
+    # Written by this process itself: megatron's default strategy starts helper processes that can outlive the rank.
+    strategy = SynchronousTorchDistSave()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"), sharded_strategy=strategy)
     world = dist.get_world_size() if dist.is_initialized() else 1
     state = {"step": step, "world_size": world, "optimizer": optimizer.state_dict(), "rng": _rng_state()}
     torch.save(state, partial / "train_state" / f"rank{_rank():05d}.pt")
