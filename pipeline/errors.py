@@ -35,3 +35,7 @@ class PlatformError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, incomplete, corrupt, or from a model other than the config describes."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged (unreadable, truncated, or not matching its manifest): an older one may work."""

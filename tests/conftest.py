@@ -52,6 +52,8 @@ def _describe(process: psutil.Process) -> str:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a process the tests started is still alive, after killing it (and everything it started)."""
+    if "wandb" in sys.modules:  # W&B's service process lives until its client tears it down (else at exit)
+        sys.modules["wandb"].teardown()
     leftovers = _leftover_processes()
     if not leftovers:
         return

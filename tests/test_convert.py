@@ -94,6 +94,7 @@ def _convert(run_dir: str, out: str, scratch: str) -> dict:
     """Convert (verified), convert again with --force, then try bad checkpoints; return what happened."""
     from pipeline.convert.names import export_tensors
     from pipeline.convert.source import load_megatron
+    from pipeline.train.checkpoint import write_manifest
 
     run_dir, out, scratch = Path(run_dir), Path(out), Path(scratch)
     first = convert(run_dir, out, log=lambda line: None)
@@ -111,6 +112,8 @@ def _convert(run_dir: str, out: str, scratch: str) -> dict:
     (other / "config.yaml").write_text(yaml.safe_dump(saved))
     swapped = Path(shutil.copytree(ckpt, scratch / "swapped" / ckpt.name))
     _claim_the_other_task(swapped)
+    for inconsistent in (other, swapped):  # consistent with their manifests: the checks behind them are the subject
+        write_manifest(inconsistent)
 
     source = open_checkpoint(run_dir)
     model = load_megatron(source)
@@ -224,8 +227,10 @@ def test_converting_into_an_existing_export_refuses_without_force(converted, cap
 
 def test_bad_checkpoints_give_one_clear_error_and_write_nothing(converted, tmp_path):
     scratch = converted["scratch"]
-    assert "model: cannot load the model weights" in converted["truncated"]
-    assert "corrupt, incomplete or of another model" in converted["truncated"]
+    assert re.fullmatch(
+        r"corrupt checkpoint: .*/truncated/step_000003/model/__\d_\d\.distcp has \d+ bytes, manifest.json expects \d+",
+        converted["truncated"],
+    ), converted["truncated"]
     assert re.fullmatch(
         r".*/model: tensor (en|de)coder.layers.0.mlp.linear_fc1.weight has shape \[128, 64\], "
         r"the model described by config.yaml expects \[96, 64\]",
