@@ -13,7 +13,7 @@ from moe_infer.engine.generate import GenerationSettings, generate
 from moe_infer.engine.layer import POLICIES, BlockOptions
 from moe_infer.engine.translate import TranslationSettings, translate
 from moe_infer.model import load_model
-from pipeline.platform.testing import run_distributed
+from pipeline.platform.testing import DistributedTestFailure, run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
 NO_DROP = BlockOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
@@ -204,7 +204,8 @@ def _start(export: str) -> None:
 
 def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
     export = write_random_export(tmp_path / "three", random_export_config("decoder", num_experts=3))
-    with pytest.raises(Exception, match=r"3 experts per MoE layer, which cannot be split evenly over 2 ranks"):
+    message = r"EngineError: .*three: the export has 3 experts per MoE layer, which cannot be split evenly over 2 ranks"
+    with pytest.raises(DistributedTestFailure, match=message):
         run_distributed(_start, world_size=2, args=(str(export),), init_process_group=False, timeout_s=60)
 
 
