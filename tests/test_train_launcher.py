@@ -72,6 +72,7 @@ def test_killing_the_launcher_stops_its_ranks_within_seconds(tmp_path):
     run_dir = tmp_path / "run"
     # A checkpoint every step: the kill lands during or between saves.
     proc = _torchrun(run_dir, overrides=[*STEPS, "train.steps=100000", "train.save_interval=1"])
+    ranks = []
     try:
         deadline = time.monotonic() + 240
         while max(_losses(run_dir), default=0) < 3:
@@ -86,6 +87,9 @@ def test_killing_the_launcher_stops_its_ranks_within_seconds(tmp_path):
         assert not alive, f"still running {stopped_after:.0f} s after the launcher died: {[p.pid for p in alive]}"
     finally:
         _stop(proc)
+        for rank in ranks:  # whatever the outcome, nothing of the job outlives the test
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.kill()
     assert stopped_after < 15
     # What they left is usable: the latest checkpoint and every complete one pass their manifests.
     latest = ckpt_io.latest_checkpoint(run_dir)
