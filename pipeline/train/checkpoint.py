@@ -319,6 +319,8 @@ def one_line_cause(err: BaseException, limit: int = 240) -> str:
         wrapped = failures[min(failures)]
         err = wrapped[0] if isinstance(wrapped, tuple) else wrapped
     text = " ".join(str(err).split())
+    if len(text) > limit // 2 and ". " in text:  # torch appends paragraphs of advice to the error itself
+        text = text.split(". ")[0]
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
