@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from pipeline.config import add_override_argument, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
+_QUIET_RANK_DELAY_S = 3.0
+
 
 class _ArgumentParser(argparse.ArgumentParser):
     """A usage error in one short line, printed once per job: every rank parses the same arguments, so under a
@@ -36,9 +38,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         else:
             time.sleep(_QUIET_RANK_DELAY_S)
         sys.exit(2)
-
-
-_QUIET_RANK_DELAY_S = 3.0
 
 
 def main(argv: list[str] | None = None) -> int:
