@@ -20,7 +20,8 @@ from pipeline.train import checkpoint as ckpt_io
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = [*LM_TINY, "train.eval_interval=1000"]
-LAUNCHES = 3  # per failure case: enough to see a rank that exits first hide another rank's message
+# Launches per failure case in the default suite (which rank exits first is a race); the slow test repeats one more.
+LAUNCHES = 2
 
 
 def _torchrun(run_dir: Path, *args: str, overrides=(), env=None) -> subprocess.Popen:
@@ -91,18 +92,11 @@ def test_killing_the_launcher_stops_its_ranks_within_seconds(tmp_path):
             with contextlib.suppress(psutil.NoSuchProcess):
                 rank.kill()
     assert stopped_after < 15
-    # What they left is usable: the latest checkpoint and every complete one pass their manifests.
-    latest = ckpt_io.latest_checkpoint(run_dir)
+    # What they left is usable: the latest checkpoint and every complete one pass their manifests (a save cut short
+    # is a .partial directory, which the next run removes: test_resume_from_an_older_checkpoint).
+    assert ckpt_io.read_meta(ckpt_io.latest_checkpoint(run_dir))["step"] >= 3
     for ckpt in (run_dir / "checkpoints").glob("step_*"):
         assert ckpt_io.verify_checkpoint(ckpt), ckpt
-    # The next run cleans what a save cut short left, and continues from the latest checkpoint.
-    stale = run_dir / "checkpoints" / ".step_999999.partial"
-    (stale / "model").mkdir(parents=True)
-    step = ckpt_io.read_meta(latest)["step"]
-    rc, out = _run(run_dir, "--resume", overrides=[*STEPS, f"train.steps={step + 2}", "train.save_interval=1"])
-    assert rc == 0, out[-3000:]
-    assert f"resuming from {latest} (step {step})" in out
-    assert not stale.exists() and not list((run_dir / "checkpoints").glob(".*"))
 
 
 @pytest.mark.parametrize("case", ["bad config file", "bad --set value", "missing config"])
@@ -118,6 +112,13 @@ def test_a_bad_config_shows_the_error_line_on_every_launch(tmp_path, case):
         rc, out = _run(tmp_path / f"run{attempt}", *args)
         assert rc != 0 and any(line.startswith(expected) for line in _error_lines(out)), (attempt, out[-3000:])
         assert 'Traceback (most recent call last):\n  File "' + str(REPO) not in out  # none of ours
+
+
+@pytest.mark.slow
+def test_the_error_line_survives_many_launches(tmp_path):
+    for attempt in range(10):
+        rc, out = _run(tmp_path / f"run{attempt}", "--set", "moe.num_experts=abc")
+        assert rc != 0 and any(line.startswith("error: --set moe.num_experts=abc") for line in _error_lines(out)), out
 
 
 def test_a_usage_error_is_printed_once_and_short(tmp_path):
@@ -174,6 +175,8 @@ def test_a_damaged_state_found_by_one_rank_only_stops_them_all(run, tmp_path):
 
 def test_resume_from_an_older_checkpoint(run, tmp_path):
     run_dir, _, _ = _damaged_copy(run, tmp_path, keep_manifest=True)
+    stale = run_dir / "checkpoints" / ".step_000012.partial"  # a save of a run killed mid-way
+    (stale / "model").mkdir(parents=True)
     rc, out = _run(
         run_dir, "--resume-from", "step_000004", overrides=[*STEPS, "train.steps=10", "train.save_interval=2"]
     )
@@ -182,3 +185,4 @@ def test_resume_from_an_older_checkpoint(run, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000010"
     assert ckpt_io.verify_checkpoint(run_dir / "checkpoints" / "step_000008")  # the damaged one was saved again
     assert sorted(_losses(run_dir)) == list(range(1, 11))
+    assert not stale.exists() and not list((run_dir / "checkpoints").glob(".*"))

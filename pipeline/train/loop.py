@@ -32,7 +32,7 @@ from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.batches import build_batches, unigram_baseline
 from pipeline.train.model import build_model, init_model_parallel, is_expert_param, model_loss, moe_aux_losses
-from pipeline.train.resume import load_checkpoint, prepare_run_dir
+from pipeline.train.resume import check_checkpoint, load_checkpoint, prepare_run_dir
 from pipeline.train.routing import RoutingRecorder
 
 
@@ -161,6 +161,8 @@ def train(
     groups = _groups()
     device = platform.device
     latest, run_lock = prepare_run_dir(run_dir, resume, resume_from)
+    if latest is not None:
+        check_checkpoint(latest, cfg)  # a damaged checkpoint stops every rank before anything is built
 
     tok = _prepare_tokenizer(cfg, info.is_main)
     train_data = build_batches(cfg, tok, "train", groups.dp_rank, groups.dp_size)
@@ -175,7 +177,7 @@ def train(
     if resume and latest is None and info.is_main:
         print(f"no checkpoint in {run_dir} to resume from: starting a fresh run")
     if latest is not None:
-        start = load_checkpoint(model, optimizer, latest, cfg)
+        start = load_checkpoint(model, optimizer, latest)
         if info.is_main:
             print(f"resuming from {latest} (step {start})")
             if resume_from is not None and latest.parent == run_dir / "checkpoints":

@@ -57,29 +57,36 @@ def prepare_run_dir(run_dir: Path, resume: bool, resume_from: str | None) -> tup
     return (Path(chosen[0]) if chosen[0] is not None else None), lock
 
 
-def load_checkpoint(model, optimizer, ckpt: Path, cfg) -> int:
-    """Collective. Verify, then load the weights and this rank's training state from `ckpt`; returns its step.
-    Damage anywhere (any rank's files) stops every rank with one message naming the damaged file and the newest
-    intact checkpoint of the run."""
-    run_dir = ckpt_io.run_dir_of(ckpt)
+def _stage(action, run_dir: Path | None, ckpt: Path, name_the_rank: bool = True) -> None:
+    """Run `action` on every rank, then agree: damage gets the newest intact checkpoint of the run named."""
+    error = None
+    try:
+        action()
+    except CorruptCheckpointError as err:
+        error = ckpt_io.with_intact_hint(err, run_dir, ckpt)
+    except CheckpointError as err:
+        error = err
+    agree(error, name_the_rank)
 
-    def stage(action, name_the_rank: bool = True) -> None:
-        error = None
-        try:
-            action()
-        except CorruptCheckpointError as err:
-            error = ckpt_io.with_intact_hint(err, run_dir, ckpt)
-        except CheckpointError as err:
-            error = err
-        agree(error, name_the_rank)
+
+def check_checkpoint(ckpt: Path, cfg) -> None:
+    """Collective, before any data or model is built: rank 0 checks every file of `ckpt` (the other ranks' training
+    states included) against its manifest, every rank that it holds the model `cfg` describes."""
 
     def check() -> None:
-        if dist.get_rank() == 0:  # every file, the other ranks' training states included, against the manifest
+        if dist.get_rank() == 0:
             ckpt_io.verify_checkpoint(ckpt)
         ckpt_io.check_compatible(ckpt, cfg)
 
-    stage(check, name_the_rank=False)
-    stage(lambda: ckpt_io.load_model(model, ckpt))  # collective: a failed read on any rank fails it on all
+    _stage(check, ckpt_io.run_dir_of(ckpt), ckpt, name_the_rank=False)
+
+
+def load_checkpoint(model, optimizer, ckpt: Path) -> int:
+    """Collective, after `check_checkpoint`: load the weights and this rank's training state from `ckpt`; returns its
+    step. A failure on any rank stops every rank with one message naming the damaged file and the newest intact
+    checkpoint of the run."""
+    run_dir = ckpt_io.run_dir_of(ckpt)
+    _stage(lambda: ckpt_io.load_model(model, ckpt), run_dir, ckpt)  # collective: a failed read fails it on all ranks
     steps: list[int] = []
-    stage(lambda: steps.append(ckpt_io.load_train_state(optimizer, ckpt)))
+    _stage(lambda: steps.append(ckpt_io.load_train_state(optimizer, ckpt)), run_dir, ckpt)
     return steps[0]
