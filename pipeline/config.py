@@ -278,23 +278,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _source_of(err: ConfigError, path: Path, overrides: list[str]) -> str:
     """Where a bad value came from: the `--set` that set the field (or one it contains), else the file, naming the
-    overrides the message mentions (a check across fields, say)."""
+    overrides the message mentions by full name or as `name=` in the field's section (a check across fields)."""
     if err.source is not None:
         return err.source
-    field = err.field
-    for item in overrides:
-        key = item.partition("=")[0].strip()
+    field, keys = err.field, {item: item.partition("=")[0].strip() for item in overrides}
+    for item, key in keys.items():
         if key == field or field.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{field}."):
             return f"--set {item}"
-    section = field.partition(".")[0]
-
-    def mentioned(item: str) -> bool:  # by its full name, or as `name=` within the field's own section
-        key = item.partition("=")[0].strip()
-        same_section = key.partition(".")[0] == section
-        last = key.rpartition(".")[2]
-        return bool(re.search(rf"\b{re.escape(key)}\b", err.reason) or (same_section and f"{last}=" in err.reason))
-
-    named = [item for item in overrides if mentioned(item)]
+    named = [
+        item
+        for item, key in keys.items()
+        if re.search(rf"\b{re.escape(key)}\b", err.reason)
+        or (key.partition(".")[0] == field.partition(".")[0] and f"{key.rpartition('.')[2]}=" in err.reason)
+    ]
     return f"{path} with " + " ".join(f"--set {item}" for item in named) if named else str(path)
 
 
