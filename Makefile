@@ -70,15 +70,14 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 	$(PY) -m pipeline.data build --task all --size fixture
 	$(PY) -m pipeline.tokenizer lm-tiny
 	$(PY) -m pipeline.platform
-	@# The demo's own run and export, started afresh each time (training never overwrites a run by itself).
-	rm -rf runs/demo-lm-tiny exports/demo-lm-tiny
-	$(MAKE) --no-print-directory train MODEL=lm-tiny ARGS="--run-dir runs/demo-lm-tiny"
-	$(MAKE) --no-print-directory convert CKPT=runs/demo-lm-tiny OUT=exports/demo-lm-tiny
+	@# The demo's own run and export. Nothing is deleted: a second demo continues (or reuses) its own run, and
+	@# --force replaces only its own export. To start afresh, delete runs/demo-* and exports/demo-lm-tiny yourself.
+	$(MAKE) --no-print-directory train MODEL=lm-tiny ARGS="--run-dir runs/demo-lm-tiny --resume"
+	$(MAKE) --no-print-directory convert CKPT=runs/demo-lm-tiny OUT=exports/demo-lm-tiny ARGS=--force
 	@echo "demo: three samples from exports/demo-lm-tiny, served with EP=$(NPROC) and dynamic gating"
 	printf 'ROMEO:\nJULIET:\nFirst Witch:\n' | OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
 		--nproc_per_node $(NPROC) launch/infer.py --export exports/demo-lm-tiny --max-new-tokens 40 --quiet
 	@echo "demo: a short benchmark of exports/demo-lm-tiny (the layer bench, policies, buffering replay, placement)"
-	rm -rf runs/demo-bench
 	$(PY) -m pipeline.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
 		--out runs/demo-bench --nproc $(NPROC)
 	$(PY) -m pipeline.report --runs runs/demo-bench --out reports/demo-report.html
@@ -92,5 +91,6 @@ test-all: setup ## every test, slow ones included (full corpora, larger models)
 lint: setup ## ruff
 	$(PY) -m ruff check .
 
-clean: ## remove caches and outputs (keeps .venv)
-	rm -rf .cache runs exports .pytest_cache .ruff_cache
+clean: ## remove the caches (.cache: corpora, tokenizers, tokenized splits; tool caches); runs/, exports/ and .venv stay
+	rm -rf .cache .pytest_cache .ruff_cache
+	@echo "clean: kept runs/ and exports/ (trained models and results): delete what you no longer need yourself"

@@ -13,14 +13,12 @@ from moe_infer.moe.layer import POLICIES, MoEOptions
 from moe_infer.runtime.engine import Engine, EngineError, EngineOptions
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.translate import TranslationSettings, translate
-from pipeline.platform.testing import run_distributed
+from pipeline.platform.testing import DistributedTestFailure, run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
 NO_DROP = MoEOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
-TOKENS_PER_RANK = [(3, 7), (0, 7)]
-QWEN = dict(
-    position_embedding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True
-)  # rank 0: 3 sequences of 7 tokens; rank 1: none (it still joins every exchange)
+TOKENS_PER_RANK = [(3, 7), (0, 7)]  # rank 0: 3 sequences of 7 tokens; rank 1: none (it still joins every exchange)
+QWEN = dict(position_embedding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +205,8 @@ def _start(export: str) -> None:
 
 def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
     export = write_random_export(tmp_path / "three", random_export_config("decoder", num_experts=3))
-    with pytest.raises(Exception, match=r"3 experts per MoE layer, which cannot be split evenly over 2 ranks"):
+    message = r"EngineError: .*three: the export has 3 experts per MoE layer, which cannot be split evenly over 2 ranks"
+    with pytest.raises(DistributedTestFailure, match=message):
         run_distributed(_start, world_size=2, args=(str(export),), init_process_group=False, timeout_s=60)
 
 
