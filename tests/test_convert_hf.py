@@ -17,8 +17,9 @@ from moe_infer import hf_layout
 from moe_infer.model import load_model, read_expert
 from pipeline.config import load_config
 from pipeline.convert import hf_verify
-from pipeline.convert.hf import PROVENANCE_FILE, HFExportError, export_hf, main
+from pipeline.convert.hf import PROVENANCE_FILE, export_hf, main
 from pipeline.convert.hf_tokenizer import build_tokenizer
+from pipeline.outputs import OutputError
 from pipeline.tokenizer import tokenizer_for
 
 QWEN = dict(
@@ -192,7 +193,7 @@ def test_an_option_without_a_qwen3_moe_equivalent_is_refused_in_one_line(case, t
 def test_only_our_own_export_is_replaced_and_only_with_force(converted, tmp_path):
     export = converted["qwen"]["export"]
     ours = Path(shutil.copytree(converted["qwen"]["hf"], tmp_path / "ours"))
-    with pytest.raises(HFExportError, match="already holds a Hugging Face export of .*: pass --force"):
+    with pytest.raises(OutputError, match="already holds a Hugging Face export of .*: pass --force"):
         export_hf(export, ours, verify=False, log=lambda line: None)
     before = (ours / "model.safetensors").stat().st_mtime_ns
     export_hf(export, ours, force=True, verify=False, log=lambda line: None)
@@ -203,13 +204,13 @@ def test_only_our_own_export_is_replaced_and_only_with_force(converted, tmp_path
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
     for force in (False, True):
-        with pytest.raises(HFExportError, match="is not a Hugging Face export of ours"):
+        with pytest.raises(OutputError, match="is not a Hugging Face export .*--force replaces only our own"):
             export_hf(export, theirs, force=force, verify=False, log=lambda line: None)
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
     shutil.copy(ours / PROVENANCE_FILE, theirs)  # our tag, but a file we never write beside it
-    with pytest.raises(HFExportError, match="is not a Hugging Face export of ours"):
+    with pytest.raises(OutputError, match="is not a Hugging Face export .*--force replaces only our own"):
         export_hf(export, theirs, force=True, verify=False, log=lambda line: None)
-    with pytest.raises(HFExportError, match="overlaps the export"):
+    with pytest.raises(OutputError, match="is inside EXPORT_DIR .*: the output must be somewhere else"):
         export_hf(export, export / "hf", verify=False, log=lambda line: None)
     (tmp_path / "empty").mkdir()
     export_hf(export, tmp_path / "empty", verify=False, log=lambda line: None)

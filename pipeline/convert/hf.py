@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import staged_directory
 from pipeline.errors import ConfigError, PipelineError
 
 FORMAT = "moe-pipeline-hf-export"
@@ -64,11 +64,13 @@ def _needs_transformers() -> None:
         ) from None
 
 
-# ---- what may be written over (the project's rule: pipeline.outputs.check_output on the reliability branch) ------
+# ---- what may be written over (the project's rule: pipeline.outputs.check_output) --------------------------------
 
 
 def describe_ours(path: Path) -> str | None:
     """'a Hugging Face export of <source>' when `path` is provably our output, else None."""
+    if not path.is_dir() or path.is_symlink():
+        return None
     try:
         meta = json.loads((path / PROVENANCE_FILE).read_text())
         names = {p.name for p in path.iterdir()}
@@ -80,23 +82,18 @@ def describe_ours(path: Path) -> str | None:
 
 
 def check_output(out: Path, export_dir: Path, force: bool) -> bool:
-    """Whether `out` may be written; True when something is there that is ours to replace. Raises HFExportError."""
-    real_out, real_export = Path(os.path.realpath(out)), Path(os.path.realpath(export_dir))
-    if real_out == real_export or real_out.is_relative_to(real_export) or real_export.is_relative_to(real_out):
-        raise HFExportError(f"{out} overlaps the export {export_dir}: write it somewhere else (nothing was written)")
-    if not (out.exists() or out.is_symlink()):
-        return False
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return True  # an empty directory: nothing to lose
-    ours = None if out.is_symlink() else describe_ours(out)
-    if ours is None:
-        raise HFExportError(
-            f"{out} exists and is not a Hugging Face export of ours: choose another path; --force replaces only our "
-            "own exports (nothing was written)"
-        )
-    if not force:
-        raise HFExportError(f"{out} already holds {ours}: pass --force to replace it (nothing was written)")
-    return True
+    """Whether `out` may be written; True when something is there that is ours to replace. Raises OutputError."""
+    from pipeline.outputs import check_output as check
+
+    decision = check(
+        out,
+        kind="Hugging Face export",
+        recognise=describe_ours,
+        force=force,
+        protected={"EXPORT_DIR": export_dir},
+        note="--force replaces only our own Hugging Face exports",
+    )
+    return decision.replaces is not None
 
 
 # ---- the held-out text ------------------------------------------------------------------------------------------
@@ -148,7 +145,6 @@ def export_hf(
     from moe_infer import export_format as fmt
     from moe_infer import hf_layout
     from moe_infer.model import Export, read_expert
-    from pipeline.convert.export import staged
     from pipeline.convert.hf_tokenizer import write_tokenizer
     from pipeline.train.checkpoint import git_revision
 
@@ -172,7 +168,7 @@ def export_hf(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "verification": None,
     }
-    with staged(out, force=replaces) as tmp:
+    with staged_directory(out, replace=replaces) as tmp:
         dense = export.read_tensors("dense.safetensors")
         experts = ((key, read_expert(export, *key)) for key in fmt.expert_keys(export.config))
         hf_layout.write_weights(tmp, export.config, dense, experts)
