@@ -44,7 +44,7 @@ from moe_infer.serve.flags import (
     read_placements,
     serving_settings,
 )
-from moe_infer.serve.process import launched, progress
+from moe_infer.serve.process import ArgumentParser, launched, progress
 from moe_infer.serve.requests import (
     check_requests,
     encode_requests,
@@ -64,7 +64,7 @@ TASK_MODE = {"decoder": "generate", "encoder-decoder": "translate"}  # the mode 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="launch/infer.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
