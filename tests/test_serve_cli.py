@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -138,6 +139,19 @@ def test_a_placement_file_with_replicas_and_a_recorded_load_history(setup, tmp_p
     assert wrong.returncode != 0 and "placement for 2 ranks" in wrong.stderr
 
 
+def test_requests_that_are_not_text_are_refused_by_line(setup, capfd, tmp_path):
+    """Only spaces, or a control character such as NUL, is a damaged or binary input, not a prompt: refused."""
+    lines = tmp_path / "lines.txt"
+    for body, problem in [("Macbeth\n   \n", "holds only whitespace"), ("Mac\0beth\n", "control character '\\x00'")]:
+        lines.write_text(body)
+        code, err = _main(capfd, "--export", setup["lm"], "--input", str(lines), *GENERATE)
+        line = body.count("\n")
+        assert code == 2 and err.startswith(f"error: prompt on line {line} of {lines} ") and problem in err
+    lines.write_text("Fair\tis foul\n")  # a tab is text
+    code, err = _main(capfd, "--export", setup["lm"], "--input", str(lines), *GENERATE)
+    assert code == 0, err
+
+
 def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error")]
 
@@ -145,6 +159,24 @@ def _error_lines(text: str) -> list[str]:
 def _our_traceback(text: str) -> bool:
     """Whether `text` holds a traceback through our code (torchrun prints its own on a failed rank)."""
     return any(f'File "{REPO / part}' in text for part in ("launch", "moe_infer", "pipeline"))
+
+
+def test_invalid_utf8_is_one_line_from_stdin_as_from_a_file(setup, tmp_path):
+    """The same bytes through --input and on stdin (one process, and two ranks where rank 0 reads it): one line."""
+    data = b"Fair is foul\nMac\xffbeth\n"
+    (tmp_path / "bad.txt").write_bytes(data)
+    command = [str(REPO / "launch/infer.py"), "--export", setup["lm"], *GENERATE]
+    options = dict(capture_output=True, env=env(), cwd=REPO, timeout=120)
+    runs = {
+        "file": subprocess.run([sys.executable, *command, "--input", str(tmp_path / "bad.txt")], **options),
+        "stdin": subprocess.run([sys.executable, *command], input=data, **options),
+        "stdin, 2 ranks": subprocess.run([*torchrun(2), *command], input=data, **options),
+    }
+    for how, result in runs.items():
+        err = result.stderr.decode()
+        lines = _error_lines(err)
+        assert result.returncode != 0 and lines and not _our_traceback(err), (how, err[-2000:])
+        assert set(lines) == {lines[0]} and "'utf-8' codec can't decode byte 0xff in position 16" in lines[0], how
 
 
 # ---- under a launcher: the message shown whichever rank exits first; a rank stops with its launcher ----------------

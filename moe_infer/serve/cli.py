@@ -46,6 +46,7 @@ from moe_infer.serve.flags import (
 )
 from moe_infer.serve.process import ArgumentParser, launched, progress
 from moe_infer.serve.requests import (
+    check_lines,
     check_requests,
     encode_requests,
     format_output,
@@ -143,6 +144,7 @@ def prepare(args: argparse.Namespace, rank: int, world: int) -> Job:
         init_distributed(timeout_s=args.timeout, use_deepspeed=True)  # for the broadcast of stdin
     where = "stdin" if args.input == "-" else str(args.input)
     job.lines = read_requests(args.input, rank, world)
+    check_lines(job.lines, mode, where)
     job.requests = encode_requests(job.tokenizer, job.lines, mode)
     check_requests(job.requests, cfg, mode, job.settings, where)
     if args.references is not None:
