@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -177,6 +178,32 @@ def test_invalid_utf8_is_one_line_from_stdin_as_from_a_file(setup, tmp_path):
         lines = _error_lines(err)
         assert result.returncode != 0 and lines and not _our_traceback(err), (how, err[-2000:])
         assert set(lines) == {lines[0]} and "'utf-8' codec can't decode byte 0xff in position 16" in lines[0], how
+
+
+def test_outputs_replace_only_what_is_theirs_and_never_an_input(setup, capfd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Macbeth\n")
+    out = tmp_path / "out.txt"
+    args = ["--export", setup["lm"], "--input", str(prompts), *GENERATE]
+    assert _main(capfd, *args, "--output", str(out))[0] == 0
+    code, err = _main(capfd, *args, "--output", str(out))
+    assert code == 2 and err.startswith(f"error: {out} already holds a file of ") and "pass --force" in err
+    assert _main(capfd, *args, "--output", str(out), "--force")[0] == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    refused = {
+        ("--output", str(prompts)): f"error: {prompts} is --input {prompts}: the output must be somewhere else",
+        ("--output", str(notes)): f"error: {notes} exists and is not a file (a directory holding 1 entry (todo.txt))",
+        ("--output", setup["lm"] + "/out.txt"): "is inside --export",
+        ("--record-trace", str(notes / "todo.txt")): "exists and is not a load history (a file of 4 bytes)",
+        ("--run-dir", str(notes)): "exists and is not a tracked run",
+    }
+    for flag, expected in refused.items():
+        code, err = _main(capfd, *args, *flag, "--force")
+        assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, (flag, err)
+    assert prompts.read_text() == "Macbeth\n" and [p.name for p in notes.iterdir()] == ["todo.txt"]
+    assert (notes / "todo.txt").read_text() == "mine" and not (Path(setup["lm"]) / "out.txt").exists()
 
 
 # ---- under a launcher: the message shown whichever rank exits first; a rank stops with its launcher ----------------
