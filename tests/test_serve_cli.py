@@ -276,3 +276,15 @@ def test_killing_the_launcher_stops_the_serving_ranks(setup, tmp_path):
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
                 p.kill()
         proc.wait()
+
+
+@pytest.mark.slow  # a deepspeed launch: over a minute on 2 shared cores
+def test_make_infer_prints_the_results_alone_on_stdout(setup):
+    """`make infer` (the deepspeed launcher, which logs to stdout): stdout holds the results and nothing else."""
+    venv = Path(sys.executable).parent.parent
+    args = f"--input {setup['root'] / 'prompts.txt'} {' '.join(GENERATE)}"
+    command = ["make", "-o", "setup", "infer", f"VENV={venv}", f"EXPORT={setup['lm']}", f"ARGS={args}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env(), cwd=REPO, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _expected_continuations(setup["lm"], setup["tok"])
+    assert result.stdout.split("\n")[:-1] == expected, result.stdout
