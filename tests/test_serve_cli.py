@@ -239,6 +239,20 @@ def _failing_launch(setup, tmp_path, case: str) -> str:
     return result.stderr
 
 
+def test_a_rank_other_than_0_shows_an_error_every_rank_met_too(monkeypatch, capfd):
+    """The race, made certain: rank 1 (a launcher's view) meets an error every rank meets alike. It says it too
+    (after a wait in which rank 0 usually has said it and the launcher stopped this rank): when rank 1 exits first,
+    the launcher may stop rank 0 before it prints. Before, only rank 0 printed it."""
+    from moe_infer.serve import process
+
+    monkeypatch.setattr(process, "QUIET_RANK_DELAY_S", 0.0, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with process.launched(quiet=True) as command:
+        raise process.ConfigError("--batch-size", "must be at least 1, got 0")
+    assert command.status == 2 and capfd.readouterr().err == "error: --batch-size: must be at least 1, got 0\n"
+
+
 @pytest.mark.parametrize("case", ["3 experts on 2 ranks", "usage"])
 def test_every_failing_launch_shows_the_error_line(setup, tmp_path, case):
     for _ in range(2):
