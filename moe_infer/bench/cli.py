@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from moe_infer.bench import layer, model, prefetch, replay, serving
+from moe_infer.serve.process import ArgumentParser
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
 BENCHMARKS = {
@@ -28,7 +29,7 @@ BENCHMARKS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m moe_infer.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
