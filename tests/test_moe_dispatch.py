@@ -34,12 +34,14 @@ class _SlotExperts:
         assert self.planned is None or self.planned == [], f"slots {self.planned} were prepared but not run"
         self.planned = list(active_L)
 
-    def __call__(self, routed):
-        for slot, x_ND, p_N, out_ND in routed.expert_inputs():
-            assert self.planned and self.planned[0] == slot, f"slot {slot} runs but {self.planned} were prepared"
-            self.planned.pop(0)
-            y_ND = self.experts[slot](x_ND, p_N)
-            routed.expert_output(slot, y_ND if out_ND is None else out_ND.copy_(y_ND))
+    def __call__(self, rows):
+        assert self.planned == rows.active_L, f"slots {rows.active_L} run but {self.planned} were prepared"
+        self.planned = []
+        start = 0
+        for slot, n in enumerate(rows.rows_L):
+            end = start + n
+            rows.y_MD[start:end] = self.experts[slot](rows.x_MD[start:end], rows.probs_M[start:end])
+            start = end
 
 
 def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor, MoEStats]:
@@ -47,7 +49,7 @@ def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor,
     stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=experts_TK.numel())
     timer = PhaseTimer(stats, x_TD.device)
     routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)
-    experts(routed)
+    experts(routed.rows)
     timer.lap("experts")
     y_TD = dispatcher.combine(routed)
     timer.lap("combine")

@@ -2,7 +2,7 @@
 
     x_TD ── router ──> probs_TK, experts_TK   the K experts of each token and their weights (moe_infer.model.moe)
          ── dispatch ─> routed                 rows to the ranks of their experts (moe_infer.moe.dispatch)
-         ── experts ──> outputs in routed      each local expert on its rows (moe_infer.moe.experts)
+         ── experts ──> routed.rows.y_MD        each local expert on its rows (moe_infer.moe.experts)
          ── combine ──> y_TD                   outputs back to their tokens, each token's K outputs summed
 
     layer = build_moe_layer("dynamic", "decoder.layers.2", cfg, router, experts, placement)     see POLICIES
@@ -110,7 +110,7 @@ class ServedMoELayer(ServedMoE):
         timer = PhaseTimer(stats, x_TD.device)  # the "gate" phase: the router and the dispatcher's routing work
         probs_TK, experts_TK = self.router(x_TD)
         routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts.prepare, timer)
-        self.experts(routed)
+        self.experts(routed.rows)
         timer.lap("experts")
         y_TD = self.dispatcher.combine(routed)
         timer.lap("combine")

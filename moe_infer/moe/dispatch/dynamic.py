@@ -8,8 +8,8 @@ exactly the routed rows with a variable-size all-to-all. Nothing is padded, noth
               4. received rows arrive source-major; regroup them by local slot, so each expert runs on one contiguous
                  slice (the experts write their outputs into the matching slice of one buffer)
     combine   5. un-group, reverse all-to-all, sum each token's pairs with index_add_ into [T, D]
-With one rank (every expert local) nothing is exchanged: each expert gathers its rows just before it runs and its
-outputs are added into its tokens' rows right after (Local), while they are still in cache.
+With one rank (every expert local) nothing is exchanged: the sorted pairs' rows are gathered, the experts run, and
+their outputs are added into their tokens' rows (Local).
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
 P expert positions (rank-major, E of them), R ranks, L experts per rank.
@@ -17,27 +17,23 @@ P expert positions (rank-major, E of them), R ranks, L experts per rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
-
-ExpertInputs = Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
 class Exchanged:
-    """This rank's rows after the exchange, grouped by local slot; the experts write into the slices of y_MD."""
+    """This rank's rows after the exchange, grouped by local slot (rows), and how to send their outputs back."""
 
-    x_MD: torch.Tensor
-    probs_M: torch.Tensor
-    y_MD: torch.Tensor
-    rows_L: list[int]
+    rows: Rows
     group_M: torch.Tensor  # received row order -> slot order
     send_R: list[int]
     recv_R: list[int]
@@ -45,42 +41,15 @@ class Exchanged:
     num_tokens: int
     timer: PhaseTimer
 
-    def expert_inputs(self) -> ExpertInputs:
-        start = 0
-        for slot, rows in enumerate(self.rows_L):
-            if rows:
-                end = start + rows
-                yield slot, self.x_MD[start:end], self.probs_M[start:end], self.y_MD[start:end]
-                start = end
-
-    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
-        """Already in place (the slice of y_MD the expert wrote into)."""
-
 
 @dataclass
 class Local:
-    """One rank, every expert local: each expert's rows are gathered as it runs and its outputs added into out_TD (no
-    [N, D] staging buffers), so the gather and the scatter-add are counted in the experts phase."""
+    """One rank, every expert local: the pairs' rows gathered in expert order (rows); their outputs are added into
+    out_TD by token."""
 
-    x_TD: torch.Tensor
-    probs_N: torch.Tensor
+    rows: Rows
     out_TD: torch.Tensor
-    rows_L: list[int]
     token_N: torch.Tensor
-    timer: PhaseTimer
-    _token_n: torch.Tensor | None = None  # the tokens of the expert running now
-
-    def expert_inputs(self) -> ExpertInputs:
-        start = 0
-        for slot, rows in enumerate(self.rows_L):
-            if rows:
-                end = start + rows
-                self._token_n = self.token_N[start:end]
-                yield slot, self.x_TD.index_select(0, self._token_n), self.probs_N[start:end], None
-                start = end
-
-    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
-        self.out_TD.index_add_(0, self._token_n, y_ND)
 
 
 class DynamicDispatch:
@@ -110,12 +79,12 @@ class DynamicDispatch:
         timer.lap("gate")
         if R == 1:
             probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
-            out_TD = torch.zeros_like(x_TD)
-            rows_L = counts_P.tolist()
-            prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
+            x_ND = x_TD.index_select(0, token_N)
+            rows = Rows(x_ND, probs_N, counts_P.tolist(), torch.empty_like(x_ND))
+            prepare(rows.active_L, False)
             stats.expert_rows = token_N.numel()
             timer.lap("dispatch")
-            return Local(x_TD, probs_N, out_TD, rows_L, token_N, timer)
+            return Local(rows, torch.zeros_like(x_TD), token_N)
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
         # paper says, the count exchange starts as soon as the counts exist and the rows are gathered meanwhile.
@@ -143,14 +112,14 @@ class DynamicDispatch:
         y_MD = torch.empty_like(x_MD)
         stats.expert_rows = y_MD.shape[0]
         timer.lap("dispatch")
-        return Exchanged(x_MD, probs_M, y_MD, rows_L, group_M, send_R, recv_R, token_N, num_tokens, timer)
+        return Exchanged(Rows(x_MD, probs_M, rows_L, y_MD), group_M, send_R, recv_R, token_N, num_tokens, timer)
 
     def combine(self, routed: Exchanged | Local) -> torch.Tensor:
         """[T, D]: each token's expert outputs, summed."""
         if isinstance(routed, Local):
-            return routed.out_TD
+            return routed.out_TD.index_add_(0, routed.token_N, routed.rows.y_MD)
         # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
-        y_MD = torch.empty_like(routed.y_MD).index_copy_(0, routed.group_M, routed.y_MD)
+        y_MD = torch.empty_like(routed.rows.y_MD).index_copy_(0, routed.group_M, routed.rows.y_MD)
         y_ND = self.ranks.all_to_all(y_MD, routed.recv_R, routed.send_R, routed.timer.stats)
         out_TD = torch.zeros(routed.num_tokens, y_ND.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
         return out_TD.index_add_(0, routed.token_N, y_ND)
