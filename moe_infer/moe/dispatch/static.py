@@ -4,6 +4,7 @@ all-to-alls carry those buffers. Pairs past an expert's capacity are dropped (th
 residual path); empty slots are zero rows that the experts compute anyway: the waste the paper measures.
 
     C = max(1, ceil(capacity_fraction * T_max))        T_max: the most tokens any rank of the group brought
+                                                       (agreed once per forward pass: tokens.py)
     slot of each pair = running count per expert, first choices of all tokens before any second choice (GShard)
     dispatch  dispatch_TPC one-hot -> buf_PCD = einsum(dispatch, x) -> all-to-all (Buffers)
     experts   each local expert on all R*C slots of its buffer, padding included
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.dispatch.tokens import Agreement
 from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
@@ -55,6 +57,7 @@ class StaticDispatch:
             raise PipelineError(f"static gating: capacity_fraction must be > 0, got {capacity_fraction}")
         self.placement, self.capacity_fraction = placement, capacity_fraction
         self.ranks = ExpertGroup(placement, group)
+        self.tokens = Agreement(self.ranks)
         self._position_of_E = placement.position_of_E
 
     def capacity(self, max_tokens: int) -> int:
@@ -75,8 +78,9 @@ class StaticDispatch:
         E, D = R * L, x_TD.shape[-1]
         stats = timer.stats
 
-        # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks.
-        C = self.capacity(self.ranks.max(num_tokens, x_TD.device))
+        # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks (the counts are agreed once per
+        # forward pass, moe_infer.moe.dispatch.tokens).
+        C = self.capacity(max(self.tokens(num_tokens, x_TD.device)))
         # Choice-major pairs (n = k*T + t), so the cumsum fills every token's first choice before any second one.
         position_N = self._position_of_E.to(experts_TK.device)[experts_TK.t().reshape(-1)]
         token_N = torch.arange(num_tokens, device=x_TD.device).repeat(topk)
