@@ -52,7 +52,7 @@ convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny (trained and converted first if missing): runs/bench/, then `make report`
+bench: setup exports/lm-tiny-e64/manifest.json exports/mt-tiny-e128/manifest.json ## the paper's experiments on the paper-shaped lm-tiny-e64 and mt-tiny-e128 (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.

@@ -4,7 +4,8 @@
     kernel = ExpertKernel("gelu", ffn=256, grouped_max_rows=32)              (crossover.py measures that figure)
     kernel(weights, x_MD, probs_M, rows_G, out_MD)     out_MD rows of expert g = (W2 act(W1 x + b1) + b2) * p
 
-Two ways to run the experts, chosen per call by the rows per active expert:
+Two ways to run the experts, chosen per expert by its rows in the call (a trained router's loads are uneven: a few
+experts with hundreds of rows, many with a handful):
     grouped     torch.nn.functional.grouped_mm: one fc1 and one fc2 call over a run of experts (a C++ loop of matrix
                 products on CPU and for fp32 on CUDA; CUTLASS grouped GEMM for bf16 on sm90+). The biases are
                 gathered per row. Below the crossover it wins: a per-expert loop pays a handful of Python-level op
@@ -114,18 +115,24 @@ class ExpertKernel:
         rows_G: list[int],
         out_MD: torch.Tensor,
     ) -> torch.Tensor:
-        """Expert g on its rows_G[g] rows (in order), into out_MD; returns out_MD."""
-        if self.uses_grouped(rows_G):
-            return self.grouped(weights, x_MD, probs_M, rows_G, out_MD)
-        return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
+        """Expert g on its rows_G[g] rows (in order), into out_MD; returns out_MD. Each expert by its own rows:
+        those with at most grouped_max_rows grouped together, bigger ones one at a time."""
+        big_G = [n > self.grouped_max_rows for n in rows_G]
+        if not self.uses_grouped(rows_G):
+            return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
+        self.grouped(weights, x_MD, probs_M, rows_G, out_MD, skip_G=big_G if any(big_G) else None)
+        if any(big_G):
+            self.per_expert(weights, x_MD, probs_M, rows_G, out_MD, only_G=big_G)
+        return out_MD
 
-    def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD) -> torch.Tensor:
+    def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD, only_G: list[bool] | None = None) -> torch.Tensor:
+        """Each expert alone (of `only_G`'s experts when given; the others' rows are left as they are)."""
         start = 0
         for g, n in enumerate(rows_G):
-            if n:
-                end = start + n
+            end = start + n
+            if n and (only_G is None or only_G[g]):
                 self.one(weights, g, x_MD[start:end], probs_M[start:end], out_MD[start:end])
-                start = end
+            start = end
         return out_MD
 
     def one(self, weights: ExpertWeights, g: int, x_ND, probs_N, out_ND) -> torch.Tensor:
@@ -141,15 +148,15 @@ class ExpertKernel:
         return out_ND.mul_(probs_N.unsqueeze(-1).to(out_ND.dtype))
 
     def uses_grouped(self, rows_G: list[int]) -> bool:
-        """Whether a call with these rows per expert runs grouped (more than one active expert, few rows each)."""
-        active = sum(1 for n in rows_G if n)
-        return active > 1 and sum(rows_G) <= self.grouped_max_rows * active
+        """Whether a call with these rows per expert groups any (at least two experts with few enough rows)."""
+        return sum(1 for n in rows_G if 0 < n <= self.grouped_max_rows) > 1
 
-    def grouped(self, weights, x_MD, probs_M, rows_G, out_MD) -> torch.Tensor:
+    def grouped(self, weights, x_MD, probs_M, rows_G, out_MD, skip_G: list[bool] | None = None) -> torch.Tensor:
+        """The experts in grouped GEMM calls (but those of `skip_G`, whose rows are left as they are)."""
         w = weights
         p_M1 = probs_M.unsqueeze(-1).to(x_MD.dtype)
         budget = _rows_budget(x_MD, w.w1_GFD.shape[1])
-        for first, last, start, end in _runs(rows_G, budget):
+        for first, last, start, end in _runs(rows_G, budget, skip_G):
             x_ND = x_MD[start:end]
             offs = torch.tensor(_offsets(rows_G[first:last]), dtype=torch.int32, device=x_MD.device)
             h_NF = F.grouped_mm(x_ND, w.w1_GFD[first:last].transpose(1, 2), offs=offs)
@@ -193,21 +200,23 @@ def _rows_budget(x_MD: torch.Tensor, f1: int) -> int:
     return max(1, CPU_ROWS_BUDGET_BYTES // (f1 * x_MD.element_size()))
 
 
-def _runs(rows_G: list[int], budget: int) -> list[tuple[int, int, int, int]]:
+def _runs(rows_G: list[int], budget: int, skip_G: list[bool] | None = None) -> list[tuple[int, int, int, int]]:
     """(first expert, last expert + 1, first row, end row) of each grouped call: consecutive experts, split at a gap of
-    GAP_SPLIT empty experts or where the rows would pass `budget` (an expert is never split), empty experts at either
-    end left out."""
+    GAP_SPLIT empty experts, at an expert of `skip_G` (run apart), or where the rows would pass `budget` (an expert is
+    never split); empty experts at either end left out."""
     runs, first, start, row, gap = [], None, 0, 0, 0
     for g, n in enumerate(rows_G):
-        if n and first is not None and (gap >= GAP_SPLIT or row + n - start > budget):
+        skip = skip_G is not None and skip_G[g]
+        if n and first is not None and (skip or gap >= GAP_SPLIT or row + n - start > budget):
             runs.append((first, g - gap, start, row))
             first = None
-        if n:
+        if n and not skip:
             if first is None:
                 first, start = g, row
-            row, gap = row + n, 0
+            gap = 0
         else:
             gap += 1
-    if first is not None:
+        row += n
+    if first is not None:  # after it only empty experts (one run apart would have closed it)
         runs.append((first, len(rows_G) - gap, start, row))
     return runs

@@ -215,6 +215,14 @@ def largest_batch(found: dict[str, list[Source]]) -> list[Headline]:
     return out or [_missing(claim, paper, "bench")]
 
 
+def _baseline_range(row: dict) -> str:
+    """A serving variant's ratio to the baseline: its range over the rounds, "within noise" when it holds 1."""
+    low, high = row.get("x_baseline_min"), row.get("x_baseline_max")
+    if low is None or high is None:
+        return ""
+    return f" [{low:.3f}-{high:.3f}]" + (" within noise" if low <= 1 <= high else "")
+
+
 def buffering(found: dict[str, list[Source]]) -> list[Headline]:
     saving_claim, paper_saving = "Expert buffering: device memory saving", "up to 1.47x (of static memory)"
     cost_claim, paper_cost = f"Expert buffering: throughput at >= {PAPER_BUFFER_SAVING}x saving", "comparable"
@@ -230,7 +238,8 @@ def buffering(found: dict[str, list[Source]]) -> list[Headline]:
         if enough:
             k = max(r["slots"] for r in enough)
             best = max((r for r in enough if r["slots"] == k), key=lambda r: r["x_baseline"])
-            cell = f"{best['x_baseline']:.3f}x baseline ({best['variant']}, saving {best['memory_saving']:.2f}x)"
+            cell = f"{best['x_baseline']:.3f}x baseline{_baseline_range(best)} ({best['variant']}, saving "
+            cell += f"{best['memory_saving']:.2f}x)"
         else:
             cell = f"no K saves {PAPER_BUFFER_SAVING}x"
         out.append(Headline(cost_claim, paper_cost, cell, where))
@@ -246,7 +255,8 @@ def placement_throughput(found: dict[str, list[Source]]) -> list[Headline]:
                 where = f"{display_path(s.path)}: {s.label}, placement {r['placement']}"
                 # Contiguous served again from a file changes nothing: its figure is the bench's noise.
                 what = "noise control: contiguous again" if r["placement"].startswith("contiguous") else r["variant"]
-                out.append(Headline(claim, paper, f"{(r['x_baseline'] - 1) * 100:+.1f}% ({what})", where))
+                cell = f"{(r['x_baseline'] - 1) * 100:+.1f}%{_baseline_range(r)} ({what})"
+                out.append(Headline(claim, paper, cell, where))
     if not out:
         command = "launch/infer.py --mode bench-serving --slots-sweep none --placements greedy.json (placement fit)"
         return [Headline(claim, paper, "not measured", f"run: {command}")]

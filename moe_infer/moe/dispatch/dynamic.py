@@ -118,6 +118,9 @@ class DynamicDispatch:
         self.ranks = ExpertGroup(placement, group)
         self.tokens = Agreement(self.ranks)
         self.exchange = chosen_exchange()
+        self._overlap = os.environ.get("ABLATE_OVERLAP", "1") == "1"  # TEMPORARY
+        self._separate_probs = os.environ.get("ABLATE_SEPARATE_PROBS", "0") == "1"  # TEMPORARY
+        self._agree = os.environ.get("ABLATE_AGREE", "1") == "1"  # TEMPORARY
 
     def uses_all_gather(self, tokens_R: list[int]) -> bool:
         if self.exchange != "auto":
@@ -137,6 +140,8 @@ class DynamicDispatch:
         position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         if self.ranks.size == 1:
             return self._local(x_TD, probs_TK, position_N, store.prepare, timer)
+        if not self._agree:  # TEMPORARY
+            return self._all_to_all(x_TD, probs_TK, position_N, store.prepare, timer)
         tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
         if self.uses_all_gather(tokens_R):
             return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), store, timer)
@@ -181,6 +186,10 @@ class DynamicDispatch:
 
         # 3. Exactly the routed rows. While they travel, work out how to regroup what arrives.
         rows_in_flight = self.ranks.start_all_to_all(payload_NW, send_R, recv_R, stats)
+        if self._separate_probs:  # TEMPORARY: the old separate exchange of the probabilities
+            self.ranks.start_all_to_all(
+                probs_TK.reshape(-1).float().index_select(0, order_N), send_R, recv_R, stats
+            ).wait()
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
         slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_TD.device)
         group_M = torch.argsort(slot_M, stable=True)
@@ -227,7 +236,7 @@ class DynamicDispatch:
             rows, pair_M = self._pairs_of_mine(x_AD, *flat, topk)
             return rows, torch.div(pair_M, topk, rounding_mode="floor")
 
-        if not getattr(store, "runs_in_parts", False):
+        if not getattr(store, "runs_in_parts", False) or not self._overlap:
             rows, token_M = pick(others_only=False)
             store.prepare(rows.active_L, False)
             timer.stats.expert_rows = rows.x_MD.shape[0]
