@@ -31,8 +31,8 @@ class _SlotExperts:
     the expert-store contract too: the dispatcher names the slots it will run before the experts run exactly those, in
     that order."""
 
-    def __init__(self, experts, runs_in_parts=False):
-        self.experts, self.planned, self.runs_in_parts = experts, None, runs_in_parts
+    def __init__(self, experts):
+        self.experts, self.planned = experts, None
 
     def prepare(self, active_L, overlapped):
         assert self.planned is None or self.planned == [], f"slots {self.planned} were prepared but not run"
@@ -52,9 +52,8 @@ def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor,
     """dispatch -> experts -> combine, as the served layer runs them (moe_infer.moe.layer)."""
     stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=experts_TK.numel())
     timer = PhaseTimer(stats, x_TD.device)
-    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts, timer)
-    for rows in routed.parts():
-        experts(rows)
+    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)
+    experts(routed.rows)
     timer.lap("experts")
     y_TD = dispatcher.combine(routed)
     timer.lap("combine")
@@ -81,15 +80,13 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, MoEStats]]:
         expected_TD = reference_moe(x_TD, probs_TK, experts_TK, experts)
 
         store = _SlotExperts([experts[e] for e in local])
-        in_parts = _SlotExperts([experts[e] for e in local], runs_in_parts=True)
 
-        for name, dispatcher, experts_ in [
-            ("dynamic-all-to-all", _dynamic(placement, "all-to-all"), store),
-            ("dynamic-all-gather", _dynamic(placement, "all-gather"), store),
-            ("dynamic-all-gather-in-parts", _dynamic(placement, "all-gather"), in_parts),
-            ("static", StaticDispatch(placement, 1.0), store),
+        for name, dispatcher in [
+            ("dynamic-all-to-all", _dynamic(placement, "all-to-all")),
+            ("dynamic-all-gather", _dynamic(placement, "all-gather")),
+            ("static", StaticDispatch(placement, 1.0)),
         ]:
-            y_TD, s = _moe(dispatcher, x_TD, probs_TK, experts_TK, experts_)
+            y_TD, s = _moe(dispatcher, x_TD, probs_TK, experts_TK, store)
             torch.testing.assert_close(y_TD, expected_TD, rtol=1e-5, atol=1e-5, msg=f"{name} case {case}")
             assert s.pairs_dropped == 0 and s.pairs_routed == x_TD.shape[0] * topk
             stats.append((name, s))
@@ -139,11 +136,10 @@ def test_policies_equal_the_reference_on_two_ranks():
         # Expert parallelism really moved rows: each rank sent something in every call with tokens.
         assert all(sum(s.bytes_sent for _, s in c) > 0 for c in calls)
         # Dynamic sends exactly the routed rows (or each token once); static sends padded buffers, larger here.
-        for a2a, gather, parts, static in zip(calls[0::5], calls[1::5], calls[2::5], calls[3::5], strict=True):
-            names = [name for name, _ in a2a + gather + parts + static]
-            expected = ["dynamic-all-to-all", "dynamic-all-gather", "dynamic-all-gather-in-parts", "static"]
-            assert names == [name for name in expected for _ in range(2)]
-            for dynamic in (a2a, gather, parts):
+        for all_to_all, all_gather, static in zip(calls[0::4], calls[1::4], calls[2::4], strict=True):
+            names = [name for name, _ in all_to_all + all_gather + static]
+            assert names == ["dynamic-all-to-all"] * 2 + ["dynamic-all-gather"] * 2 + ["static"] * 2
+            for dynamic in (all_to_all, all_gather):
                 assert sum(s.bytes_sent for _, s in dynamic) < sum(s.bytes_sent for _, s in static)
 
 

@@ -78,8 +78,6 @@ class BufferStats:
 
 
 class BufferedExperts(nn.Module):
-    runs_in_parts = False  # `prepare` decides a call's hits, misses and rounds once, for all of its experts
-
     def __init__(
         self,
         cfg: ModelConfig,

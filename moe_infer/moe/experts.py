@@ -53,11 +53,7 @@ class Rows:
 
 
 class ExpertStore(Protocol):
-    """What a served MoE layer runs its experts with: LocalExperts, or the buffered store the runtime may choose.
-    `runs_in_parts`: the experts of one call may run in two parts (this rank's own rows first, while the others'
-    travel), each after its own `prepare`."""
-
-    runs_in_parts: bool
+    """What a served MoE layer runs its experts with: LocalExperts, or the buffered store the runtime may choose."""
 
     def prepare(self, active_L: list[int], overlapped: bool) -> None: ...
 
@@ -73,9 +69,7 @@ def expert_kernel(cfg: ModelConfig, weights: ExpertWeights) -> ExpertKernel:
 
 
 class LocalExperts(nn.Module):
-    """Every local expert resident: nothing to prepare, nothing to copy, any rows at any time."""
-
-    runs_in_parts = True
+    """Every local expert resident: nothing to prepare, nothing to copy."""
 
     def __init__(
         self,

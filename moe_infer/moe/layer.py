@@ -111,9 +111,8 @@ class ServedMoELayer(ServedMoE):
         stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=x_TD.shape[0] * self.topk)
         timer = PhaseTimer(stats, x_TD.device)  # the "gate" phase: the router and the dispatcher's routing work
         probs_TK, experts_TK = self.router(x_TD)
-        routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts, timer)
-        for rows in routed.parts():  # with overlap: this rank's own rows first, while the others' travel
-            self.experts(rows)
+        routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts.prepare, timer)
+        self.experts(routed.rows)
         timer.lap("experts")
         y_TD = self.dispatcher.combine(routed)
         timer.lap("combine")

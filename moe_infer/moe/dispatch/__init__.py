@@ -1,13 +1,12 @@
 """Dispatch: how an MoE layer gets its (token, expert) pairs to the experts' ranks and their outputs back.
 
-    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts, timer)   rows to their experts' ranks
-    for rows in routed.parts(): experts(rows)              each local expert on its rows (moe_infer.moe.experts)
+    routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)   rows to their experts' ranks
+    experts(routed.rows)                                   each local expert on its rows (moe_infer.moe.experts)
     y_TD = dispatcher.combine(routed)                      outputs back to their tokens, each token's pairs summed
 
-Each part (moe_infer.moe.experts.Rows) is what the experts read and write: rows of the local experts grouped by local
-slot, their probabilities, and the buffer the outputs go to. Usually one part; two when the dynamic all-gather runs
-this rank's own rows while the others' travel (stores with `runs_in_parts`). Before each part's rows arrive, the
-dispatcher tells `experts.prepare` which slots will run (so a buffered store can fetch them while the rows travel).
+`routed.rows` (moe_infer.moe.experts.Rows) is what the experts read and write: the rows of every local expert grouped
+by local slot, their probabilities, and the buffer the outputs go to. Before the rows arrive, the dispatcher tells
+`prepare` which slots will run (so a buffered store can fetch them while the rows travel).
 Under expert parallelism every rank of the group calls dispatch and combine together (with its own tokens, possibly
 none), since they exchange rows by all-to-all.
 

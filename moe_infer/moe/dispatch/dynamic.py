@@ -27,7 +27,7 @@ P expert positions (rank-major, E of them), R ranks, L experts per rank, A gathe
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
 from moe_infer.moe.dispatch.tokens import Agreement
-from moe_infer.moe.experts import ExpertStore, Rows
+from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import ConfigError
@@ -57,32 +57,16 @@ class Exchanged:
     num_tokens: int
     timer: PhaseTimer
 
-    def parts(self) -> Iterator[Rows]:
-        yield self.rows
-
 
 @dataclass
 class Gathered:
-    """This rank's rows picked from every rank's tokens, and the gathered row each came from. With `own` (an expert
-    store that can run a call's experts in two parts), this rank's own tokens for its own experts run first, while
-    the other ranks' tokens travel; `rows` then holds the other ranks' tokens only, made when `parts` reaches them."""
+    """This rank's rows picked from every rank's tokens (rows), and the gathered row each came from."""
 
-    rows: Rows | None
-    token_M: torch.Tensor | None  # the gathered row (source rank * block + its token) of each row of `rows`
+    rows: Rows
+    token_M: torch.Tensor  # the gathered row (source rank * block + its token) of each row
     block: int  # rows per rank in the gathered buffer (the largest token count)
     num_tokens: int
     timer: PhaseTimer
-    own: Rows | None = None  # this rank's own tokens for its own experts
-    own_token: torch.Tensor | None = None  # their tokens
-    arrive: Callable[[], tuple[Rows, torch.Tensor]] | None = None  # waits for the gather, picks the others' rows
-
-    def parts(self) -> Iterator[Rows]:
-        if self.own is not None:
-            yield self.own
-            self.timer.lap("experts")
-            self.rows, self.token_M = self.arrive()
-            self.timer.lap("dispatch")
-        yield self.rows
 
 
 @dataclass
@@ -93,9 +77,6 @@ class Local:
     rows: Rows
     out_TD: torch.Tensor
     token_N: torch.Tensor
-
-    def parts(self) -> Iterator[Rows]:
-        yield self.rows
 
 
 def row_width(hidden: int, extra: int, dtype: torch.dtype) -> int:
@@ -118,7 +99,6 @@ class DynamicDispatch:
         self.ranks = ExpertGroup(placement, group)
         self.tokens = Agreement(self.ranks)
         self.exchange = chosen_exchange()
-        self._overlap = os.environ.get("ABLATE_OVERLAP", "1") == "1"  # TEMPORARY
         self._separate_probs = os.environ.get("ABLATE_SEPARATE_PROBS", "0") == "1"  # TEMPORARY
         self._agree = os.environ.get("ABLATE_AGREE", "1") == "1"  # TEMPORARY
 
@@ -132,20 +112,20 @@ class DynamicDispatch:
         x_TD: torch.Tensor,
         probs_TK: torch.Tensor,
         experts_TK: torch.Tensor,
-        store: ExpertStore,
+        prepare: Callable[[list[int], bool], None],
         timer: PhaseTimer,
     ) -> Exchanged | Gathered | Local:
-        """This rank's rows for its local experts (`.parts()`); `store.prepare(active_L, overlapped)` is told which
-        slots will run (while the rows travel, when they do)."""
+        """This rank's rows for its local experts; `prepare(active_L, overlapped)` is told which slots will run
+        (while the rows travel, when they do)."""
         position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         if self.ranks.size == 1:
-            return self._local(x_TD, probs_TK, position_N, store.prepare, timer)
+            return self._local(x_TD, probs_TK, position_N, prepare, timer)
         if not self._agree:  # TEMPORARY
-            return self._all_to_all(x_TD, probs_TK, position_N, store.prepare, timer)
+            return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
         tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
         if self.uses_all_gather(tokens_R):
-            return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), store, timer)
-        return self._all_to_all(x_TD, probs_TK, position_N, store.prepare, timer)
+            return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), prepare, timer)
+        return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
 
     def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
         order_N = torch.argsort(position_N, stable=True)
@@ -205,11 +185,12 @@ class DynamicDispatch:
         timer.lap("dispatch")
         return Exchanged(rows, group_M, send_R, recv_R, token_N, num_tokens, timer)
 
-    def _all_gather(self, x_TD, probs_TK, position_N, block, store, timer) -> Gathered:
+    def _all_gather(self, x_TD, probs_TK, position_N, block, prepare, timer) -> Gathered:
         (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
         L, me = self.placement.experts_per_rank, self.ranks.rank
+        stats = timer.stats
         if block == 0:  # no rank brought a token (every rank knows it from the counts): nothing to exchange
-            store.prepare([], False)
+            prepare([], False)
             return Gathered(Rows(x_TD, x_TD.new_zeros(0), [0] * L, x_TD), position_N, 0, 0, timer)
         # 1. This rank's tokens, each with its K probabilities and K expert positions, padded to the agreed block.
         probs_TC = as_columns(probs_TK.float(), x_TD.dtype)
@@ -218,73 +199,26 @@ class DynamicDispatch:
         payload_BW = x_TD.new_zeros(block, row_width(D, 2 * width, x_TD.dtype))
         payload_BW[:num_tokens, : D + 2 * width] = torch.cat((x_TD, probs_TC, positions_TC), dim=1)
         timer.lap("gate")
-        in_flight = self.ranks.start_all_gather(payload_BW, timer.stats)
+        gathered_AW = self.ranks.start_all_gather(payload_BW, stats).wait()
 
-        def pick(others_only: bool) -> tuple[Rows, torch.Tensor]:
-            """2. The pairs of this rank's experts among the gathered tokens (rows past a rank's count are
-            padding; `others_only`: this rank's own block left out)."""
-            gathered_AW = in_flight.wait()
-            x_AD = gathered_AW[:, :D]
-            probs_AK = from_columns(gathered_AW[:, D : D + width], torch.float32)
-            position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
-            tokens_R = self._tokens_R(x_TD.device)
-            if others_only:
-                tokens_R[me] = 0
-            real_A = (torch.arange(block, device=x_TD.device) < tokens_R[:, None]).reshape(-1)
-            mine_AK = (torch.div(position_AK, L, rounding_mode="floor") == me) & real_A[:, None]
-            flat = (probs_AK.reshape(-1), position_AK.reshape(-1), mine_AK.reshape(-1))
-            rows, pair_M = self._pairs_of_mine(x_AD, *flat, topk)
-            return rows, torch.div(pair_M, topk, rounding_mode="floor")
-
-        if not getattr(store, "runs_in_parts", False) or not self._overlap:
-            rows, token_M = pick(others_only=False)
-            store.prepare(rows.active_L, False)
-            timer.stats.expert_rows = rows.x_MD.shape[0]
-            timer.lap("dispatch")
-            return Gathered(rows, token_M, block, num_tokens, timer)
-        # 2a. While the others' tokens travel: this rank's own tokens for its own experts.
-        mine_N = torch.div(position_N, L, rounding_mode="floor") == me
-        own, pair_N = self._pairs_of_mine(x_TD, probs_TK.reshape(-1).float(), position_N, mine_N, topk)
-        store.prepare(own.active_L, True)
-        routed = Gathered(None, None, block, num_tokens, timer, own, torch.div(pair_N, topk, rounding_mode="floor"))
-
-        def arrive() -> tuple[Rows, torch.Tensor]:
-            rows, token_M = pick(others_only=True)
-            store.prepare(rows.active_L, False)
-            timer.stats.expert_rows = own.x_MD.shape[0] + rows.x_MD.shape[0]
-            return rows, token_M
-
-        routed.arrive = arrive
-        timer.lap("dispatch")
-        return routed
-
-    def _pairs_of_mine(self, x_AD, probs_N, position_N, mine_N, topk: int) -> tuple[Rows, torch.Tensor]:
-        """Rows for this rank's experts from the pairs `mine_N` of (tokens x_AD, K pairs each), grouped by local slot,
-        and each row's pair index (token * K + choice)."""
-        L, me = self.placement.experts_per_rank, self.ranks.rank
-        pair_M = mine_N.nonzero().squeeze(1)
-        slot_M = position_N.index_select(0, pair_M) - me * L
+        # 2. The pairs of this rank's experts among every rank's tokens (rows past a rank's count are padding).
+        x_AD = gathered_AW[:, :D]
+        probs_AK = from_columns(gathered_AW[:, D : D + width], torch.float32)
+        position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
+        real_A = (torch.arange(block, device=x_TD.device) < self._tokens_R(x_TD.device)[:, None]).reshape(-1)
+        mine_AK = (torch.div(position_AK, L, rounding_mode="floor") == me) & real_A[:, None]
+        pair_M = mine_AK.reshape(-1).nonzero().squeeze(1)
+        slot_M = position_AK.reshape(-1).index_select(0, pair_M) - me * L
         order_M = torch.argsort(slot_M, stable=True)
         pair_M = pair_M.index_select(0, order_M)
-        x_MD = x_AD.index_select(0, torch.div(pair_M, topk, rounding_mode="floor"))
+        token_M = torch.div(pair_M, topk, rounding_mode="floor")
         rows_L = torch.bincount(slot_M, minlength=L).tolist()
-        return Rows(x_MD, probs_N.index_select(0, pair_M), rows_L, torch.empty_like(x_MD)), pair_M
-
-    def _combine_gathered(self, routed: Gathered) -> torch.Tensor:
-        """3. This rank's share of every token's sum, back to the token's rank, and the ranks' shares summed (this
-        rank's own share of its own tokens added in place when it ran apart)."""
-        y_MD, R, block, me = routed.rows.y_MD, self.ranks.size, routed.block, self.ranks.rank
-        if block == 0:
-            return y_MD
-        blocks = [0 if routed.own is not None and r == me else block for r in range(R)]
-        partial_AD = y_MD.new_zeros(R * block, y_MD.shape[1]).index_add_(0, routed.token_M, y_MD)
-        if routed.own is not None:  # this rank's block stays here
-            partial_AD = torch.cat((partial_AD[: me * block], partial_AD[(me + 1) * block :]))
-        back_AD = self.ranks.all_to_all(partial_AD, blocks, blocks, routed.timer.stats)
-        out_TD = back_AD.view(-1, block, y_MD.shape[1]).sum(0)[: routed.num_tokens]
-        if routed.own is not None:
-            out_TD = out_TD.index_add_(0, routed.own_token, routed.own.y_MD)
-        return out_TD
+        prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
+        x_MD = x_AD.index_select(0, token_M)
+        rows = Rows(x_MD, probs_AK.reshape(-1).index_select(0, pair_M), rows_L, torch.empty_like(x_MD))
+        stats.expert_rows = x_MD.shape[0]
+        timer.lap("dispatch")
+        return Gathered(rows, token_M, block, num_tokens, timer)
 
     def _tokens_R(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.tokens.counts.tokens_R, device=device)
@@ -295,7 +229,13 @@ class DynamicDispatch:
             return routed.out_TD.index_add_(0, routed.token_N, routed.rows.y_MD)
         y_MD = routed.rows.y_MD
         if isinstance(routed, Gathered):
-            return self._combine_gathered(routed)
+            if routed.block == 0:
+                return y_MD
+            # 3. This rank's share of every token's sum, back to the token's rank, and the ranks' shares summed.
+            R, block = self.ranks.size, routed.block
+            partial_AD = y_MD.new_zeros(R * block, y_MD.shape[1]).index_add_(0, routed.token_M, y_MD)
+            back_AD = self.ranks.all_to_all(partial_AD, [block] * R, [block] * R, routed.timer.stats)
+            return back_AD.view(R, block, -1).sum(0)[: routed.num_tokens]
         # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
         y_MD = torch.empty_like(y_MD).index_copy_(0, routed.group_M, y_MD)
         y_ND = self.ranks.all_to_all(y_MD, routed.recv_R, routed.send_R, routed.timer.stats)

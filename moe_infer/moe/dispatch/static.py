@@ -21,7 +21,7 @@ Shape legend: T tokens, K experts per token, D model dim, N pairs (K*T, choice-m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from moe_infer.moe.dispatch.exchange import ExpertGroup
 from moe_infer.moe.dispatch.tokens import Agreement
-from moe_infer.moe.experts import ExpertStore, Rows
+from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
@@ -44,9 +44,6 @@ class Buffers:
     y_LRCD: torch.Tensor
     dispatch_TPC: torch.Tensor  # the one-hot dispatch mask, reused by the combine
     timer: PhaseTimer
-
-    def parts(self) -> Iterator[Rows]:
-        yield self.rows
 
 
 class StaticDispatch:
@@ -71,11 +68,11 @@ class StaticDispatch:
         x_TD: torch.Tensor,
         probs_TK: torch.Tensor,
         experts_TK: torch.Tensor,
-        store: ExpertStore,
+        prepare: Callable[[list[int], bool], None],
         timer: PhaseTimer,
     ) -> Buffers:
-        """This rank's buffers of its local experts; `store.prepare(active_L, overlapped)` is told that every slot
-        runs (while the buffers travel, when they do)."""
+        """This rank's buffers of its local experts; `prepare(active_L, overlapped)` is told that every slot runs
+        (while the buffers travel, when they do)."""
         num_tokens, topk = experts_TK.shape
         R, L = self.placement.ranks, self.placement.experts_per_rank
         E, D = R * L, x_TD.shape[-1]
@@ -106,7 +103,7 @@ class StaticDispatch:
         rows_in_flight = self.ranks.start_all_to_all(buf_PCD.reshape(E * C, D), blocks, blocks, stats)
         probs_in_flight = self.ranks.start_all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats)
         # Every expert computes its slots, empty or not; a buffered store copies them in while the buffers travel.
-        store.prepare(list(range(L)), R > 1)
+        prepare(list(range(L)), R > 1)
         # Every expert's R*C slots contiguous (a copy with several sources: what arrives is source-major).
         x_MD = rows_in_flight.wait().view(R, L, C, D).transpose(0, 1).reshape(L * R * C, D)
         probs_M = probs_in_flight.wait().view(R, L, C).transpose(0, 1).reshape(L * R * C)
