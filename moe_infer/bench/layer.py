@@ -271,6 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds; the median is the figure")
     parser.add_argument("--slow-repeats", type=positive_int, default=5, help="timed calls of static (seconds each)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch threads per rank (default: the machine's cores over the ranks)"
+    )
     parser.add_argument("--run-dir", type=Path, help="track the run here (W&B offline + metrics.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -280,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     with launched(quiet=False) as command:
         platform = detect_platform()
-        set_threads_per_rank()
+        set_threads_per_rank(args.threads)
         info = init_distributed(platform, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         if args.experts % info.world_size:

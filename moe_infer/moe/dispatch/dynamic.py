@@ -99,8 +99,6 @@ class DynamicDispatch:
         self.ranks = ExpertGroup(placement, group)
         self.tokens = Agreement(self.ranks)
         self.exchange = chosen_exchange()
-        self._separate_probs = os.environ.get("ABLATE_SEPARATE_PROBS", "0") == "1"  # TEMPORARY
-        self._agree = os.environ.get("ABLATE_AGREE", "1") == "1"  # TEMPORARY
 
     def uses_all_gather(self, tokens_R: list[int]) -> bool:
         if self.exchange != "auto":
@@ -120,8 +118,6 @@ class DynamicDispatch:
         position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         if self.ranks.size == 1:
             return self._local(x_TD, probs_TK, position_N, prepare, timer)
-        if not self._agree:  # TEMPORARY
-            return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
         tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
         if self.uses_all_gather(tokens_R):
             return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), prepare, timer)
