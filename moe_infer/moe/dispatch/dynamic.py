@@ -162,10 +162,6 @@ class DynamicDispatch:
 
         # 3. Exactly the routed rows. While they travel, work out how to regroup what arrives.
         rows_in_flight = self.ranks.start_all_to_all(payload_NW, send_R, recv_R, stats)
-        if self._separate_probs:  # TEMPORARY: the old separate exchange of the probabilities
-            self.ranks.start_all_to_all(
-                probs_TK.reshape(-1).float().index_select(0, order_N), send_R, recv_R, stats
-            ).wait()
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
         slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_TD.device)
         group_M = torch.argsort(slot_M, stable=True)
