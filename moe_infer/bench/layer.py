@@ -50,7 +50,7 @@ from moe_infer.model.layers import activation
 from moe_infer.model.moe import ExpertFFN, MoELayer
 from moe_infer.moe.experts import LocalExperts
 from moe_infer.moe.layer import POLICIES, MoEOptions, build_moe_layer, load_router
-from moe_infer.moe.stats import PHASES, MoEStats
+from moe_infer.moe.stats import PHASES, MoEStats, PhaseTimer
 from moe_infer.placement import Placement
 from moe_infer.serve.flags import positive_int
 from moe_infer.serve.process import launched
@@ -117,6 +117,7 @@ def expert_floors(
 
 
 def run(args: argparse.Namespace, device: torch.device, ranks: int, rank: int) -> list[Result]:
+    PhaseTimer.synchronize = True  # phase times of the device's work (CUDA), not of the host's launches
     cfg = layer_config(args.experts, args.hidden, args.ffn, args.topk, args.activation)
     placement = Placement.contiguous(cfg.num_experts, ranks)
     router, all_experts = random_layer(cfg, args.seed)
