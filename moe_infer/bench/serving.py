@@ -73,11 +73,7 @@ class Result:
     eviction: str
     seconds: float  # median round, slowest rank
     tok_s: float
-    tok_s_min: float  # over the rounds
-    tok_s_max: float
     x_baseline: float  # tokens/s over the baseline's tokens/s (medians)
-    x_baseline_min: float  # this variant's slowest round over the baseline's fastest
-    x_baseline_max: float
     expert_mb_per_rank: float  # expert weights on the device, all MoE layers, the largest rank
     decoder_expert_mb: float  # the decoder's MoE layers alone
     memory_saving: float  # the baseline's expert MB / this variant's
@@ -88,7 +84,11 @@ class Result:
     copied_mb: float
     copy_ms: float
     stall_ms: float
-    rank_balance: float  # mean / max over ranks of the expert rows computed (all MoE layers, best round)
+    rank_balance: float  # mean / max over ranks of the expert rows computed (all MoE layers, median round)
+    tok_s_min: float | None = None  # over the rounds
+    tok_s_max: float | None = None
+    x_baseline_min: float | None = None  # this variant's slowest round over the baseline's fastest
+    x_baseline_max: float | None = None
 
     def table_row(self) -> list[Any]:
         return [getattr(self, c) for c in COLUMNS]
