@@ -211,7 +211,7 @@ def format_table(results: list[Result], ranks: int) -> str:
     by_name = {r.name: r for r in results}
     base = by_name.get("dynamic")
     name_width = max(16, *(len(r.name) + 2 for r in results))
-    head = f"{'implementation':<{name_width}}{'ms/call':>9}{'min-max':>14}{'tok/s':>10}{'x dynamic':>11}"
+    head = f"{'implementation':<{name_width}}{'ms/call':>10}{'min-max':>20}{'tok/s':>10}{'x dynamic':>11}"
     head += f"{'gate':>7}{'dispatch':>9}{'experts':>9}{'combine':>9}{'a2a ms':>8}{'act MB':>8}{'a2a MB':>8}"
     head += f"{'dropped':>8}{'diff ref':>10}"
     repeats = sorted({r.repeats for r in results})
@@ -237,7 +237,7 @@ def format_table(results: list[Result], ranks: int) -> str:
         )
         extra = extra or (f"{'':>8}{r.activation_mb:>8.1f}" if r.activation_mb else "")
         spread = f"{r.ms_min:.1f}-{r.ms_max:.1f}"
-        lines.append(f"{r.name:<{name_width}}{r.ms:>9.1f}{spread:>14}{r.tokens_per_s:>10.0f}{ratio}{phases}{extra}")
+        lines.append(f"{r.name:<{name_width}}{r.ms:>10.1f}{spread:>20}{r.tokens_per_s:>10.0f}{ratio}{phases}{extra}")
     return "\n".join(lines)
 
 
