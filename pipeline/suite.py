@@ -21,6 +21,9 @@ stage (pipeline.config, pipeline.data), which moe_infer does not import; the ben
     buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
     placement-lm python -m moe_infer.placement evaluate (Max Load, Avg Max Load per algorithm and D), then
                  bench-serving of the fitted placements against contiguous on held-out prompts
+    transformers-lm  launch/infer.py --mode bench --policies transformers on the Qwen3-shaped LM (--hf-lm): our
+                 engine against transformers' Qwen3MoeForCausalLM, each experts implementation, one process,
+                 interleaved rounds (moe_infer.bench.hf_baseline)
 
 An experiment whose model is missing (no export) is skipped and says so; a command that fails is recorded and the
 suite goes on. Progress: one line per command with the elapsed time and an estimate of what is left. The record of
@@ -30,6 +33,7 @@ what ran (commands, seconds, exit status) is written to <out>/suite.json, atomic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -289,7 +293,41 @@ def plan(args: argparse.Namespace) -> Suite:
                 "--run-dir",
                 out / "placement-serving-lm",
             )
+    plan_transformers(suite, args)
     return suite
+
+
+def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
+    """transformers-lm: our engine and transformers on the same weights and prompts, in one process."""
+    export, quick = args.hf_lm, args.quick
+    if not (export / "config.json").is_file():
+        suite.skip("transformers-lm", f"no export at {export}: make train convert MODEL={export.name}")
+        return
+    if importlib.util.find_spec("transformers") is None:
+        suite.skip("transformers-lm", "transformers is not installed: pip install -e '.[hf]'")
+        return
+    suite.add(
+        "transformers-lm",
+        sys.executable,
+        "launch/infer.py",
+        "--quiet",
+        "--export",
+        export,
+        "--mode",
+        "bench",
+        "--policies",
+        "transformers",
+        "--max-batch",
+        "8" if quick else "32",
+        "--prompt-len",
+        "24",
+        "--decode-steps",
+        "8" if quick else "16",
+        "--hf-repeats",
+        "2" if quick else "5",
+        "--run-dir",
+        args.out / "transformers-lm",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mt", type=Path, default=REPO / "exports/mt-tiny-e128", help="the trained MT export (paper-shaped by default)"
+    )
+    parser.add_argument(
+        "--hf-lm",
+        type=Path,
+        default=REPO / "exports/lm-qwen3-tiny",
+        help="the Qwen3-shaped LM export for the transformers baseline",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench", help="where every experiment writes")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")

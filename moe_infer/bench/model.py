@@ -7,7 +7,9 @@ swept over batch sizes.
     torchrun --nproc-per-node 2 -m moe_infer.bench model --export exports/mt-tiny ...     the same, as a module
 
 `--policies` may also name `dense-equivalent`: the same model with every MoE layer replaced by a dense FFN of K*F
-hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense characterisation.
+hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense characterisation; and `transformers`:
+the same weights in transformers' Qwen3MoeForCausalLM, each experts implementation it offers, interleaved with our
+engine in one process (moe_infer.bench.hf_baseline).
 
 Each policy of --policies is served by its own Engine, all started up front. For batch sizes 1, 2, 4, ... doubling
 up to --max-batch, each rank brings B synthetic requests of its own (random token ids, seeded by --seed and the
@@ -45,6 +47,7 @@ from typing import Any
 
 import torch
 
+from moe_infer.bench import hf_baseline
 from moe_infer.bench.model_measure import BUFFER_COLUMNS, COLUMNS, TIMED, Row, measure
 from moe_infer.bench.results import Results
 from moe_infer.bench.synthetic import DENSE, DenseEquivalent
@@ -201,7 +204,7 @@ def _cells(row: Row, titles: list[str], timed: dict[str, str]) -> list[str]:
 
 
 def _policies(text: str) -> list[str]:
-    known = (*POLICIES, DENSE)
+    known = (*POLICIES, DENSE, hf_baseline.POLICY)
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in known]
     if unknown or not names:
@@ -226,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-steps", type=positive_int, default=16, help="KV-cached decoding steps after the prefill"
     )
     bench.add_argument("--seed", type=int, default=0, help="the synthetic requests' seed (with the rank)")
+    hf_baseline.add_arguments(bench)
     bench.add_argument(
         "--repeats", type=positive_int, default=5, help="interleaved repeats per batch size; the median is the figure"
     )
@@ -241,6 +245,7 @@ def main(args: argparse.Namespace) -> int:
         placements = read_placements(args.placement, export, command.world)
         expert_placements(export, command.world, placements)  # the EP degree fits, before any collective
         check_bench(args, export.model_config)
+        hf_baseline.check(args, export, command.world)
         command.checked()
         sweep(args, export, placements, command)
     return command.status
@@ -262,7 +267,8 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             results.save({**meta, "limits": limits, "rows": [asdict(r) for r in rows]})
 
         engines = {}
-        for policy in args.policies:  # all alive at once, for the interleaved repeats
+        policies = [p for p in args.policies if p != hf_baseline.POLICY]  # transformers: its own comparison, below
+        for policy in policies:  # all alive at once, for the interleaved repeats
             options = engine_options(args, "dynamic" if policy == DENSE else policy, placements)
             engine = engines[policy] = Engine.start(export.path, options)
             if policy == DENSE:
@@ -270,11 +276,14 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             if not meta.get("device"):
                 meta["device"] = str(engine.device)
                 meta["memory"] = "cuda max_memory_allocated" if engine.device.type == "cuda" else "cpu peak RSS"
-        progress(args.quiet, command.rank, f"bench: {', '.join(engines)} on {command.world} rank(s), batch sizes up "
-                 f"to {args.max_batch} per rank, {args.repeats} interleaved repeats")  # fmt: skip
-        limits.update(sweep_engines(engines, args, on_row))
+        if engines:
+            progress(args.quiet, command.rank, f"bench: {', '.join(engines)} on {command.world} rank(s), batch sizes "
+                     f"up to {args.max_batch} per rank, {args.repeats} interleaved repeats")  # fmt: skip
+            limits.update(sweep_engines(engines, args, on_row))
         for engine in engines.values():
             _free(engine)
+        if hf_baseline.POLICY in args.policies:  # in this one process, after the engines above are freed
+            meta[hf_baseline.POLICY] = hf_baseline.sweep(args, export, placements, batch_sizes(args.max_batch), on_row)
         results.save({**meta, "limits": limits, "rows": [asdict(r) for r in rows]})
         buffered = any(r.buffering for r in rows)
         columns = COLUMNS + (BUFFER_COLUMNS if buffered else [])
@@ -287,4 +296,5 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             f"rank's; peak MB = {meta.get('memory')}; MoE MB = one prefill MoE layer call's activations; "
             f"phase ms summed over MoE layers, prefill + decode"
         )
-        results.print(format_table(rows, limits, header), command.out)
+        comparison = [hf_baseline.format_comparison(meta[hf_baseline.POLICY])] if hf_baseline.POLICY in meta else []
+        results.print("\n".join([format_table(rows, limits, header), *comparison]), command.out)
