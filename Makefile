@@ -55,7 +55,7 @@ export-hf: setup ## export (EXPORT, default exports/MODEL) -> Hugging Face Qwen3
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup exports/lm-tiny-e64/manifest.json exports/mt-tiny-e128/manifest.json exports/lm-qwen3-tiny/manifest.json ## the paper's experiments on the paper-shaped lm-tiny-e64 and mt-tiny-e128, and transformers vs our engine on lm-qwen3-tiny (trained and converted first if missing): runs/bench/, then `make report`
+bench: setup exports/lm-tiny-e64/manifest.json exports/mt-tiny-e128/manifest.json exports/lm-qwen3-tiny-e64/manifest.json ## the paper's experiments on the paper-shaped lm-tiny-e64 and mt-tiny-e128, and transformers vs our engine on lm-qwen3-tiny-e64 (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.

@@ -320,7 +320,7 @@ def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
         "--max-batch",
         "8" if quick else "32",
         "--prompt-len",
-        "24",
+        "32",
         "--decode-steps",
         "8" if quick else "16",
         "--hf-repeats",
@@ -345,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hf-lm",
         type=Path,
-        default=REPO / "exports/lm-qwen3-tiny",
-        help="the Qwen3-shaped LM export for the transformers baseline",
+        default=REPO / "exports/lm-qwen3-tiny-e64",
+        help="the Qwen3-shaped LM export for the transformers baseline (the paper-shaped LM's dims by default)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench", help="where every experiment writes")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")

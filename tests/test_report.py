@@ -452,6 +452,31 @@ def test_whole_model_ratios_show_spread_and_flag_a_waste_factor_that_is_not_the_
     assert beyond["MoE (dynamic) time / FLOP-equivalent dense time (LM, prefill)"].startswith("1.90x")
 
 
+def test_our_engine_against_transformers_on_the_same_weights(tmp_path):
+    from moe_infer.bench import hf_baseline  # transformers itself is imported only when the baseline runs
+
+    variants = [hf_baseline.OURS, "transformers[grouped_mm]"]
+    rows = []
+    for name, speed in zip(variants, (2.0, 1.0), strict=True):
+        spread = hf_baseline.Spread()
+        for j in (0.9, 1.0, 1.2):
+            spread.add(32, 32, 8, prefill_s=0.1 / (speed * j), decode_s=0.08 / (speed * j))
+        rows.append(asdict(hf_baseline._median_row(name, 32, spread.summary())))
+    moe = {"num_experts": 64, "topk": 2, "capacity_fraction": 0.4}
+    payload = {"export": "exports/lm-qwen3-tiny-e64", "ranks": 1, "moe": moe, "rows": rows}
+    (tmp_path / "transformers-lm").mkdir()
+    (tmp_path / "transformers-lm" / "bench.json").write_text(
+        json.dumps({**payload, "transformers": {"variants": variants}})
+    )
+    found, _ = discover([tmp_path])
+    got = {r.claim: r for r in peers(found)}
+    prefill = got["Our engine vs transformers[grouped_mm] throughput (LM model, prefill)"]
+    assert prefill.measured == "2.00x [1.50-2.67]"  # 18.4K-24.6K tokens/s against 9.2K-12.3K: no overlap
+    assert "lm-qwen3-tiny-e64, one process, same weights, batch 32, 64 experts" in prefill.source
+    assert "Our engine vs transformers[grouped_mm] throughput (LM model, decode)" in got
+    assert not any("static" in claim for claim in got)  # the comparison's own rows only
+
+
 def _replay_at_16_experts_per_gpu(root: Path) -> None:
     """A replay of a 128-expert MT trace over 8 ranks (the paper MT's 16 experts per GPU), with its calls."""
     rows = [

@@ -8,7 +8,8 @@ How each measured cell is derived:
                  ratio of the medians, its range from the two spreads [min-max], "within noise" where they overlap,
                  and the waste factor E*C/k it was measured at (flagged when it is not the paper's)
     peers        dynamic vs megatron-core and DeepSpeed, and the MoE model's time over its FLOP-equivalent dense
-                 model's, whole model, at the largest batch both ran (beyond the paper)
+                 model's, whole model, at the largest batch both ran (beyond the paper); and our engine vs
+                 transformers' own MoE model on the same weights, one process (the model bench's transformers policy)
     activation   static MB / dynamic MB of one MoE layer call (layer bench), or of the first prefill MoE layer at
                  batch 8 per rank (the paper's batch) when both ran it, else the largest common batch
     largest batch  from the model bench's out-of-memory limits
@@ -22,6 +23,7 @@ How each measured cell is derived:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.report.sources import COMMANDS, Source, display_path
@@ -95,14 +97,16 @@ def bench_waste(source: Source) -> str:
     )
 
 
-def _common_batch(source: Source, prefer: int | None = None, other: str = "static") -> tuple[dict, dict] | None:
-    """(dynamic row, `other`'s row) at batch `prefer` when both ran it, else at the largest batch both ran."""
+def _common_batch(
+    source: Source, prefer: int | None = None, other: str = "static", mine: str = "dynamic"
+) -> tuple[dict, dict] | None:
+    """(`mine`'s row, `other`'s row) at batch `prefer` when both ran it, else at the largest batch both ran."""
     rows = {(r["policy"], r["batch_per_rank"]): r for r in source.data["rows"]}
-    common = sorted(b for p, b in rows if p == "dynamic" and (other, b) in rows)
+    common = sorted(b for p, b in rows if p == mine and (other, b) in rows)
     if not common:
         return None
     batch = prefer if prefer in common else common[-1]
-    return rows["dynamic", batch], rows[other, batch]
+    return rows[mine, batch], rows[other, batch]
 
 
 def _missing(claim: str, paper: str, kind: str) -> Headline:
@@ -161,6 +165,28 @@ def peers(found: dict[str, list[Source]]) -> list[Headline]:
                     cell = ratio_cell(spread_of(dyn, key), spread_of(peer, key))
                 where = f"{display_path(s.path)}: {s.label}, batch {dyn['batch_per_rank']}/rank, {bench_waste(s)}"
                 out.append(Headline(claim, paper, cell, where))
+    return out + transformers(found)
+
+
+def transformers(found: dict[str, list[Source]]) -> list[Headline]:
+    """Beyond the paper: our engine against what a user would pick instead, transformers' own MoE model on the same
+    weights in one process (moe_infer.bench.hf_baseline), each experts implementation that ran, largest batch."""
+    out = []
+    for s in found["bench"]:
+        variants = (s.data.get("transformers") or {}).get("variants", [])
+        for variant in variants[1:]:  # the first is our engine
+            pair = _common_batch(s, other=variant, mine=variants[0])
+            if pair is None:
+                continue
+            ours, theirs = pair
+            for stage in ("prefill", "decode"):
+                key = f"{stage}_tok_s"
+                claim = f"Our engine vs {variant} throughput ({s.data['task']} model, {stage})"
+                where = (
+                    f"{display_path(s.path)}: {Path(s.data['export']).name}, one process, same weights, batch "
+                    f"{ours['batch_per_rank']}, {(s.data.get('moe') or {}).get('num_experts')} experts"
+                )
+                out.append(Headline(claim, "-", ratio_cell(spread_of(ours, key), spread_of(theirs, key)), where))
     return out
 
 
