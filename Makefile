@@ -59,7 +59,7 @@ infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpe
 	@DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(PY) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')} \
 		$(DEEPSPEED) --quiet --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json exports/lm-qwen3-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny, and transformers vs our engine on lm-qwen3-tiny (trained and converted first if missing): runs/bench/, then `make report`
+bench: setup exports/lm-tiny-e64/manifest.json exports/mt-tiny-e128/manifest.json exports/lm-qwen3-tiny-e64/manifest.json ## the paper's experiments on the paper-shaped lm-tiny-e64 and mt-tiny-e128, and transformers vs our engine on lm-qwen3-tiny-e64 (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.

@@ -38,10 +38,11 @@ def all_reduce(
     return t.tolist()
 
 
-def clock(device: torch.device | str = "cpu") -> float:
-    """time.perf_counter() after the device's queued kernels have run (CUDA launches asynchronously)."""
+def clock(device: torch.device | str = "cpu", synchronize: bool = True) -> float:
+    """time.perf_counter() after the device's queued kernels have run (CUDA launches asynchronously; `synchronize`
+    False: right away, the host's time)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if synchronize and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 

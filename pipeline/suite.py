@@ -1,18 +1,23 @@
 """The paper's experiments as one suite (`make bench`): each experiment is one or more commands of the project's own
 tools, run one after another, each writing its figures (JSON + an offline W&B run) under --out for `make report`.
 
-    python -m pipeline.suite [--lm exports/lm-tiny] [--mt exports/mt-tiny] [--out runs/bench] [--quick]
+    python -m pipeline.suite [--lm exports/lm-tiny-e64] [--mt exports/mt-tiny-e128] [--out runs/bench] [--quick]
+
+The models are the paper-shaped ones by default: configs/lm-tiny-e64 (the paper LM's waste factor E*C/k = 12.8) and
+configs/mt-tiny-e128 (the paper MT's 64), trained and converted by `make bench` when missing.
 
 It lives in pipeline/, not with the benchmarks (moe_infer.bench): its held-out inputs come from the training data
 stage (pipeline.config, pipeline.data), which moe_infer does not import; the benchmarks run as commands.
 
     layer        python -m moe_infer.bench layer at EP=1 and EP=N: every MoE implementation on one paper-shaped layer
-                 (untrained weights at the paper LM's waste factor), the FLOP-equivalent dense FFN, the floors
+                 (untrained weights at the paper LM's waste factor), the FLOP-equivalent dense FFN, the floors; and
+                 at EP=1 at the trained models' dims (D=128, F=256, 1024 tokens: the expert kernel's small groups)
     policies-*   launch/infer.py --mode bench: throughput vs batch size per gating policy (LM: prefill + decode;
                  MT: encoder + decoder), peak memory, until --max-batch or out of memory; and the model with every
                  MoE layer replaced by its FLOP-equivalent dense FFN (MoE vs dense)
     traces-*     the trained models serving held-out text with --record-trace: the expert-load histories below
-    replay-*     python -m moe_infer.bench replay: miss rate vs cache size per eviction policy, Belady's MIN
+    replay-*     python -m moe_infer.bench replay: miss rate vs cache size per eviction policy, Belady's MIN; the MT
+                 trace also at the paper MT's 16 experts per GPU (for the report's GPU projection)
     buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
     placement-lm python -m moe_infer.placement evaluate (Max Load, Avg Max Load per algorithm and D), then
                  bench-serving of the fitted placements against contiguous on held-out prompts
@@ -49,6 +54,7 @@ from pipeline.outputs import check_output
 REPO = Path(__file__).resolve().parents[1]
 SUITE_FILE = "suite.json"
 PROMPT_WORDS = 24  # words per LM prompt cut from held-out scenes
+PAPER_EXPERTS_PER_GPU = 16  # the paper MT: 128 experts on 8 GPUs (the GPU projection replays at this many)
 MAX_SOURCE_WORDS = 36  # MT sources longer than this may not fit mt-tiny's 64 learned positions
 
 
@@ -146,36 +152,26 @@ def plan(args: argparse.Namespace) -> Suite:
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     infer = [*torchrun, "launch/infer.py", "--quiet"]
-    repeats = ["--repeats", "2" if quick else "5"]
+    repeats = ["--repeats", "5"]  # every timed figure: the median of 5 interleaved repeats
     lm_prompts, lm_serve, mt_sources = held_out_inputs(out, quick)
 
     # Quick: half the tokens per rank (the waste factor, and so the ratios' direction, is the same; static's padded
-    # buffers shrink 4x, so its seconds-long calls do too).
-    layer = ["--repeats", "2", "--slow-repeats", "1", "--tokens", "2048"] if quick else ["--repeats", "5"]
-    suite.add(
-        "layer",
-        py,
-        "-m",
-        "moe_infer.bench",
-        "layer",
-        *layer,
-        "--out",
-        out / "layer-ep1.json",
-        "--run-dir",
-        out / "layer-ep1",
-    )
+    # buffers shrink 4x, so its seconds-long calls do too). Every figure is the median of 5 interleaved repeats.
+    layer = ["--slow-repeats", "5"] + (["--tokens", "2048"] if quick else [])
+    bench_layer = [py, "-m", "moe_infer.bench", "layer", *layer]
+    suite.add("layer", *bench_layer, "--out", out / "layer-ep1.json", "--run-dir", out / "layer-ep1")
     suite.add(
         "layer",
         *torchrun,
-        "-m",
-        "moe_infer.bench",
-        "layer",
-        *layer,
+        *bench_layer[1:],
         "--out",
         out / f"layer-ep{nproc}.json",
         "--run-dir",
         out / f"layer-ep{nproc}",
     )
+    if not quick:  # the trained models' dims with 64 experts: ~32 rows per expert, where the kernel choice matters
+        small = ["--hidden", "128", "--ffn", "256", "--tokens", "1024", "--policies", "dynamic,megatron,deepspeed"]
+        suite.add("layer", *bench_layer, *small, "--out", out / "layer-ep1-d128.json", "--run-dir", out / "layer-d128")
 
     max_batch = "8" if quick else "32"
     for name, export, inputs in (("lm", args.lm, lm_prompts), ("mt", args.mt, mt_sources)):
@@ -191,12 +187,15 @@ def plan(args: argparse.Namespace) -> Suite:
             "bench",
             "--policies",
             "dynamic,static,deepspeed,megatron,dense-equivalent",
+            "--no-ds-drop-tokens",  # DeepSpeed without drops: the same outputs as dynamic
             "--max-batch",
             max_batch,
             "--prompt-len",
-            "24",
+            "32",
             "--decode-steps",
-            "8" if quick else "16",
+            "8",
+            "--repeats",
+            "5",
             "--run-dir",
             out / f"policies-{name}",
         )
@@ -233,6 +232,11 @@ def plan(args: argparse.Namespace) -> Suite:
             "--run-dir",
             out / f"replay-{name}",
         )
+        experts = json.loads((export / "config.json").read_text(encoding="utf-8")).get("moe", {}).get("num_experts", 0)
+        if name == "mt" and experts % PAPER_EXPERTS_PER_GPU == 0 and experts > PAPER_EXPERTS_PER_GPU:
+            ranks = str(experts // PAPER_EXPERTS_PER_GPU)
+            replay = [py, "-m", "moe_infer.bench", "replay", "--trace", trace, "--ranks", ranks, "--policies", "paper"]
+            suite.add("replay-mt", *replay, "--run-dir", out / f"replay-mt-ep{ranks}")
         if name == "mt":
             suite.add(
                 "buffering-mt",
@@ -338,7 +342,7 @@ def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
         "--max-batch",
         "8" if quick else "32",
         "--prompt-len",
-        "24",
+        "32",
         "--decode-steps",
         "8" if quick else "16",
         "--hf-repeats",
@@ -348,24 +352,32 @@ def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.suite",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--lm", type=Path, default=REPO / "exports/lm-tiny", help="the trained LM export")
-    parser.add_argument("--mt", type=Path, default=REPO / "exports/mt-tiny", help="the trained MT export")
+    parser.add_argument(
+        "--lm", type=Path, default=REPO / "exports/lm-tiny-e64", help="the trained LM export (paper-shaped by default)"
+    )
+    parser.add_argument(
+        "--mt", type=Path, default=REPO / "exports/mt-tiny-e128", help="the trained MT export (paper-shaped by default)"
+    )
     parser.add_argument(
         "--hf-lm",
         type=Path,
-        default=REPO / "exports/lm-qwen3-tiny",
-        help="the Qwen3-shaped LM export for the transformers baseline",
+        default=REPO / "exports/lm-qwen3-tiny-e64",
+        help="the Qwen3-shaped LM export for the transformers baseline (the paper-shaped LM's dims by default)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench", help="where every experiment writes")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch sizes and requests (the demo's)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes, tokens and requests (the demo's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     exports = {"--lm": args.lm, "--mt": args.mt, "--hf-lm": args.hf_lm}
     try:
         check_output(args.out, kind="suite output", recognise=describe_suite_output, force=True, protected=exports,

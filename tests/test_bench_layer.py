@@ -12,7 +12,7 @@ from pipeline.platform.testing import run_distributed
 def _layer_bench(out: str) -> None:
     argv = ["--experts", "8", "--hidden", "16", "--ffn", "32", "--tokens", "40", "--capacity-fraction", "1.0"]
     assert (
-        bench_main(["layer", *argv, "--ds-capacity-factor", "8", "--repeats", "1", "--slow-repeats", "1", "--out", out])
+        bench_main(["layer", *argv, "--ds-capacity-factor", "8", "--repeats", "2", "--slow-repeats", "2", "--out", out])
         == 0
     )
 
@@ -23,11 +23,14 @@ def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path
     report = json.loads(out.read_text())
     by_name = {r["name"]: r for r in report["results"]}
     assert report["ranks"] == 2
-    assert set(by_name) == {*POLICIES, "floor-matmul", "floor-ffn", "floor-torch-ffn", "dense-equivalent"}
+    floors = {"floor-matmul", "floor-ffn", "floor-grouped-ffn", "floor-per-expert-ffn", "floor-torch-ffn"}
+    assert set(by_name) == {*POLICIES, *floors, "dense-equivalent"}
+    for r in report["results"]:  # the median of the repeats, with their spread
+        assert r["repeats"] == 2 and r["ms_min"] <= r["ms"] <= r["ms_max"]
     assert by_name["dense-equivalent"]["activation_mb"] > 0 and by_name["dense-equivalent"]["ms"] > 0
     for name in POLICIES:  # capacity 1.0 of the tokens per rank, and DeepSpeed's no-drop padding: nothing dropped
         assert by_name[name]["dropped_fraction"] == 0.0
-        assert by_name[name]["max_diff_vs_dynamic"] < 1e-5
+        assert by_name[name]["max_diff_vs_dynamic"] < 1e-5 and by_name[name]["max_diff_vs_reference"] < 1e-5
         assert set(by_name[name]["phases_ms"]) == {"gate", "dispatch", "experts", "combine"}
     assert by_name["static"]["activation_mb"] > by_name["dynamic"]["activation_mb"]
     assert 0 < by_name["dynamic"]["exchange_ms"] < sum(by_name["dynamic"]["phases_ms"].values())

@@ -14,9 +14,12 @@ import torch.distributed as dist
 from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
 from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
+from moe_infer.moe.dispatch.dynamic import row_width
+from moe_infer.moe.dispatch.exchange import as_columns, from_columns
+from moe_infer.moe.layer import build_moe_layer, share_token_counts
 from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement, PlacementError
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.platform.testing import run_distributed
 
 CASES = [(1, True), (1, False), (2, True), (2, False)]  # (topk, router pre_softmax)
@@ -35,12 +38,14 @@ class _SlotExperts:
         assert self.planned is None or self.planned == [], f"slots {self.planned} were prepared but not run"
         self.planned = list(active_L)
 
-    def __call__(self, routed):
-        for slot, x_ND, p_N, out_ND in routed.expert_inputs():
-            assert self.planned and self.planned[0] == slot, f"slot {slot} runs but {self.planned} were prepared"
-            self.planned.pop(0)
-            y_ND = self.experts[slot](x_ND, p_N)
-            routed.expert_output(slot, y_ND if out_ND is None else out_ND.copy_(y_ND))
+    def __call__(self, rows):
+        assert self.planned == rows.active_L, f"slots {rows.active_L} run but {self.planned} were prepared"
+        self.planned = []
+        start = 0
+        for slot, n in enumerate(rows.rows_L):
+            end = start + n
+            rows.y_MD[start:end] = self.experts[slot](rows.x_MD[start:end], rows.probs_M[start:end])
+            start = end
 
 
 def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor, MoEStats]:
@@ -48,11 +53,17 @@ def _moe(dispatcher, x_TD, probs_TK, experts_TK, experts) -> tuple[torch.Tensor,
     stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=experts_TK.numel())
     timer = PhaseTimer(stats, x_TD.device)
     routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)
-    experts(routed)
+    experts(routed.rows)
     timer.lap("experts")
     y_TD = dispatcher.combine(routed)
     timer.lap("combine")
     return y_TD, stats
+
+
+def _dynamic(placement, exchange: str) -> DynamicDispatch:
+    dispatcher = DynamicDispatch(placement)
+    dispatcher.exchange = exchange  # what MOE_DISPATCH forces
+    return dispatcher
 
 
 def _check_policies(token_counts: list[int]) -> list[tuple[str, MoEStats]]:
@@ -70,7 +81,11 @@ def _check_policies(token_counts: list[int]) -> list[tuple[str, MoEStats]]:
 
         store = _SlotExperts([experts[e] for e in local])
 
-        for name, dispatcher in [("dynamic", DynamicDispatch(placement)), ("static", StaticDispatch(placement, 1.0))]:
+        for name, dispatcher in [
+            ("dynamic-all-to-all", _dynamic(placement, "all-to-all")),
+            ("dynamic-all-gather", _dynamic(placement, "all-gather")),
+            ("static", StaticDispatch(placement, 1.0)),
+        ]:
             y_TD, s = _moe(dispatcher, x_TD, probs_TK, experts_TK, store)
             torch.testing.assert_close(y_TD, expected_TD, rtol=1e-5, atol=1e-5, msg=f"{name} case {case}")
             assert s.pairs_dropped == 0 and s.pairs_routed == x_TD.shape[0] * topk
@@ -101,7 +116,7 @@ def test_policies_equal_the_reference_on_one_rank():
     stats = _check_policies([13])
     assert all(s.bytes_sent == s.bytes_received == 0 for _, s in stats)
     assert any(s.pairs_dropped for name, s in stats if name == "static-small")
-    dynamic = [s for name, s in stats if name == "dynamic"]
+    dynamic = [s for name, s in stats if name.startswith("dynamic")]
     assert all(s.padded_slots == 0 and s.expert_rows == s.pairs_routed for s in dynamic)
     assert all(set(s.seconds) == {"gate", "dispatch", "experts", "combine"} for _, s in stats)
 
@@ -120,10 +135,66 @@ def test_policies_equal_the_reference_on_two_ranks():
         assert any(sum(s.pairs_dropped for _, s in c) for c in calls if c[0][0] == "static-small")
         # Expert parallelism really moved rows: each rank sent something in every call with tokens.
         assert all(sum(s.bytes_sent for _, s in c) > 0 for c in calls)
-        # Dynamic sends exactly the routed rows; static sends padded buffers, which are larger here.
-        for dynamic, static in zip(calls[0::3], calls[1::3], strict=True):
-            assert [name for name, _ in dynamic + static] == ["dynamic"] * 2 + ["static"] * 2
-            assert sum(s.bytes_sent for _, s in dynamic) < sum(s.bytes_sent for _, s in static)
+        # Dynamic sends exactly the routed rows (or each token once); static sends padded buffers, larger here.
+        for all_to_all, all_gather, static in zip(calls[0::4], calls[1::4], calls[2::4], strict=True):
+            names = [name for name, _ in all_to_all + all_gather + static]
+            assert names == ["dynamic-all-to-all"] * 2 + ["dynamic-all-gather"] * 2 + ["static"] * 2
+            for dynamic in (all_to_all, all_gather):
+                assert sum(s.bytes_sent for _, s in dynamic) < sum(s.bytes_sent for _, s in static)
+
+
+def _stack_of_two_layers(token_counts: list[int], exchange: str) -> int:
+    """Two dynamic layers of one stack, linked (share_token_counts), three forward passes with changing counts: each
+    equals the reference, and only the first layer of each pass agrees on the counts. Returns the all-reduces made."""
+    import moe_infer.moe.dispatch.tokens as tokens
+
+    rank = dist.get_rank()
+    cfg = layer_config(2, False)
+    router, experts = random_layer(cfg)
+    placement = Placement.contiguous(E, 2)
+    tensors = {e: dict(experts[e].state_dict()) for e in placement.local_experts(rank)}
+    layers = [
+        build_moe_layer("dynamic", f"decoder.layers.{n}", cfg, dict(router.state_dict()), tensors, placement)
+        for n in (2, 4)
+    ]
+    share_token_counts(layers)
+    reductions = []
+    real = tokens.all_reduce
+    tokens.all_reduce = lambda *a, **k: reductions.append(a) or real(*a, **k)
+    try:
+        for step, counts in enumerate((token_counts, [c + 1 for c in token_counts], [0, 0])):
+            x_TD = torch.randn(counts[rank], D, generator=torch.Generator().manual_seed(step * 10 + rank))
+            for layer in layers:
+                layer.dispatcher.exchange = exchange
+                expected = reference_moe(x_TD, *router(x_TD), experts)
+                torch.testing.assert_close(layer(x_TD), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        tokens.all_reduce = real
+    with pytest.raises(PipelineError, match="every MoE layer of a stack must see the same tokens"):
+        layers[1](torch.randn(5, D))
+    return len(reductions)
+
+
+@pytest.mark.parametrize("exchange", ["all-to-all", "all-gather"])
+def test_the_layers_of_a_stack_agree_on_token_counts_once_per_forward_pass(exchange):
+    assert run_distributed(_stack_of_two_layers, world_size=2, args=([3, 6], exchange), timeout_s=60) == [3, 3]
+
+
+def test_rows_carry_their_numbers_bit_for_bit():
+    probs_NK = torch.rand(5, 2)
+    positions_NK = torch.randint(0, 1000, (5, 2), dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = torch.cat((torch.randn(5, 8).to(dtype), as_columns(probs_NK, dtype), as_columns(positions_NK, dtype)), 1)
+        width = 2 * 4 // rows.element_size()
+        assert torch.equal(from_columns(rows[:, 8 : 8 + width], torch.float32), probs_NK)
+        assert torch.equal(from_columns(rows[:, 8 + width :], torch.int32), positions_NK)
+    assert row_width(129, 1, torch.float32) == 132 and row_width(128, 4, torch.bfloat16) == 136
+
+
+def test_an_unknown_exchange_is_refused(monkeypatch):
+    monkeypatch.setenv("MOE_DISPATCH", "broadcast")
+    with pytest.raises(ConfigError, match="MOE_DISPATCH"):
+        DynamicDispatch(Placement.contiguous(8, 1))
 
 
 # ---- placement ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from moe_infer.bench.serving import Result as ServingResult
 from moe_infer.placement.__main__ import COLUMNS as PLACEMENT_COLUMNS
 from pipeline.report import context
 from pipeline.report.__main__ import main
-from pipeline.report.headline import largest_batch, placement
+from pipeline.report.headline import largest_batch, peers, placement, ratio_cell, throughput
+from pipeline.report.projection import projection_section
+from pipeline.report.sections import Table, Text
 from pipeline.report.sources import discover
 from pipeline.tracking import NamedRun, Tracker
 
@@ -408,3 +410,99 @@ def test_git_revision_is_read_from_the_checkout_files(tmp_path):
 def test_out_must_be_html(tmp_path):
     with pytest.raises(SystemExit):
         main(["--runs", str(tmp_path), "--out", str(tmp_path / "report.pdf")])
+
+
+# ---- spreads, waste factors and the GPU projection ------------------------------------------------------------------
+
+
+def test_ratios_carry_their_spread_and_say_within_noise():
+    assert ratio_cell((30.0, 28.0, 33.0), (10.0, 9.0, 11.0)) == "3.00x [2.55-3.67]"
+    assert ratio_cell((10.5, 9.0, 12.0), (10.0, 9.5, 11.0)) == "1.05x [0.82-1.26] within noise"
+    assert ratio_cell((3.0, 3.0, 3.0), (1.0, 1.0, 1.0)) == "3.00x"  # a file without spreads: the ratio alone
+
+
+def _bench_with_spreads(root: Path, export: str, moe: dict) -> None:
+    """bench.json rows as Row.of_repeats makes them, from three repeats per (policy, batch)."""
+    run_dir = root / f"bench-{export}"
+    run_dir.mkdir(parents=True)
+    layers = {"decoder.layers.2": {"prefill": PHASES, "decode": PHASES}}
+    rows = []
+    for policy, speed in (("dynamic", 1.05), ("static", 1.0), ("megatron", 0.5), ("dense-equivalent", 2.0)):
+        repeats = [
+            BenchRow(policy, 8, 10 / (speed * j), 1000 * speed * j, 5.0, 100 * speed * j, 1.0, 1.0, 0, 0, layers)
+            for j in (0.9, 1.0, 1.2)
+        ]
+        rows.append(asdict(BenchRow.of_repeats(repeats)))
+    payload = {"export": f"exports/{export}", "ranks": 2, "settings": {"repeats": 3}, "moe": moe, "rows": rows}
+    (run_dir / "bench.json").write_text(json.dumps(payload, indent=1))
+
+
+def test_whole_model_ratios_show_spread_and_flag_a_waste_factor_that_is_not_the_papers(tmp_path):
+    _bench_with_spreads(tmp_path, "lm-tiny", {"num_experts": 8, "topk": 2, "capacity_fraction": 0.5})
+    _bench_with_spreads(tmp_path, "lm-tiny-e64", {"num_experts": 64, "topk": 2, "capacity_fraction": 0.4})
+    found, _ = discover([tmp_path])
+    rows = {(r.claim, r.source.split(",")[0].split(": ")[-1]): r for r in throughput(found)}
+    tiny = rows["Dynamic vs static gating: throughput (LM model, prefill)", "lm-tiny"]
+    assert tiny.measured == "1.05x [0.79-1.40] within noise"
+    assert "waste factor E*C/k = 2 (NOT the paper's 12.8" in tiny.source
+    paper_shaped = rows["Dynamic vs static gating: throughput (LM model, prefill)", "lm-tiny-e64"]
+    assert "waste factor E*C/k = 12.8" in paper_shaped.source and "NOT" not in paper_shaped.source
+    beyond = {r.claim: r.measured for r in peers(found) if "e64" in r.source}
+    assert beyond["Dynamic vs megatron throughput (LM model, decode)"] == "2.10x [1.57-2.80]"
+    assert beyond["MoE (dynamic) time / FLOP-equivalent dense time (LM, prefill)"].startswith("1.90x")
+
+
+def test_our_engine_against_transformers_on_the_same_weights(tmp_path):
+    from moe_infer.bench import hf_baseline  # transformers itself is imported only when the baseline runs
+
+    variants = [hf_baseline.OURS, "transformers[grouped_mm]"]
+    rows = []
+    for name, speed in zip(variants, (2.0, 1.0), strict=True):
+        spread = hf_baseline.Spread()
+        for j in (0.9, 1.0, 1.2):
+            spread.add(32, 32, 8, prefill_s=0.1 / (speed * j), decode_s=0.08 / (speed * j))
+        rows.append(asdict(hf_baseline._median_row(name, 32, spread.summary())))
+    moe = {"num_experts": 64, "topk": 2, "capacity_fraction": 0.4}
+    payload = {"export": "exports/lm-qwen3-tiny-e64", "ranks": 1, "moe": moe, "rows": rows}
+    (tmp_path / "transformers-lm").mkdir()
+    (tmp_path / "transformers-lm" / "bench.json").write_text(
+        json.dumps({**payload, "transformers": {"variants": variants}})
+    )
+    found, _ = discover([tmp_path])
+    got = {r.claim: r for r in peers(found)}
+    prefill = got["Our engine vs transformers[grouped_mm] throughput (LM model, prefill)"]
+    assert prefill.measured == "2.00x [1.50-2.67]"  # 18.4K-24.6K tokens/s against 9.2K-12.3K: no overlap
+    assert "lm-qwen3-tiny-e64, one process, same weights, batch 32, 64 experts" in prefill.source
+    assert "Our engine vs transformers[grouped_mm] throughput (LM model, decode)" in got
+    assert not any("static" in claim for claim in got)  # the comparison's own rows only
+
+
+def _replay_at_16_experts_per_gpu(root: Path) -> None:
+    """A replay of a 128-expert MT trace over 8 ranks (the paper MT's 16 experts per GPU), with its calls."""
+    rows = [
+        ["decoder.layers.2", "paper", k, 400 - misses, misses, 400, misses / 400]
+        for k, misses in zip(range(1, 17), range(160, 0, -10), strict=True)
+    ]
+    doc = {"trace": "mt.npz", "ranks": 8, "local_experts": 16, "columns": REPLAY_COLUMNS, "rows": rows}
+    doc["batches"] = {"decoder.layers.2": 10, "encoder.layers.2": 10}
+    (root / "replay-mt-ep8").mkdir(parents=True)
+    (root / "replay-mt-ep8" / "replay.json").write_text(json.dumps(doc))
+
+
+def test_the_gpu_projection_is_a_labelled_model_fed_with_the_replayed_misses(tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 0
+    assert "GPU projection (a cost model, not a measurement)" in out.read_text()
+    assert "not projected, no replay of an MT trace at 16 experts per GPU" in out.read_text()
+
+    _replay_at_16_experts_per_gpu(tmp_path / "runs")
+    found, _ = discover([tmp_path / "runs"])
+    section = projection_section(found["replay"])
+    decode, throughput_table, rebalance = (b for b in section.blocks if isinstance(b, Table))
+    assert decode.caption.startswith("PROJECTED") and throughput_table.caption.startswith("PROJECTED")
+    k1 = decode.rows[0]
+    assert k1[:3] == [1, 5.0, 2.0]  # 400 accesses and 80 misses over 10 calls x 8 ranks
+    assert k1[-1] == "1.47x"  # the decoder's MoE layers at 1 slot per GPU: the paper's static-memory saving
+    assert decode.rows[-1][0] == "all resident" and decode.rows[-1][-1] == "1.00x"
+    assert any("Assumptions:" in b.text for b in section.blocks if isinstance(b, Text))
+    assert rebalance.rows[0][1] == pytest.approx(16.777216)  # one paper-LM expert: 2 x 1024 x 4096 x 2 bytes

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from pipeline.suite import SUITE_FILE, Suite, plan
+from pipeline.suite import SUITE_FILE, Suite, build_parser, plan
 
 
 def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
@@ -27,6 +27,28 @@ def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
     assert fit and serve and not set(fit) & set(serve)  # placements are served on prompts they were not fitted on
     placement_bench = next(s for s in suite.steps if "bench-serving" in s.command and s.experiment == "placement-lm")
     assert str(args.out / "inputs" / "lm-prompts-serve.txt") in placement_bench.command
+
+
+def test_the_default_plan_measures_the_paper_shaped_models_with_spreads(tmp_path):
+    exports = {}
+    for name, experts in (("lm-tiny-e64", 64), ("mt-tiny-e128", 128)):
+        exports[name] = tmp_path / name
+        exports[name].mkdir()
+        (exports[name] / "config.json").write_text(json.dumps({"moe": {"num_experts": experts}}))
+    defaults = build_parser().parse_args([])
+    assert defaults.lm.name == "lm-tiny-e64" and defaults.mt.name == "mt-tiny-e128"
+    paths = ["--out", tmp_path / "bench", "--lm", exports["lm-tiny-e64"], "--mt", exports["mt-tiny-e128"]]
+    args = build_parser().parse_args([*map(str, paths), "--hf-lm", str(tmp_path / "no-hf-lm")])
+    steps = plan(args).steps
+    policies = [s.command for s in steps if s.experiment.startswith("policies-")]
+    assert len(policies) == 2
+    for command in policies:  # DeepSpeed without drops; every figure the median of 5 interleaved repeats
+        assert "--no-ds-drop-tokens" in command and command[command.index("--repeats") + 1] == "5"
+    # The MT trace replayed at the paper MT's 16 experts per GPU (128 experts on 8 ranks): the GPU projection's input.
+    replay = next(s.command for s in steps if str(args.out / "replay-mt-ep8") in s.command)
+    assert replay[replay.index("--ranks") + 1] == "8"
+    layers = [s.command for s in steps if s.experiment == "layer"]
+    assert any("--hidden" in c and c[c.index("--hidden") + 1] == "128" for c in layers)
 
 
 def test_a_failing_command_is_recorded_and_the_suite_goes_on(tmp_path):

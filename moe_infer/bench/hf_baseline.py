@@ -223,6 +223,8 @@ def _median_row(name: str, batch: int, summary: dict[str, Any]) -> Row:
         moe_act_mb=0.0,
         dropped_prefill=0.0,
         dropped_decode=0.0,
+        spread={f"{key}_{end}": value[end] for key, value in summary.items() for end in ("min", "max")},
+        repeats=len(summary["prefill_ms"]["values"]),
     )
 
 

@@ -11,9 +11,10 @@ hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense chara
 the same weights in transformers' Qwen3MoeForCausalLM, each experts implementation it offers, interleaved with our
 engine in one process (moe_infer.bench.hf_baseline).
 
-For each policy of --policies (each served by its own Engine, freed before the next one starts), for batch sizes
-1, 2, 4, ... doubling up to --max-batch, each rank brings B synthetic requests of its own (random token ids, seeded by
---seed and the rank) of --prompt-len tokens, then measures:
+Each policy of --policies is served by its own Engine, all started up front. For batch sizes 1, 2, 4, ... doubling
+up to --max-batch, each rank brings B synthetic requests of its own (random token ids, seeded by --seed and the
+rank) of --prompt-len tokens; --repeats rounds each measure every policy once (each round starting one policy later,
+so machine noise hits them alike), and each timed figure is the median of the repeats with their min-max:
     prefill   LM: one forward over the B prompts filling the KV cache; MT: the encoder over the B sources
     decode    --decode-steps greedy steps of one token per row with the KV cache (MT: from BOS, cross-attention cached)
 Times are the slowest rank's (every rank starts together after a barrier); tokens/s counts the tokens of all ranks
@@ -26,7 +27,7 @@ decode from the layers' MoEStats, the slowest rank's. With --expert-slots K (exp
 the store's figures (BUFFER_COLUMNS: hits, misses, MB copied host -> device, stall ms, device-resident expert MB).
 
 An out-of-memory error (torch.OutOfMemoryError, MemoryError, a RuntimeError saying "out of memory") ends that policy's
-sweep: the batch size is recorded as its limit and the next policy starts. With several ranks this is recovered only
+sweep: the batch size is recorded as its limit and the other policies go on. With several ranks this is recovered only
 when every rank meets it before the step's first collective (same shapes, same allocations: the usual case); a rank
 stopped elsewhere leaves the others in a collective, and --timeout ends the job.
 
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 
 from moe_infer.bench import hf_baseline
-from moe_infer.bench.model_measure import BUFFER_COLUMNS, COLUMNS, Row, measure
+from moe_infer.bench.model_measure import BUFFER_COLUMNS, COLUMNS, TIMED, Row, measure
 from moe_infer.bench.results import Results
 from moe_infer.bench.synthetic import DENSE, DenseEquivalent
 from moe_infer.model.loader import Export
@@ -61,6 +62,15 @@ from pipeline.tracking import check_run_dir
 REPO = Path(__file__).resolve().parents[2]
 BENCH_FILE = "bench.json"
 TABLE_KEY = "bench"
+
+
+def moe_settings(export: Export, args) -> dict[str, Any]:
+    """What the gating ratios depend on: experts E, top-k, static's capacity fraction C, and the waste factor E*C/k
+    (static's padded slots over the routed pairs; the paper's LM 12.8, MT 64)."""
+    cfg = export.model_config
+    fraction = args.capacity_fraction or float(export.config["moe"]["capacity_fraction"])
+    waste = cfg.num_experts * fraction / cfg.topk
+    return {"num_experts": cfg.num_experts, "topk": cfg.topk, "capacity_fraction": fraction, "waste_factor": waste}
 
 
 def check_bench(args, cfg) -> None:
@@ -106,23 +116,47 @@ def use_dense_equivalent(engine) -> None:
 # ---- the sweep ------------------------------------------------------------------------------------------------------
 
 
-def sweep_policy(engine, policy: str, args, on_row) -> int | None:
-    """Every batch size for one engine; `on_row(row)` after each. Returns the batch size that ran out of memory."""
-    measure(engine, policy, 1, args.prompt_len, min(args.decode_steps, 2), args.seed)  # warm-up: lazy init, caches
+def sweep_engines(engines: dict, args, on_row) -> dict[str, int | None]:
+    """Every batch size for every engine (policy -> Engine), `args.repeats` interleaved repeats each: a round times
+    every policy once, each round starting one policy later, so a noisy neighbour slows them all alike. `on_row(row)`
+    after each (policy, batch) with the repeats' median and min-max. Returns each policy's out-of-memory batch size
+    (None: it never ran out); a policy that ran out leaves the sweep."""
+    for policy, engine in engines.items():  # warm-up: lazy init, caches, the expert kernel's crossover
+        measure(engine, policy, 1, args.prompt_len, min(args.decode_steps, 2), args.seed, activation=False)
+    limits: dict[str, int | None] = dict.fromkeys(engines)
     for batch in batch_sizes(args.max_batch):
-        row, oom = None, False
-        try:
-            row = measure(engine, policy, batch, args.prompt_len, args.decode_steps, args.seed)
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            oom = True
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if engine.sync.any(oom):  # every rank leaves the sweep at the same batch size
-            return batch
-        on_row(row)
-    return None
+        running = [p for p in engines if limits[p] is None]
+        repeats: dict[str, list] = {p: [] for p in running}
+        for round_ in range(args.repeats):
+            shift = round_ % len(running) if running else 0
+            for policy in running[shift:] + running[:shift]:
+                if limits[policy] is not None:
+                    continue
+                row = _measure_or_oom(engines[policy], policy, batch, args, activation=round_ == 0)
+                if row is None:
+                    limits[policy] = batch
+                else:
+                    repeats[policy].append(row)
+        for policy in running:
+            if limits[policy] is None:
+                on_row(Row.of_repeats(repeats[policy]))
+        if all(limit is not None for limit in limits.values()):
+            break
+    return limits
+
+
+def _measure_or_oom(engine, policy: str, batch: int, args, activation: bool) -> Row | None:
+    """One repeat, or None when any rank ran out of memory (every rank leaves together)."""
+    row, oom = None, False
+    try:
+        row = measure(engine, policy, batch, args.prompt_len, args.decode_steps, args.seed, activation)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        oom = True
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None if engine.sync.any(oom) else row
 
 
 def _free(engine) -> None:
@@ -137,16 +171,13 @@ def _free(engine) -> None:
 def format_table(rows: list[Row], limits: dict[str, int | None], header: str) -> str:
     titles = ["policy", "B/rank", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s", "peak MB"]
     titles += ["MoE act MB", "dropped pre", "dropped dec", "gate ms", "dispatch ms", "experts ms", "combine ms"]
-    widths = [max(len(t) + 2, 8) for t in titles]
-    widths[0] = max(10, *(len(r.policy) + 2 for r in rows)) if rows else 10
-    cells = [f"{t:>{w}}" if i else f"{t:<{w}}" for i, (t, w) in enumerate(zip(titles, widths, strict=True))]
-    lines = [header, "".join(cells)]
-    for row in rows:
-        cells = row.table_row()
-        text = f"{cells[0]:<{widths[0]}}{cells[1]:>{widths[1]}}"
-        for title, value, width in zip(titles[2:], cells[2:], widths[2:], strict=True):
-            text += f"{value:>{width}.3f}" if title.startswith(("dropped", "MoE")) else f"{value:>{width}.1f}"
-        lines.append(text)
+    timed = dict(zip(titles[2:6], TIMED, strict=True))  # shown as median [min-max]
+    cells_of = [_cells(row, titles, timed) for row in rows]
+    widths = [max([len(t) + 2, *(len(c[i]) + 2 for c in cells_of)]) for i, t in enumerate(titles)]
+    lines = [header] + [
+        "".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        for cells in [titles, *cells_of]
+    ]
     if any(row.buffering for row in rows):
         lines.append("expert buffering: hits, misses, MB copied (all ranks), stall ms, device expert MB (per rank)")
         for row in rows:
@@ -156,6 +187,18 @@ def format_table(rows: list[Row], limits: dict[str, int | None], header: str) ->
         if limit is not None:
             lines.append(f"{policy}: out of memory at batch size {limit} per rank (the sweep stopped there)")
     return "\n".join(lines)
+
+
+def _cells(row: Row, titles: list[str], timed: dict[str, str]) -> list[str]:
+    cells = [row.policy, str(row.batch_per_rank)]
+    for title, value in zip(titles[2:], row.table_row()[2:], strict=True):
+        if title in timed:
+            low, high = row.spread.get(f"{timed[title]}_min", value), row.spread.get(f"{timed[title]}_max", value)
+            digits = 0 if title.endswith("tok/s") else 1
+            cells.append(f"{value:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]")
+        else:
+            cells.append(f"{value:.3f}" if title.startswith(("dropped", "MoE")) else f"{value:.1f}")
+    return cells
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
@@ -189,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--seed", type=int, default=0, help="the synthetic requests' seed (with the rank)")
     hf_baseline.add_arguments(bench)
     bench.add_argument(
+        "--repeats", type=positive_int, default=5, help="interleaved repeats per batch size; the median is the figure"
+    )
+    bench.add_argument(
         "--run-dir", type=Path, help="bench.json, metrics and the W&B run here (default runs/bench-<export name>)"
     )
 
@@ -217,6 +263,7 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
     rows: list[Row] = []
     limits: dict[str, int | None] = {}
     meta: dict[str, Any] = {"export": str(export.path), "ranks": command.world, "settings": flag_record(args)}
+    meta["moe"] = moe_settings(export, args)
     settings = {"export": str(export.path), **flag_record(args)}
     name, is_main = f"bench-{export.path.name}", command.rank == 0
     with Results(name, settings, run_dir, "bench", json_path=run_dir / BENCH_FILE, is_main=is_main) as results:
@@ -226,22 +273,24 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             results.row({"batch_per_rank": row.batch_per_rank, **row.metrics()}, step=len(rows))
             results.save({**meta, "limits": limits, "rows": [asdict(r) for r in rows]})
 
-        for policy in args.policies:
-            if policy == hf_baseline.POLICY:  # its own interleaved comparison, in this one process
-                meta[policy] = hf_baseline.sweep(args, export, placements, batch_sizes(args.max_batch), on_row)
-                continue
+        engines = {}
+        policies = [p for p in args.policies if p != hf_baseline.POLICY]  # transformers: its own comparison, below
+        for policy in policies:  # all alive at once, for the interleaved repeats
             options = engine_options(args, "dynamic" if policy == DENSE else policy, placements)
-            engine = Engine.start(export.path, options)
+            engine = engines[policy] = Engine.start(export.path, options)
             if policy == DENSE:
                 use_dense_equivalent(engine)
             if not meta.get("device"):
                 meta["device"] = str(engine.device)
                 meta["memory"] = "cuda max_memory_allocated" if engine.device.type == "cuda" else "cpu peak RSS"
-            progress(args.quiet, command.rank, f"bench: {policy} on {engine.world_size} rank(s), batch sizes up to "
-                     f"{args.max_batch} per rank")  # fmt: skip
-            limits[policy] = sweep_policy(engine, policy, args, on_row)
+        if engines:
+            progress(args.quiet, command.rank, f"bench: {', '.join(engines)} on {command.world} rank(s), batch sizes "
+                     f"up to {args.max_batch} per rank, {args.repeats} interleaved repeats")  # fmt: skip
+            limits.update(sweep_engines(engines, args, on_row))
+        for engine in engines.values():
             _free(engine)
-            del engine
+        if hf_baseline.POLICY in args.policies:  # in this one process, after the engines above are freed
+            meta[hf_baseline.POLICY] = hf_baseline.sweep(args, export, placements, batch_sizes(args.max_batch), on_row)
         results.save({**meta, "limits": limits, "rows": [asdict(r) for r in rows]})
         buffered = any(r.buffering for r in rows)
         columns = COLUMNS + (BUFFER_COLUMNS if buffered else [])
@@ -249,7 +298,8 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
         results.table(TABLE_KEY, columns, table)
         header = (
             f"{export.path.name} on {command.world} rank(s), {meta.get('device')}: prompt {args.prompt_len} tokens, "
-            f"{args.decode_steps} decode steps; B is per rank, tokens/s count all ranks; times are the slowest "
+            f"{args.decode_steps} decode steps; timed figures: the median of {args.repeats} interleaved repeats "
+            f"[min-max]; B is per rank, tokens/s count all ranks; times are the slowest "
             f"rank's; peak MB = {meta.get('memory')}; MoE MB = one prefill MoE layer call's activations; "
             f"phase ms summed over MoE layers, prefill + decode"
         )

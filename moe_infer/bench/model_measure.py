@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from moe_infer.bench.memory import peak_activation_bytes
+from moe_infer.bench.results import Spread
 from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.moe.stats import PHASES
 
@@ -35,11 +36,14 @@ COLUMNS = [
 BUFFER_COLUMNS = ["expert_hits", "expert_misses", "copied_mb", "stall_ms", "device_expert_mb"]
 
 
+TIMED = ("prefill_ms", "prefill_tok_s", "decode_ms_per_step", "decode_tok_s")  # each with its _min and _max
+
+
 @dataclass
 class Row:
     policy: str
     batch_per_rank: int
-    prefill_ms: float
+    prefill_ms: float  # the timed figures: the median over the repeats (one repeat: its own figure)
     prefill_tok_s: float
     decode_ms_per_step: float
     decode_tok_s: float
@@ -49,6 +53,20 @@ class Row:
     dropped_decode: float
     layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # layer -> stage -> phase -> ms
     buffering: dict[str, float] = field(default_factory=dict)  # BUFFER_COLUMNS, when experts are buffered
+    spread: dict[str, float] = field(default_factory=dict)  # <timed figure>_min and _max over the repeats
+    repeats: int = 1
+
+    @classmethod
+    def of_repeats(cls, rows: list[Row]) -> Row:
+        """The repeats of one (policy, batch) as one row: each timed figure the median with its min-max; the other
+        figures (memory, drops, phases, buffering) those of the repeat whose prefill time is the median."""
+        spreads = {name: Spread.of([getattr(r, name) for r in rows]) for name in TIMED}
+        middle = min(rows, key=lambda r: abs(r.prefill_ms - spreads["prefill_ms"].median))
+        row = replace(middle, **{name: s.median for name, s in spreads.items()}, repeats=len(rows))
+        row.moe_act_mb = max(r.moe_act_mb for r in rows)  # measured in one repeat only
+        row.peak_mem_mb = max(r.peak_mem_mb for r in rows)
+        row.spread = {k: v for name, s in spreads.items() for k, v in s.fields(name).items() if k != name}
+        return row
 
     def phase_totals(self) -> dict[str, float]:
         return {p: sum(stage.get(p, 0.0) for layer in self.layers.values() for stage in layer.values()) for p in PHASES}
@@ -58,7 +76,7 @@ class Row:
 
     def metrics(self) -> dict[str, float]:
         """What W&B gets for this row: `<policy>/<figure>`, so each policy is a line over the batch sizes."""
-        named = {**dict(zip(COLUMNS[1:], self.table_row()[1:], strict=True)), **self.buffering}
+        named = {**dict(zip(COLUMNS[1:], self.table_row()[1:], strict=True)), **self.spread, **self.buffering}
         return {f"{self.policy}/{k}": v for k, v in named.items()}
 
 
@@ -122,7 +140,11 @@ class _Probe:
 
 
 @torch.inference_mode()
-def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int, seed: int) -> Row:
+def measure(
+    engine, policy: str, batch: int, prompt_len: int, decode_steps: int, seed: int, activation: bool = True
+) -> Row:
+    """One repeat: prefill then decode, timed; `activation`: also the MoE layer's activation memory (a profiled
+    call, once per batch size is enough)."""
     model, device = engine.model, engine.device
     tokens_BS = _synthetic(engine, batch, prompt_len, seed)
     decoder_only = model.cfg.architecture == "decoder"
@@ -163,7 +185,7 @@ def measure(engine, policy: str, batch: int, prompt_len: int, decode_steps: int,
     # Prefill + decode: counts and stall time add up, the device-resident bytes are the same in both.
     buffer_sums = [a + b for a, b in zip(prefill_buffers[0], decode_buffers[0], strict=True)]
     buffer_maxima = [prefill_buffers[1][0] + decode_buffers[1][0], decode_buffers[1][1]]
-    activation = probe.activation_bytes(device)
+    activation = probe.activation_bytes(device) if activation else 0
     row = _group_row(
         engine, policy, batch, prompt_len, decode_steps, (prefill_s, decode_s, peak, activation),
         (prefill_phases, decode_phases), prefill_counts + decode_counts,

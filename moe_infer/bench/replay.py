@@ -221,6 +221,7 @@ def replay(args: argparse.Namespace) -> int:
             if ratio is not None
         }
         doc = {**settings, "columns": COLUMNS, "rows": rows, "half_slots": half, "misses_over_belady": ratios}
+        doc["batches"] = batches  # calls per layer: misses per call for the GPU projection (pipeline.report)
         with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / RESULT_FILE) as results:
             results.table("buffering", COLUMNS, rows, **summary)
             results.save(doc)

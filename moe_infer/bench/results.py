@@ -7,6 +7,7 @@ table as text on stdout.
         r.save({"rows": [...], ...})                      the JSON file, rewritten atomically: a killed run keeps it
         r.table("bench", columns, rows, **summary)        the W&B table (+ .table.json / .csv) and summary figures
         r.print(text, out)                                the table, then where the JSON went
+    Spread.of(seconds_of_each_repeat)                     a timed figure: median, min and max over the repeats
 
 Only the main rank writes; on any other rank (and without a run directory, for the W&B part) every call does nothing,
 so callers need no rank checks. Nothing here runs inside a timed region: benchmarks write between measurements.
@@ -15,11 +16,40 @@ so callers need no rank checks. Nothing here runs inside a timed region: benchma
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from pipeline.atomic import write_atomic
 from pipeline.tracking import NamedRun, Tracker
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A timed figure over repeats: the median, the fastest and the slowest (written as x, x_min, x_max)."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def per(self, amount: float) -> Spread:
+        """amount / this figure (seconds into a rate): the median stays the median, the ends swap."""
+        rate = lambda value: amount / value if value > 0 else 0.0  # noqa: E731
+        return Spread(rate(self.median), rate(self.high), rate(self.low))
+
+    def times(self, factor: float) -> Spread:
+        return Spread(self.median * factor, self.low * factor, self.high * factor)
+
+    def fields(self, name: str) -> dict[str, float]:
+        return {name: self.median, f"{name}_min": self.low, f"{name}_max": self.high}
+
+    def text(self, digits: int = 1) -> str:
+        return f"{self.median:.{digits}f} [{self.low:.{digits}f}-{self.high:.{digits}f}]"
 
 
 class Results:

@@ -8,13 +8,15 @@ buffering (K device slots per MoE layer x eviction policy) and placement files (
         --slots-sweep none --placements greedy.json,eplb.json --max-new-tokens 32
 
 Every variant gets its own Engine, all built up front, and the variants are timed round-robin (--repeats rounds, each
-starting one variant later; the best round kept), so machine noise hits them alike. One round serves every request
+starting one variant later; the median round is the figure, with the min-max of the rounds), so machine noise hits
+them alike. One round serves every request
 (translate or generate, with the serving flags: --batch-size, --beam-size, --max-new-tokens, ...) and is timed from a
 barrier to the slowest rank's end. Each variant's outputs must equal the baseline's token for token (buffering moves
 weights and a placement moves experts; neither may change a result); a difference is an error.
 
-Per variant: output tokens/s and the ratio to the baseline; device-resident expert MB per rank (all MoE layers, and
-the decoder's alone: the paper's MT decoder figure) and the saving against the baseline; over the best round, summed
+Per variant: output tokens/s (median [min-max]) and the ratio to the baseline's (of the medians, with its range from
+the two spreads); device-resident expert MB per rank (all MoE layers, and
+the decoder's alone: the paper's MT decoder figure) and the saving against the baseline; over the median round, summed
 over ranks: hits, misses, miss rate, MB copied host -> device, and the slowest rank's copy and stall ms; rank balance,
 the mean over max of the expert rows each rank computed (1 = even). Output: the table (rank 0), `serving.json`
 (atomic) and a W&B run in --run-dir (default runs/bench-serving-<export>).
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from moe_infer.bench.results import Results
+from moe_infer.bench.results import Results, Spread
 from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.runtime.engine import Engine
 from moe_infer.serve.cli import Job, prepare
@@ -48,7 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 RESULT_FILE = "serving.json"
 COLUMNS = [
-    "variant", "placement", "slots", "eviction", "seconds", "tok_s", "x_baseline", "expert_mb_per_rank",
+    "variant", "placement", "slots", "eviction", "seconds", "tok_s", "tok_s_min", "tok_s_max", "x_baseline",
+    "x_baseline_min", "x_baseline_max", "expert_mb_per_rank",
     "decoder_expert_mb", "memory_saving", "decoder_memory_saving", "hits", "misses", "miss_rate", "copied_mb",
     "copy_ms", "stall_ms", "rank_balance",
 ]  # fmt: skip
@@ -69,9 +72,9 @@ class Result:
     placement: str
     slots: int | None
     eviction: str
-    seconds: float  # best round, slowest rank
+    seconds: float  # median round, slowest rank
     tok_s: float
-    x_baseline: float  # tokens/s over the baseline's tokens/s
+    x_baseline: float  # tokens/s over the baseline's tokens/s (medians)
     expert_mb_per_rank: float  # expert weights on the device, all MoE layers, the largest rank
     decoder_expert_mb: float  # the decoder's MoE layers alone
     memory_saving: float  # the baseline's expert MB / this variant's
@@ -82,7 +85,11 @@ class Result:
     copied_mb: float
     copy_ms: float
     stall_ms: float
-    rank_balance: float  # mean / max over ranks of the expert rows computed (all MoE layers, best round)
+    rank_balance: float  # mean / max over ranks of the expert rows computed (all MoE layers, median round)
+    tok_s_min: float | None = None  # over the rounds
+    tok_s_max: float | None = None
+    x_baseline_min: float | None = None  # this variant's slowest round over the baseline's fastest
+    x_baseline_max: float | None = None
 
     def table_row(self) -> list[Any]:
         return [getattr(self, c) for c in COLUMNS]
@@ -161,7 +168,7 @@ def run_variants(job: Job, chosen: list[Variant], out: IO[str]) -> None:
     first = engines["baseline"]
     progress(args.quiet, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "
              f"{len(job.requests)} {job.mode} requests on {first.world_size} rank(s) ({first.device})")  # fmt: skip
-    best: dict[str, tuple[float, list[float]]] = {}
+    rounds: dict[str, list[tuple[float, list[float]]]] = {v.label: [] for v in chosen}
     reference = None
     for round_ in range(args.repeats):
         # Each round starts one variant later, so no variant always runs first (just after the previous round's
@@ -173,10 +180,9 @@ def run_variants(job: Job, chosen: list[Variant], out: IO[str]) -> None:
             if outputs != reference:
                 raise PipelineError(f"bench-serving: {v.label} changed the outputs")
             (seconds,) = all_reduce([seconds], "max", device=engine.device)
-            if v.label not in best or seconds < best[v.label][0]:
-                best[v.label] = (seconds, _layer_figures(engine)[1])
+            rounds[v.label].append((seconds, _layer_figures(engine)[1]))
     tokens = sum(map(len, reference))
-    rows = _results(chosen, engines, best, tokens)
+    rows = _results(chosen, engines, rounds, tokens)
     meta = {"export": str(job.export.path), "ranks": job.world, "device": str(first.device), "mode": job.mode,
             "requests": len(job.requests), "output_tokens": tokens, "settings": flag_record(args)}  # fmt: skip
     name, settings = f"bench-serving-{job.export.path.name}", {"export": str(job.export.path), **flag_record(args)}
@@ -188,30 +194,36 @@ def run_variants(job: Job, chosen: list[Variant], out: IO[str]) -> None:
         results.print(format_table(rows, job, first), out)
 
 
-def _results(chosen: list[Variant], engines: dict, best: dict, tokens: int) -> list[Result]:
-    """The group's figures per variant (collectives: every rank calls this in the same order)."""
+def _results(chosen: list[Variant], engines: dict, rounds: dict, tokens: int) -> list[Result]:
+    """The group's figures per variant (collectives: every rank calls this in the same order): the median round's
+    time and counts, the rounds' spread."""
     measured = []
     for v in chosen:
         engine = engines[v.label]
         device = all_reduce(_layer_figures(engine)[0], "max", device=engine.device)
-        seconds, counts = best[v.label]
+        spread = Spread.of([seconds for seconds, _ in rounds[v.label]])
+        _, counts = min(rounds[v.label], key=lambda r: abs(r[0] - spread.median))
         sums = all_reduce(counts[:3], "sum", device=engine.device)
         times = all_reduce(counts[3:5], "max", device=engine.device)
         rows_R = [0.0] * engine.world_size
         rows_R[engine.rank] = counts[5]
         rows_R = all_reduce(rows_R, "sum", device=engine.device)
         balance = (sum(rows_R) / len(rows_R)) / max(rows_R) if max(rows_R) else 1.0
-        measured.append((v, seconds, device, sums, times, balance))
-    base_seconds, base_device = measured[0][1], measured[0][2]
+        measured.append((v, spread, device, sums, times, balance))
+    base, base_device = measured[0][1], measured[0][2]
     return [
         Result(
             variant=v.label,
             placement=Path(v.placement).stem,
             slots=v.slots,
             eviction=v.eviction,
-            seconds=seconds,
-            tok_s=tokens / seconds,
-            x_baseline=base_seconds / seconds,
+            seconds=spread.median,
+            tok_s=tokens / spread.median,
+            tok_s_min=tokens / spread.high,
+            tok_s_max=tokens / spread.low,
+            x_baseline=base.median / spread.median,
+            x_baseline_min=base.low / spread.high,
+            x_baseline_max=base.high / spread.low,
             expert_mb_per_rank=device[0] / 2**20,
             decoder_expert_mb=device[1] / 2**20,
             memory_saving=base_device[0] / device[0],
@@ -224,27 +236,34 @@ def _results(chosen: list[Variant], engines: dict, best: dict, tokens: int) -> l
             stall_ms=times[1] * 1e3,
             rank_balance=balance,
         )  # fmt: skip
-        for v, seconds, device, sums, times, balance in measured
+        for v, spread, device, sums, times, balance in measured
     ]
 
 
 def format_table(rows: list[Result], job, engine) -> str:
     header = (
         f"{job.export.path.name}: {len(job.requests)} {job.mode} requests on {job.world} rank(s), {engine.device}; "
-        f"best of {job.args.repeats} interleaved rounds; expert MB = expert weights on the device per rank (all MoE "
+        f"median [min-max] of {job.args.repeats} interleaved rounds ('~' where the spread overlaps the baseline's: "
+        f"within noise); expert MB = expert weights on the device per rank (all MoE "
         "layers / decoder only); hits, misses and MB copied summed over ranks; copy and stall ms the slowest rank's; "
         "balance = mean/max expert rows per rank"
     )
     titles = ["variant", "s", "tok/s", "x base", "expert MB", "dec MB", "saving", "dec saving", "hits", "misses"]
     titles += ["miss rate", "copied MB", "copy ms", "stall ms", "balance"]
     width = max(12, *(len(r.variant) + 1 for r in rows))
-    lines = [header, f"{titles[0]:<{width}}" + "".join(f"{t:>11}" for t in titles[1:])]
+    lines = [header, f"{titles[0]:<{width}}{titles[1]:>11}{titles[2]:>24}" + "".join(f"{t:>11}" for t in titles[3:])]
     for r in rows:
-        values = [f"{r.seconds:.3f}", f"{r.tok_s:.1f}", f"{r.x_baseline:.3f}", f"{r.expert_mb_per_rank:.2f}"]
+        noise = "~" if r.x_baseline_min <= 1 <= r.x_baseline_max and r is not rows[0] else ""
+        values = [
+            f"{r.seconds:.3f}",
+            f"{r.tok_s:.1f} [{r.tok_s_min:.1f}-{r.tok_s_max:.1f}]",
+            f"{r.x_baseline:.3f}{noise}",
+        ]
+        values += [f"{r.expert_mb_per_rank:.2f}"]
         values += [f"{r.decoder_expert_mb:.2f}", f"{r.memory_saving:.2f}x", f"{r.decoder_memory_saving:.2f}x"]
         values += [str(r.hits), str(r.misses), f"{r.miss_rate:.3f}", f"{r.copied_mb:.1f}", f"{r.copy_ms:.1f}"]
         values += [f"{r.stall_ms:.1f}", f"{r.rank_balance:.3f}"]
-        lines.append(f"{r.variant:<{width}}" + "".join(f"{v:>11}" for v in values))
+        lines.append(f"{r.variant:<{width}}{values[0]:>11}{values[1]:>24}" + "".join(f"{v:>11}" for v in values[2:]))
     return "\n".join(lines)
 
 
@@ -287,7 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     variants.add_argument(
         "--placements", type=_paths, default=[], help="comma-separated placement files to compare with contiguous"
     )
-    variants.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; the best is kept")
+    variants.add_argument(
+        "--repeats", type=positive_int, default=5, help="interleaved rounds; the median is the figure"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ class DenseEquivalent(torch.nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         stats = MoEStats(tokens=x_TD.shape[0], expert_rows=x_TD.shape[0])
         timer = PhaseTimer(stats, x_TD.device)
-        y_TD = self.ffn.run(0, x_TD, torch.ones(x_TD.shape[0], device=x_TD.device))
+        ones_T = torch.ones(x_TD.shape[0], device=x_TD.device)
+        y_TD = self.ffn.run(x_TD, ones_T, [x_TD.shape[0]], torch.empty_like(x_TD))
         timer.lap("experts")
         return y_TD, stats

@@ -3,8 +3,8 @@ memory, a fixed number K of device slots, and an eviction policy deciding which 
 
     experts = BufferedExperts(cfg, tensors_L, slots=K, eviction="paper", device=device)
     experts.prepare(active_L, overlapped=True)    this call's active local experts, in run order: copies start now
-    experts(routed)                                each expert waits for its own copy only, then runs (the ExpertStore
-                                                   interface of moe_infer.moe.experts, as LocalExperts)
+    experts(rows)                                  the experts on their rows (the ExpertStore interface of
+                                                   moe_infer.moe.experts, as LocalExperts)
     experts.stats                                  BufferStats summed over every call (hits, misses, bytes, times)
 
 The runtime (moe_infer.runtime.engine) gives a served MoE layer this store instead of LocalExperts when it is asked for
@@ -13,21 +13,23 @@ fewer device slots than the rank has local experts.
 The decisions (hit or miss, which slot, which expert is evicted) are made by moe_infer.buffering.cache.ExpertCache, the
 same code the trace replay tool runs, so served and replayed miss rates are the same figure. The cache starts holding
 local experts 0..K-1 (loaded with the layer). Inactive experts are never fetched. When more experts are active than
-there are slots, they run in rounds: a slot is reused by a later expert of the same call only after the expert that
-held it has run, and that copy is issued right after it.
+there are slots, they run in rounds, one expert at a time: a slot is reused by a later expert of the same call only
+after the expert that held it has run, and that copy is issued right after it. When every active expert has its
+slot (one round), they run as one call of the kernel over the slots (moe_infer.moe.kernels: grouped GEMM at few rows
+per expert), the rows put in slot order first and their outputs back in expert order after.
 
 The two tiers, by device:
-    CUDA    host tier: the stacked weights in pinned host memory. Device tier: K stacked slot buffers. A miss is a
-            non-blocking copy on a side stream; each slot has an event, and the compute stream waits only for the slot
-            of the expert it is about to run. Copies issued by `prepare` run while the all-to-all moves the rows.
-    CPU     both tiers in RAM, both in the layout the kernel runs (oneDNN's packed layout, packed once when the layer
-            is built): a copy reads and writes the expert's bytes once, as a host-to-device copy would. Copies issued
-            by `prepare` run on this thread while gloo moves the rows in its own. `stats` reports the bytes a GPU
-            would hold (`device_bytes`) and would have copied.
+    CUDA    host tier: the stacked weights in pinned host memory. Device tier: one stacked tensor of K slots per
+            weight. A miss is a non-blocking copy on a side stream; each slot has an event, and the compute stream
+            waits only for the slots of the experts it is about to run. Copies issued by `prepare` run while the
+            all-to-all moves the rows.
+    CPU     both tiers in RAM: a copy reads and writes the expert's bytes once, as a host-to-device copy would.
+            Copies issued by `prepare` run on this thread while gloo moves the rows in its own. `stats` reports the
+            bytes a GPU would hold (`device_bytes`) and would have copied.
 Stall time is the time the experts phase waited for weights: on CPU every copy not overlapped with an all-to-all; on
 CUDA the compute stream's waits on copy events, measured with CUDA events.
 
-Shape legend: L local experts, K device slots, N rows, D model dim, F1 fc1 rows.
+Shape legend: L local experts, K device slots, M rows (grouped by local expert), N one expert's rows, D model dim.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from torch import nn
 from moe_infer.buffering.cache import ExpertCache
 from moe_infer.buffering.policies import ONLINE_POLICIES
 from moe_infer.model.config import ModelConfig
-from moe_infer.moe.experts import ExpertKernel, ExpertWeights, Routed, stack_experts
+from moe_infer.moe.experts import Rows, expert_kernel
+from moe_infer.moe.kernels import ExpertWeights
 from pipeline.errors import PipelineError
 
 ENGINE_EVICTIONS = ONLINE_POLICIES  # belady needs the future: trace replay only
@@ -99,18 +102,13 @@ class BufferedExperts(nn.Module):
             )
         device = torch.device(device or experts[0]["fc1.weight"].device)
         self.cuda = device.type == "cuda"
-        # Host tier: every local expert in the layout the kernel runs (packed once for oneDNN, so a copy is a plain
-        # copy of bytes); pinned on CUDA so copies can be asynchronous.
-        stacked = stack_experts(experts, "cpu", dtype)
+        # Host tier: every local expert, pinned on CUDA so copies can be asynchronous. Device tier: K slots.
+        self.host = ExpertWeights.stack(experts, "cpu", dtype)
         if self.cuda:
-            stacked = tuple(t.pin_memory() for t in stacked)
-        expert_bytes = sum(t[0].numel() * t.element_size() for t in stacked)
-        self.kernel = ExpertKernel.choose(cfg, tuple(t[0].to(device) for t in stacked))
-        self.host_L = [self.kernel.pack(tuple(t[e] for t in stacked)) for e in range(num_local)]
-        # Device tier: K slots, preallocated. A packed oneDNN weight is an opaque tensor that cannot be copied into,
-        # so its slot gets a clone of the host's packed tensor (the slot's old one is freed at once).
-        buffers = [torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in stacked]
-        self.slot_weights: list[ExpertWeights] = [tuple(b[s] for b in buffers) for s in range(slots)]
+            self.host = self.host.map(torch.Tensor.pin_memory)
+        self.slots = self.host.empty_like(slots, device)
+        self.kernel = expert_kernel(cfg, self.slots)
+        expert_bytes = self.host.expert_bytes()
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready_K: list[torch.cuda.Event | None] = [None] * slots
         self.cache = ExpertCache(slots, eviction, initial=range(slots))
@@ -151,21 +149,55 @@ class BufferedExperts(nn.Module):
                 self._timed_copy(access.expert, access.slot, stalls=not overlapped)
             user_of_slot[access.slot] = access.expert
 
-    def forward(self, routed: Routed) -> None:
-        """Each expert the dispatcher routed rows to, in the order `prepare` was told: it waits for its own copy only,
-        and once it has run, its slot takes the copy waiting for it (the next round of this call)."""
-        for local, x_ND, probs_N, out_ND in routed.expert_inputs():
-            slot = self._slot_of.get(local)
-            if slot is None:
-                raise PipelineError(
-                    f"expert buffering: local expert {local} runs but the dispatcher did not prepare it"
-                )
+    def forward(self, rows: Rows) -> None:
+        """The active experts on their rows, into rows.y_MD: all at once over the slots when every one has its slot
+        (one round), else one at a time in the order `prepare` was told, each waiting for its own copy only and
+        handing its slot to the copy waiting for it once it has run (the next round of this call)."""
+        missing = [local for local in rows.active_L if local not in self._slot_of]
+        if missing:
+            raise PipelineError(
+                f"expert buffering: local experts {missing} run but the dispatcher did not prepare them"
+            )
+        if not self._after and self.kernel.uses_grouped(rows.rows_L):
+            self._run_over_slots(rows)
+            return
+        start = 0
+        for local, n in enumerate(rows.rows_L):
+            if not n:
+                continue
+            slot, end = self._slot_of[local], start + n
             if self.cuda and self.ready_K[slot] is not None:
                 self._wait(self.ready_K[slot])
-            y_ND = self.kernel(self.slot_weights[slot], x_ND, probs_N, out_ND)
+            self.kernel.one(self.slots, slot, rows.x_MD[start:end], rows.probs_M[start:end], rows.y_MD[start:end])
             for expert, next_slot in self._after.pop(local, []):  # its slot is free for the next round now
                 self._timed_copy(expert, next_slot, stalls=True)
-            routed.expert_output(local, y_ND)
+            start = end
+
+    def _run_over_slots(self, rows: Rows) -> None:
+        """One kernel call over the K slots: the rows reordered from expert order to slot order, and back."""
+        starts_L = [0] * len(rows.rows_L)
+        for local in range(1, len(rows.rows_L)):
+            starts_L[local] = starts_L[local - 1] + rows.rows_L[local - 1]
+        rows_K, blocks = [0] * self.num_slots, []  # blocks: (start in expert order, rows), in slot order
+        for local in sorted(rows.active_L, key=self._slot_of.__getitem__):
+            slot = self._slot_of[local]
+            rows_K[slot] = rows.rows_L[local]
+            blocks.append((starts_L[local], rows.rows_L[local]))
+            if self.cuda and self.ready_K[slot] is not None:
+                self._wait(self.ready_K[slot])
+        device = rows.x_MD.device
+        # Row m of slot order is row m + (its block's start in expert order - its start in slot order).
+        shift, new_start = [], 0
+        for start, n in blocks:
+            shift.append(start - new_start)
+            new_start += n
+        counts = torch.tensor([n for _, n in blocks], device=device)
+        order_M = torch.arange(new_start, device=device) + torch.tensor(shift, device=device).repeat_interleave(
+            counts, output_size=new_start
+        )
+        x_MD, probs_M = rows.x_MD.index_select(0, order_M), rows.probs_M.index_select(0, order_M)
+        y_MD = self.kernel(self.slots, x_MD, probs_M, rows_K, torch.empty_like(x_MD))
+        rows.y_MD.index_copy_(0, order_M, y_MD)
 
     def _timed_copy(self, expert: int, slot: int, stalls: bool) -> None:
         self.totals.misses += 1
@@ -186,20 +218,13 @@ class BufferedExperts(nn.Module):
 
     def _copy_in(self, expert: int, slot: int) -> None:
         """Host expert `expert` into device slot `slot`."""
-        host = self.host_L[expert]
-        if self.kernel.name == "onednn":  # CPU
-            _, b1, _, b2 = self.slot_weights[slot]
-            self.slot_weights[slot] = (host[0].clone(), b1.copy_(host[1]), host[2].clone(), b2.copy_(host[3]))
-            return
         if not self.cuda:
-            for dst, src in zip(self.slot_weights[slot], host, strict=True):
-                dst.copy_(src)
+            self.slots.copy_expert_(slot, self.host, expert)
             return
         # The slot's previous expert may still be computing on the compute stream: the copy waits for that first.
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            for dst, src in zip(self.slot_weights[slot], host, strict=True):
-                dst.copy_(src, non_blocking=True)
+            self.slots.copy_expert_(slot, self.host, expert, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         self.ready_K[slot] = ready

@@ -2,11 +2,12 @@
 
     x_TD ── router ──> probs_TK, experts_TK   the K experts of each token and their weights (moe_infer.model.moe)
          ── dispatch ─> routed                 rows to the ranks of their experts (moe_infer.moe.dispatch)
-         ── experts ──> outputs in routed      each local expert on its rows (moe_infer.moe.experts)
+         ── experts ──> routed.rows.y_MD        each local expert on its rows (moe_infer.moe.experts)
          ── combine ──> y_TD                   outputs back to their tokens, each token's K outputs summed
 
     layer = build_moe_layer("dynamic", "decoder.layers.2", cfg, router, experts, placement)     see POLICIES
     model.decoder.layers["2"].moe = layer
+    share_token_counts(served layers in call order)    one token-count agreement per forward pass of a stack
     layer.totals, layer.last                  MoEStats summed over every call, and of the last call
 
     dynamic    ServedMoELayer: our router, DynamicDispatch (sort, count, variable all-to-all), LocalExperts
@@ -34,6 +35,7 @@ from moe_infer.model.config import ModelConfig
 from moe_infer.model.moe import Router
 from moe_infer.moe.baselines import MoEBlock
 from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
+from moe_infer.moe.dispatch.tokens import TokenCounts
 from moe_infer.moe.experts import ExpertStore, ExpertTensors, LocalExperts, RouterTensors
 from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement
@@ -110,7 +112,7 @@ class ServedMoELayer(ServedMoE):
         timer = PhaseTimer(stats, x_TD.device)  # the "gate" phase: the router and the dispatcher's routing work
         probs_TK, experts_TK = self.router(x_TD)
         routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts.prepare, timer)
-        self.experts(routed)
+        self.experts(routed.rows)
         timer.lap("experts")
         y_TD = self.dispatcher.combine(routed)
         timer.lap("combine")
@@ -131,6 +133,21 @@ class PeerMoELayer(ServedMoE):
         y_TD, stats = self.block(x_BSD.reshape(-1, x_BSD.shape[-1]))
         self._count(stats)
         return y_TD.view_as(x_BSD)
+
+
+def share_token_counts(layers: list[ServedMoE]) -> None:
+    """One token-count agreement per forward pass of each stack instead of one per MoE layer: the first of our MoE
+    layers of a stack ("encoder", "decoder": the first part of the layer's name) agrees on the counts, the later ones
+    read them (moe_infer.moe.dispatch.tokens). `layers` in the order a forward pass calls them (the model's module
+    order). A layer that is never linked agrees on its own at every call."""
+    leaders: dict[str, TokenCounts] = {}
+    for layer in layers:
+        if isinstance(layer, ServedMoELayer):
+            stack = layer.name.split(".")[0]
+            if stack in leaders:
+                layer.dispatcher.tokens.follow(leaders[stack])
+            else:
+                leaders[stack] = layer.dispatcher.tokens.counts
 
 
 def build_moe_layer(

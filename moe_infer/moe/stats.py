@@ -57,14 +57,21 @@ class MoEStats:
 
 
 class PhaseTimer:
-    """Wall time per phase (moe_infer.collectives.clock: on CUDA it synchronizes first, else the kernels are still
-    queued). `stats` is the call's MoEStats, where the laps are added."""
+    """Wall time per phase. `stats` is the call's MoEStats, where the laps are added.
+
+    On CUDA the kernels are still queued when the host reads its clock: the phase times are the host's (launch)
+    times unless `PhaseTimer.synchronize` is set, which makes every lap synchronize the device first
+    (moe_infer.collectives.clock). That is off by default: a synchronize per phase would make each rank's host wait
+    for its GPU, and through the collectives for every other rank, four times per MoE layer. Benchmarks of one
+    layer (moe_infer.bench.layer) turn it on; on CPU it changes nothing."""
+
+    synchronize = False
 
     def __init__(self, stats: MoEStats, device: torch.device):
         self.stats, self.device = stats, device
-        self.start = clock(device)
+        self.start = clock(device, self.synchronize)
 
     def lap(self, phase: str) -> None:
-        now = clock(self.device)
+        now = clock(self.device, self.synchronize)
         self.stats.seconds[phase] += now - self.start
         self.start = now

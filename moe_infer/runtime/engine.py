@@ -28,7 +28,7 @@ from moe_infer.buffering.store import BufferedExperts
 from moe_infer.model.loader import Export, load_model, read_expert
 from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
-from moe_infer.moe.layer import POLICIES, MoEOptions, ServedMoE, build_moe_layer
+from moe_infer.moe.layer import POLICIES, MoEOptions, ServedMoE, build_moe_layer, share_token_counts
 from moe_infer.placement import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
 from moe_infer.runtime.generate import GenerationSettings, generate
@@ -195,6 +195,7 @@ def load_served_model(
             options.policy, moe.name, export.model_config, router, experts, placement, options.moe, capacity_fraction,
             store,
         )  # fmt: skip
+    share_token_counts([m for m in model.modules() if isinstance(m, ServedMoE)])  # one agreement per forward pass
     return model.eval().requires_grad_(False)
 
 

@@ -24,6 +24,7 @@ from pipeline.report import context as report_context
 from pipeline.report.headline import headlines
 from pipeline.report.html_page import render_html
 from pipeline.report.markdown_page import render_markdown
+from pipeline.report.projection import projection_section
 from pipeline.report.sections import build_sections
 from pipeline.report.sources import discover, display_path
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = report_context.gather()
     roots = [display_path(root) for root in args.runs]
     rows = headlines(found)
-    sections = build_sections(found, problems)
+    sections = [*build_sections(found, problems), projection_section(found["replay"])]
     # Both pages are built in memory before either is written: a failure leaves the previous report as it was.
     # A previous report is replaced; any other file at either path is not.
     try:

@@ -4,7 +4,12 @@ Paper numbers are from PAPER.md (Huang et al., arXiv 2303.06182, V100/A5000 GPUs
 (claim, result file); a claim with no result file gets one row saying "not measured" and the command to run.
 How each measured cell is derived:
     throughput   static ms / dynamic ms (the layer bench), or dynamic tok/s / static tok/s at the largest batch
-                 size both policies ran (the model bench: prefill, and decode; for MT prefill is the encoder)
+                 size both policies ran (the model bench: prefill, and decode; for MT prefill is the encoder); the
+                 ratio of the medians, its range from the two spreads [min-max], "within noise" where they overlap,
+                 and the waste factor E*C/k it was measured at (flagged when it is not the paper's)
+    peers        dynamic vs megatron-core and DeepSpeed, and the MoE model's time over its FLOP-equivalent dense
+                 model's, whole model, at the largest batch both ran (beyond the paper); and our engine vs
+                 transformers' own MoE model on the same weights, one process (the model bench's transformers policy)
     activation   static MB / dynamic MB of one MoE layer call (layer bench), or of the first prefill MoE layer at
                  batch 8 per rank (the paper's batch) when both ran it, else the largest common batch
     largest batch  from the model bench's out-of-memory limits
@@ -18,10 +23,14 @@ How each measured cell is derived:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pipeline.report.sources import COMMANDS, Source, display_path
 
 PAPER_BUFFER_SAVING = 1.47
+PAPER_WASTE = {"LM": 12.8, "MT": 64.0}  # E*C/k of the paper's models (PAPER.md)
+DENSE = "dense-equivalent"
 
 
 @dataclass
@@ -36,22 +45,68 @@ def _by_name(source: Source) -> dict[str, dict]:
     return {r["name"]: r for r in source.data["results"]}
 
 
+def spread_of(row: dict, key: str) -> tuple[float, float, float]:
+    """(median, min, max) of a timed figure: a layer result's ms_min/ms_max, a bench row's spread; a file written
+    before spreads were recorded gives the figure alone as its own range."""
+    value = row[key]
+    spread = row.get("spread") or {}
+    low = row.get(f"{key}_min", spread.get(f"{key}_min", value))
+    high = row.get(f"{key}_max", spread.get(f"{key}_max", value))
+    return value, low, high
+
+
+def ratio_cell(top: tuple[float, float, float], bottom: tuple[float, float, float]) -> str:
+    """top / bottom of two (median, min, max) figures: the ratio of the medians, its range from the spreads, and
+    "within noise" when the two spreads overlap."""
+    (t, t_low, t_high), (b, b_low, b_high) = top, bottom
+    if not b or not b_low:
+        return "inf"
+    cell = f"{t / b:.2f}x"
+    if (t_low, t_high) != (t, t) or (b_low, b_high) != (b, b):
+        cell += f" [{t_low / b_high:.2f}-{t_high / b_low:.2f}]"
+        if t_low <= b_high and b_low <= t_high:
+            cell += " within noise"
+    return cell
+
+
+def _waste(experts: Any, fraction: Any, topk: Any, paper: float | None) -> str:
+    """The waste factor E*C/k a static-vs-dynamic ratio was measured at, flagged when it is not the paper's."""
+    try:
+        waste = float(experts) * float(fraction) / float(topk)
+    except (TypeError, ValueError):
+        return "waste factor unknown"
+    text = f"waste factor E*C/k = {waste:g}"
+    if paper is not None and abs(waste - paper) > 0.05 * paper:
+        text += f" (NOT the paper's {paper:g}: this ratio does not test the paper's claim)"
+    return text
+
+
 def _layer_setting(source: Source) -> str:
     a = source.data["args"]
     return (
         f"{display_path(source.path)}: EP={source.data['ranks']}, {a.get('tokens', '?')} tokens/rank, "
-        f"E={a.get('experts', '?')}, top-{a.get('topk', '?')}, C={a.get('capacity_fraction', '?')}"
+        f"E={a.get('experts', '?')}, top-{a.get('topk', '?')}, C={a.get('capacity_fraction', '?')}, "
+        f"{_waste(a.get('experts'), a.get('capacity_fraction'), a.get('topk'), PAPER_WASTE['LM'])}"
     )
 
 
-def _common_batch(source: Source, prefer: int | None = None) -> tuple[dict, dict] | None:
-    """(dynamic row, static row) at batch `prefer` when both ran it, else at the largest batch both ran."""
+def bench_waste(source: Source) -> str:
+    moe = source.data.get("moe") or {}
+    return _waste(
+        moe.get("num_experts"), moe.get("capacity_fraction"), moe.get("topk"), PAPER_WASTE[source.data["task"]]
+    )
+
+
+def _common_batch(
+    source: Source, prefer: int | None = None, other: str = "static", mine: str = "dynamic"
+) -> tuple[dict, dict] | None:
+    """(`mine`'s row, `other`'s row) at batch `prefer` when both ran it, else at the largest batch both ran."""
     rows = {(r["policy"], r["batch_per_rank"]): r for r in source.data["rows"]}
-    common = sorted(b for p, b in rows if p == "dynamic" and ("static", b) in rows)
+    common = sorted(b for p, b in rows if p == mine and (other, b) in rows)
     if not common:
         return None
     batch = prefer if prefer in common else common[-1]
-    return rows["dynamic", batch], rows["static", batch]
+    return rows[mine, batch], rows[other, batch]
 
 
 def _missing(claim: str, paper: str, kind: str) -> Headline:
@@ -64,8 +119,8 @@ def throughput(found: dict[str, list[Source]]) -> list[Headline]:
     for s in found["layer"]:
         r = _by_name(s)
         if "dynamic" in r and "static" in r:
-            ratio = r["static"]["ms"] / r["dynamic"]["ms"]
-            out.append(Headline(f"{claim} (one LM-shaped MoE layer)", "6.21x (LM)", f"{ratio:.2f}x", _layer_setting(s)))
+            cell = ratio_cell(spread_of(r["static"], "ms"), spread_of(r["dynamic"], "ms"))
+            out.append(Headline(f"{claim} (one LM-shaped MoE layer)", "6.21x (LM)", cell, _layer_setting(s)))
     for s in found["bench"]:
         pair = _common_batch(s)
         if pair is None:
@@ -76,13 +131,62 @@ def throughput(found: dict[str, list[Source]]) -> list[Headline]:
             stages = [("prefill", "6.21x (LM)"), ("decode", "6.21x (LM)")]
         for stage, paper_cell in stages:
             key = f"{stage}_tok_s"
-            ratio = dyn[key] / sta[key] if sta[key] else float("inf")
-            where = f"{display_path(s.path)}: {s.label}, batch {dyn['batch_per_rank']}/rank, {stage} tokens/s"
-            out.append(Headline(f"{claim} ({s.data['task']} model, {stage})", paper_cell, f"{ratio:.2f}x", where))
+            cell = ratio_cell(spread_of(dyn, key), spread_of(sta, key))
+            where = (
+                f"{display_path(s.path)}: {s.label}, batch {dyn['batch_per_rank']}/rank, {stage} tokens/s, "
+                f"{bench_waste(s)}"
+            )
+            out.append(Headline(f"{claim} ({s.data['task']} model, {stage})", paper_cell, cell, where))
     if not any(_common_batch(s) for s in found["bench"]):
         out.append(_missing(f"{claim} (whole model)", paper, "bench"))
     if not found["layer"]:
         out.insert(0, _missing(f"{claim} (one MoE layer)", "6.21x (LM)", "layer"))
+    return out
+
+
+def peers(found: dict[str, list[Source]]) -> list[Headline]:
+    """Beyond the paper: dynamic against megatron-core's and DeepSpeed's MoE layers and the FLOP-equivalent dense
+    model, whole model, at the largest batch each ran (the paper's characterisation: MoE 15x slower than dense for
+    the LM, 22x MT encoder, 3x MT decoder)."""
+    out = []
+    for s in found["bench"]:
+        for other, paper in (("megatron", "-"), ("deepspeed", "-"), (DENSE, "15x LM, 22x MT enc, 3x MT dec")):
+            pair = _common_batch(s, other=other)
+            if pair is None:
+                continue
+            dyn, peer = pair
+            for stage in ("prefill", "decode"):
+                key = f"{stage}_tok_s"
+                if other == DENSE:  # how much slower the MoE model is than its dense equivalent: time over time
+                    claim = f"MoE (dynamic) time / FLOP-equivalent dense time ({s.data['task']}, {stage})"
+                    cell = ratio_cell(spread_of(peer, key), spread_of(dyn, key))
+                else:
+                    claim = f"Dynamic vs {other} throughput ({s.data['task']} model, {stage})"
+                    cell = ratio_cell(spread_of(dyn, key), spread_of(peer, key))
+                where = f"{display_path(s.path)}: {s.label}, batch {dyn['batch_per_rank']}/rank, {bench_waste(s)}"
+                out.append(Headline(claim, paper, cell, where))
+    return out + transformers(found)
+
+
+def transformers(found: dict[str, list[Source]]) -> list[Headline]:
+    """Beyond the paper: our engine against what a user would pick instead, transformers' own MoE model on the same
+    weights in one process (moe_infer.bench.hf_baseline), each experts implementation that ran, largest batch."""
+    out = []
+    for s in found["bench"]:
+        variants = (s.data.get("transformers") or {}).get("variants", [])
+        for variant in variants[1:]:  # the first is our engine
+            pair = _common_batch(s, other=variant, mine=variants[0])
+            if pair is None:
+                continue
+            ours, theirs = pair
+            for stage in ("prefill", "decode"):
+                key = f"{stage}_tok_s"
+                claim = f"Our engine vs {variant} throughput ({s.data['task']} model, {stage})"
+                where = (
+                    f"{display_path(s.path)}: {Path(s.data['export']).name}, one process, same weights, batch "
+                    f"{ours['batch_per_rank']}, {(s.data.get('moe') or {}).get('num_experts')} experts"
+                )
+                out.append(Headline(claim, "-", ratio_cell(spread_of(ours, key), spread_of(theirs, key)), where))
     return out
 
 
@@ -137,6 +241,14 @@ def largest_batch(found: dict[str, list[Source]]) -> list[Headline]:
     return out or [_missing(claim, paper, "bench")]
 
 
+def _baseline_range(row: dict) -> str:
+    """A serving variant's ratio to the baseline: its range over the rounds, "within noise" when it holds 1."""
+    low, high = row.get("x_baseline_min"), row.get("x_baseline_max")
+    if low is None or high is None:
+        return ""
+    return f" [{low:.3f}-{high:.3f}]" + (" within noise" if low <= 1 <= high else "")
+
+
 def buffering(found: dict[str, list[Source]]) -> list[Headline]:
     saving_claim, paper_saving = "Expert buffering: device memory saving", "up to 1.47x (of static memory)"
     cost_claim, paper_cost = f"Expert buffering: throughput at >= {PAPER_BUFFER_SAVING}x saving", "comparable"
@@ -152,7 +264,8 @@ def buffering(found: dict[str, list[Source]]) -> list[Headline]:
         if enough:
             k = max(r["slots"] for r in enough)
             best = max((r for r in enough if r["slots"] == k), key=lambda r: r["x_baseline"])
-            cell = f"{best['x_baseline']:.3f}x baseline ({best['variant']}, saving {best['memory_saving']:.2f}x)"
+            cell = f"{best['x_baseline']:.3f}x baseline{_baseline_range(best)} ({best['variant']}, saving "
+            cell += f"{best['memory_saving']:.2f}x)"
         else:
             cell = f"no K saves {PAPER_BUFFER_SAVING}x"
         out.append(Headline(cost_claim, paper_cost, cell, where))
@@ -168,7 +281,8 @@ def placement_throughput(found: dict[str, list[Source]]) -> list[Headline]:
                 where = f"{display_path(s.path)}: {s.label}, placement {r['placement']}"
                 # Contiguous served again from a file changes nothing: its figure is the bench's noise.
                 what = "noise control: contiguous again" if r["placement"].startswith("contiguous") else r["variant"]
-                out.append(Headline(claim, paper, f"{(r['x_baseline'] - 1) * 100:+.1f}% ({what})", where))
+                cell = f"{(r['x_baseline'] - 1) * 100:+.1f}%{_baseline_range(r)} ({what})"
+                out.append(Headline(claim, paper, cell, where))
     if not out:
         command = "launch/infer.py --mode bench-serving --slots-sweep none --placements greedy.json (placement fit)"
         return [Headline(claim, paper, "not measured", f"run: {command}")]
@@ -209,6 +323,7 @@ def placement(found: dict[str, list[Source]]) -> list[Headline]:
 def headlines(found: dict[str, list[Source]]) -> list[Headline]:
     return [
         *throughput(found),
+        *peers(found),
         *activation(found),
         *largest_batch(found),
         *buffering(found),

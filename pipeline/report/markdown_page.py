@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.report.context import Context
 from pipeline.report.headline import Headline
-from pipeline.report.sections import Heading, Image, Run, Section
+from pipeline.report.sections import Heading, Image, Run, Section, Table, Text, fmt
 from pipeline.report.sources import Problem, display_path
 
 
@@ -47,4 +47,11 @@ def render_markdown(
                 lines.append(f"  - figure: {block.caption.split('. Command:')[0]}")
             elif isinstance(block, Run):
                 lines.append(_run_line(block))
+            elif isinstance(block, Text):
+                lines.append(f"- {block.text}")
+            elif isinstance(block, Table) and section.kind == "projection":  # no figures: its tables are the result
+                lines += ["", _cell(block.caption), "", "| " + " | ".join(map(_cell, block.columns)) + " |"]
+                lines.append("|" + "---|" * len(block.columns))
+                lines += ["| " + " | ".join(_cell(fmt(v)) for v in row) + " |" for row in block.rows]
+                lines.append("")
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -126,7 +126,8 @@ def layer_memory(source: Source) -> bytes:
 
 
 def bench_curves(source: Source) -> bytes:
-    """Per policy over batch size: prefill and decode tokens/s, peak memory, the MoE layer's activation memory."""
+    """Per policy over batch size: prefill and decode tokens/s (the median, the repeats' min-max as a band), peak
+    memory, the MoE layer's activation memory."""
     rows = source.data["rows"]
     mt = source.data["task"] == "MT"
     panels = [
@@ -140,8 +141,13 @@ def bench_curves(source: Source) -> bytes:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for i, policy in enumerate(policies):
-            mine = sorted((r["batch_per_rank"], r[key]) for r in rows if r["policy"] == policy)
-            ax.plot(*zip(*mine, strict=True), label=policy, **_style(i))
+            mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["batch_per_rank"])
+            batches = [r["batch_per_rank"] for r in mine]
+            line = ax.plot(batches, [r[key] for r in mine], label=policy, **_style(i))[0]
+            spreads = [r.get("spread") or {} for r in mine]
+            if all(f"{key}_min" in s for s in spreads):  # the repeats' min-max as a band
+                low, high = [s[f"{key}_min"] for s in spreads], [s[f"{key}_max"] for s in spreads]
+                ax.fill_between(batches, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         _batch_axis(ax, (r["batch_per_rank"] for r in rows), "batch per rank")
         _log_if_wide(ax, (r[key] for r in rows))
         ax.set_title(title)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report import plots
+from pipeline.report.headline import bench_waste, ratio_cell, spread_of
 from pipeline.report.sources import COMMANDS, Problem, RunInfo, Source, display_path, kind_of
 
 
@@ -93,6 +94,13 @@ def _launcher(ranks: Any) -> str:
     return f"deepspeed --num_gpus {ranks}" if isinstance(ranks, int) and ranks > 1 else "python"
 
 
+def _range(row: dict, low: str, high: str) -> str | None:
+    """A figure's min-max over the repeats (a layer result's own keys, a bench row's spread), as text."""
+    spread = row.get("spread") or {}
+    lo, hi = row.get(low, spread.get(low)), row.get(high, spread.get(high))
+    return None if lo is None or hi is None else f"{fmt(lo)}-{fmt(hi)}"
+
+
 # ---- one block list per result file --------------------------------------------------------------------------------
 
 
@@ -102,24 +110,31 @@ def _layer(s: Source) -> list[Block]:
     cmd = f"{_launcher(ranks)} {module} --out {a.get('out', s.path)} --run-dir {a.get('run_dir', '-')}"
     what = (
         f"one MoE layer ({a.get('experts')} experts, top-{a.get('topk')}, D={a.get('hidden')}, F={a.get('ffn')}, "
-        f"{a.get('tokens')} tokens per rank) on {ranks} rank(s); best of {a.get('repeats')} rounds"
+        f"{a.get('tokens')} tokens per rank) on {ranks} rank(s); the median of {a.get('repeats')} interleaved rounds"
     )
-    base = next((r["ms"] for r in s.data["results"] if r["name"] == "dynamic"), None)
+    base = next((r for r in s.data["results"] if r["name"] == "dynamic"), None)
     rows = [
-        [r["name"], r["ms"], r.get("tokens_per_s"), r["ms"] / base if base else None]
+        [r["name"], r["ms"], _range(r, "ms_min", "ms_max"), r.get("tokens_per_s")]
+        + [ratio_cell(spread_of(r, "ms"), spread_of(base, "ms")) if base else None]
         + [r["phases_ms"].get(p) for p in plots.PHASES]
         # The all-to-all wait (inside dispatch + combine) is measured for our own policies only.
         + [r.get("exchange_ms") if r["name"] in ("dynamic", "static") else None]
-        + [r.get("activation_mb"), r.get("sent_mb"), r.get("dropped_fraction")]
+        + [r.get("activation_mb"), r.get("sent_mb"), r.get("dropped_fraction"), r.get("max_diff_vs_reference")]
         for r in s.data["results"]
     ]
-    columns = ["implementation", "ms/call", "tokens/s", "x dynamic", *plots.PHASES, "a2a wait ms", "act MB", "a2a MB"]
-    columns.append("dropped")
+    columns = ["implementation", "ms/call", "min-max", "tokens/s", "x dynamic", *plots.PHASES, "a2a wait ms"]
+    columns += ["act MB", "a2a MB", "dropped", "diff vs reference"]
     return [
         Heading(f"{s.label}: {display_path(s.path)}"),
         Image(plots.layer_phases(s), f"Time per layer call split into phases, {what}. Command: {cmd}"),
         Image(plots.layer_memory(s), f"Activation memory of one call and bytes sent in its all-to-alls, {what}."),
-        Table(columns, rows, "Phase times in ms (the slowest rank's); x dynamic = time / dynamic's time."),
+        Table(
+            columns,
+            rows,
+            "Times in ms, the slowest rank's: the median with the min-max of the repeats, phases of the median "
+            "call; x dynamic = time / dynamic's time, its range from the spreads ('within noise' where they overlap); "
+            "diff vs reference = the largest difference from the single-process reference layer.",
+        ),
     ]
 
 
@@ -128,11 +143,14 @@ def _bench(s: Source) -> list[Block]:
     flags = d.get("settings", {})
     keep = ("export", "mode", "policies", "max_batch", "prompt_len", "decode_steps", "run_dir")
     cmd = _flag_command(f"{_launcher(d['ranks'])} launch/infer.py", {k: flags.get(k) for k in keep})
-    columns = ["policy", "batch/rank", "prefill tok/s", "decode tok/s", "peak MB", "MoE act MB"]
-    columns += ["dropped prefill", "dropped decode"]
-    keys = ["policy", "batch_per_rank", "prefill_tok_s", "decode_tok_s", "peak_mem_mb", "moe_act_mb"]
-    keys += ["dropped_prefill", "dropped_decode"]
-    rows = [[r.get(k) for k in keys] for r in d["rows"]]
+    columns = ["policy", "batch/rank", "prefill tok/s", "min-max", "decode tok/s", "min-max", "peak MB"]
+    columns += ["MoE act MB", "dropped prefill", "dropped decode"]
+    rows = [
+        [r["policy"], r["batch_per_rank"], r["prefill_tok_s"], _range(r, "prefill_tok_s_min", "prefill_tok_s_max")]
+        + [r["decode_tok_s"], _range(r, "decode_tok_s_min", "decode_tok_s_max"), r.get("peak_mem_mb")]
+        + [r.get("moe_act_mb"), r.get("dropped_prefill"), r.get("dropped_decode")]
+        for r in d["rows"]
+    ]
     limits = [f"{p} ran out of memory at batch {b}/rank" for p, b in d.get("limits", {}).items() if b is not None]
     stage = "prefill = the encoder, decode = the decoder" if d["task"] == "MT" else "prefill and greedy decode"
     blocks: list[Block] = [
@@ -142,7 +160,13 @@ def _bench(s: Source) -> list[Block]:
             f"The whole {d['task']} model ({stage}) served by each gating policy on {d['ranks']} rank(s), "
             f"{d.get('device', '?')}, over batch sizes; tokens/s count all ranks. Command: {cmd}",
         ),
-        Table(columns, rows, "Times are the slowest rank's; MoE act MB = one prefill MoE layer call's activations."),
+        Table(
+            columns,
+            rows,
+            f"Tokens/s: the median of {d.get('settings', {}).get('repeats', 1)} interleaved repeats with their "
+            "min-max, the slowest rank's time; MoE act MB = one prefill MoE layer call's activations. "
+            f"{bench_waste(s)}.",
+        ),
     ]
     blocks.append(Text("; ".join(limits) if limits else "No policy ran out of memory in this sweep."))
     return blocks

@@ -1,12 +1,12 @@
 """Dispatch: how an MoE layer gets its (token, expert) pairs to the experts' ranks and their outputs back.
 
     routed = dispatcher.dispatch(x_TD, probs_TK, experts_TK, experts.prepare, timer)   rows to their experts' ranks
-    experts(routed)                                        each local expert on its rows (moe_infer.moe.experts)
+    experts(routed.rows)                                   each local expert on its rows (moe_infer.moe.experts)
     y_TD = dispatcher.combine(routed)                      outputs back to their tokens, each token's pairs summed
 
-`routed` is what the experts read and write: `expert_inputs()` yields (local slot, x_ND, probs_N, out_ND or None) for
-each expert that runs, in the order the dispatcher told `prepare` (so a buffered store can fetch them while the rows
-travel), and `expert_output(slot, y_ND)` takes each expert's output (a no-op where the expert wrote into out_ND).
+`routed.rows` (moe_infer.moe.experts.Rows) is what the experts read and write: the rows of every local expert grouped
+by local slot, their probabilities, and the buffer the outputs go to. Before the rows arrive, the dispatcher tells
+`prepare` which slots will run (so a buffered store can fetch them while the rows travel).
 Under expert parallelism every rank of the group calls dispatch and combine together (with its own tokens, possibly
 none), since they exchange rows by all-to-all.
 

@@ -1,43 +1,55 @@
-"""Dynamic dispatch (the paper's dynamic gating): sort the (token, expert) pairs, count them per expert, and send
-exactly the routed rows with a variable-size all-to-all. Nothing is padded, nothing is dropped.
+"""Dynamic dispatch (the paper's dynamic gating): sort the (token, expert) pairs, count them per expert, and move
+exactly the routed rows. Nothing is padded, nothing is dropped.
 
-    dispatch  1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
-              2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source
-                 x slot
-              3. variable all-to-all of the sorted rows and their probabilities, split by those counts
-              4. received rows arrive source-major; regroup them by local slot, so each expert runs on one contiguous
-                 slice (the experts write their outputs into the matching slice of one buffer)
-    combine   5. un-group, reverse all-to-all, sum each token's pairs with index_add_ into [T, D]
-With one rank (every expert local) nothing is exchanged: each expert gathers its rows just before it runs and its
-outputs are added into its tokens' rows right after (Local), while they are still in cache.
+Two exchanges, chosen per forward pass from the token counts the ranks agreed on (tokens.py), so every rank picks
+the same one (MOE_DISPATCH=all-to-all|all-gather forces one, auto is the default):
+    all-to-all  the paper's, for large passes. 3 collectives per layer.
+        1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
+        2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source x slot
+        3. variable all-to-all of the sorted rows, each with its probability in an extra column
+        4. received rows arrive source-major; regroup them by local slot, so each expert runs on one contiguous slice
+        5. combine: un-group, reverse all-to-all, sum each token's pairs with index_add_ into [T, D]
+    all-gather  for small passes (ALL_GATHER_MAX_TOKENS). 2 collectives per layer, no count exchange.
+        1. every rank's tokens to every rank, each with its K expert positions and probabilities in extra columns:
+           one all-gather of blocks of T_max rows (the agreed largest count)
+        2. each rank takes the pairs of its own experts from all of them, sorted by local slot
+        3. combine: each rank's partial sums for every token of the group, one all-to-all of [T_max, D] blocks,
+           summed per token
+       Each token travels once instead of once per pair (K times), and its outputs come back once per rank: at
+       R = 2, K = 2 about the bytes of the all-to-all, with one collective less and no wait for the counts.
+With one rank (every expert local) nothing is exchanged: the sorted pairs' rows are gathered, the experts run, and
+their outputs are added into their tokens' rows (Local).
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
-P expert positions (rank-major, E of them), R ranks, L experts per rank.
+P expert positions (rank-major, E of them), R ranks, L experts per rank, A gathered rows (R * T_max), W row width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
+from moe_infer.moe.dispatch.tokens import Agreement
+from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
+from pipeline.errors import ConfigError
 
-ExpertInputs = Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+ENV = "MOE_DISPATCH"
+EXCHANGES = ("auto", "all-to-all", "all-gather")
+ALL_GATHER_MAX_TOKENS = 256  # tokens over the whole group up to which the all-gather is used (measured: see README)
 
 
 @dataclass
 class Exchanged:
-    """This rank's rows after the exchange, grouped by local slot; the experts write into the slices of y_MD."""
+    """This rank's rows after the all-to-all, grouped by local slot (rows), and how to send their outputs back."""
 
-    x_MD: torch.Tensor
-    probs_M: torch.Tensor
-    y_MD: torch.Tensor
-    rows_L: list[int]
+    rows: Rows
     group_M: torch.Tensor  # received row order -> slot order
     send_R: list[int]
     recv_R: list[int]
@@ -45,48 +57,53 @@ class Exchanged:
     num_tokens: int
     timer: PhaseTimer
 
-    def expert_inputs(self) -> ExpertInputs:
-        start = 0
-        for slot, rows in enumerate(self.rows_L):
-            if rows:
-                end = start + rows
-                yield slot, self.x_MD[start:end], self.probs_M[start:end], self.y_MD[start:end]
-                start = end
 
-    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
-        """Already in place (the slice of y_MD the expert wrote into)."""
+@dataclass
+class Gathered:
+    """This rank's rows picked from every rank's tokens (rows), and the gathered row each came from."""
+
+    rows: Rows
+    token_M: torch.Tensor  # the gathered row (source rank * block + its token) of each row
+    block: int  # rows per rank in the gathered buffer (the largest token count)
+    num_tokens: int
+    timer: PhaseTimer
 
 
 @dataclass
 class Local:
-    """One rank, every expert local: each expert's rows are gathered as it runs and its outputs added into out_TD (no
-    [N, D] staging buffers), so the gather and the scatter-add are counted in the experts phase."""
+    """One rank, every expert local: the pairs' rows gathered in expert order (rows); their outputs are added into
+    out_TD by token."""
 
-    x_TD: torch.Tensor
-    probs_N: torch.Tensor
+    rows: Rows
     out_TD: torch.Tensor
-    rows_L: list[int]
     token_N: torch.Tensor
-    timer: PhaseTimer
-    _token_n: torch.Tensor | None = None  # the tokens of the expert running now
 
-    def expert_inputs(self) -> ExpertInputs:
-        start = 0
-        for slot, rows in enumerate(self.rows_L):
-            if rows:
-                end = start + rows
-                self._token_n = self.token_N[start:end]
-                yield slot, self.x_TD.index_select(0, self._token_n), self.probs_N[start:end], None
-                start = end
 
-    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
-        self.out_TD.index_add_(0, self._token_n, y_ND)
+def row_width(hidden: int, extra: int, dtype: torch.dtype) -> int:
+    """Columns of a row of `hidden` values and `extra` more, rounded up to a 16-byte multiple (the row stride that
+    grouped GEMM kernels accept for the x part read in place)."""
+    per_16 = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-(hidden + extra) // per_16) * per_16
+
+
+def chosen_exchange() -> str:
+    choice = os.environ.get(ENV, "auto").strip() or "auto"
+    if choice not in EXCHANGES:
+        raise ConfigError(ENV, f"expected one of {', '.join(EXCHANGES)}, got {choice!r}")
+    return choice
 
 
 class DynamicDispatch:
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
         self.placement = placement
         self.ranks = ExpertGroup(placement, group)
+        self.tokens = Agreement(self.ranks)
+        self.exchange = chosen_exchange()
+
+    def uses_all_gather(self, tokens_R: list[int]) -> bool:
+        if self.exchange != "auto":
+            return self.exchange == "all-gather"
+        return sum(tokens_R) <= ALL_GATHER_MAX_TOKENS
 
     def dispatch(
         self,
@@ -95,62 +112,124 @@ class DynamicDispatch:
         experts_TK: torch.Tensor,
         prepare: Callable[[list[int], bool], None],
         timer: PhaseTimer,
-    ) -> Exchanged | Local:
+    ) -> Exchanged | Gathered | Local:
         """This rank's rows for its local experts; `prepare(active_L, overlapped)` is told which slots will run
         (while the rows travel, when they do)."""
-        num_tokens, topk = experts_TK.shape
+        position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
+        if self.ranks.size == 1:
+            return self._local(x_TD, probs_TK, position_N, prepare, timer)
+        tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
+        if self.uses_all_gather(tokens_R):
+            return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), prepare, timer)
+        return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
+
+    def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
+        order_N = torch.argsort(position_N, stable=True)
+        token_N = torch.div(order_N, probs_TK.shape[1], rounding_mode="floor")  # pair n: token n // K, choice n % K
+        counts_L = torch.bincount(position_N, minlength=self.placement.experts_per_rank)
+        timer.lap("gate")
+        # (index_select: a plain row gather, several times faster than x[idx] on CPU.)
+        x_ND = x_TD.index_select(0, token_N)
+        rows = Rows(
+            x_ND, probs_TK.reshape(-1).float().index_select(0, order_N), counts_L.tolist(), torch.empty_like(x_ND)
+        )
+        prepare(rows.active_L, False)
+        timer.stats.expert_rows = token_N.numel()
+        timer.lap("dispatch")
+        return Local(rows, torch.zeros_like(x_TD), token_N)
+
+    def _all_to_all(self, x_TD, probs_TK, position_N, prepare, timer) -> Exchanged:
+        (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
         R, L = self.placement.ranks, self.placement.experts_per_rank
         stats = timer.stats
-
         # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
-        position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         order_N = torch.argsort(position_N, stable=True)
-        token_N = torch.div(order_N, topk, rounding_mode="floor")  # pair n is (token n // K, choice n % K)
+        token_N = torch.div(order_N, topk, rounding_mode="floor")
         counts_P = torch.bincount(position_N, minlength=R * L)
         timer.lap("gate")
-        if R == 1:
-            probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
-            out_TD = torch.zeros_like(x_TD)
-            rows_L = counts_P.tolist()
-            prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
-            stats.expert_rows = token_N.numel()
-            timer.lap("dispatch")
-            return Local(x_TD, probs_N, out_TD, rows_L, token_N, timer)
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
         # paper says, the count exchange starts as soon as the counts exist and the rows are gathered meanwhile.
         counts_in_flight = self.ranks.start_all_to_all(counts_P, [L] * R, [L] * R, stats)
-        # (index_select: a plain row gather, several times faster than x[idx] on CPU.) The probabilities travel
-        # separately to stay fp32 whatever x's dtype.
-        x_ND = x_TD.index_select(0, token_N)
-        probs_N = probs_TK.reshape(-1).float().index_select(0, order_N)
+        # Each row carries its probability (fp32, bit for bit) in extra columns: one exchange for both.
+        probs_N1 = as_columns(probs_TK.reshape(-1, 1).float().index_select(0, order_N), x_TD.dtype)
+        payload_NW = x_TD.new_empty(token_N.numel(), row_width(D, probs_N1.shape[1], x_TD.dtype))
+        torch.index_select(x_TD, 0, token_N, out=payload_NW[:, :D])
+        payload_NW[:, D : D + probs_N1.shape[1]] = probs_N1
         send_R = counts_P.view(R, L).sum(1).tolist()
         recv_RL = counts_in_flight.wait().view(R, L)
         recv_R = recv_RL.sum(1).tolist()
 
         # 3. Exactly the routed rows. While they travel, work out how to regroup what arrives.
-        rows_in_flight = self.ranks.start_all_to_all(x_ND, send_R, recv_R, stats)
-        probs_in_flight = self.ranks.start_all_to_all(probs_N, send_R, recv_R, stats)
+        rows_in_flight = self.ranks.start_all_to_all(payload_NW, send_R, recv_R, stats)
         # 4. Row m came from source s for slot l; a stable sort by slot keeps the sources in order within an expert.
         slot_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.reshape(-1)).to(x_TD.device)
         group_M = torch.argsort(slot_M, stable=True)
         rows_L = recv_RL.sum(0).tolist()
         # A buffered expert store copies in the missing active experts while the rows travel.
         prepare([slot for slot, rows in enumerate(rows_L) if rows], True)
-        x_MD = rows_in_flight.wait().index_select(0, group_M)
-        probs_M = probs_in_flight.wait().index_select(0, group_M)
-        # Each expert writes its rows' outputs straight into its slice of one buffer (no concatenation after).
-        y_MD = torch.empty_like(x_MD)
-        stats.expert_rows = y_MD.shape[0]
+        received_MW = rows_in_flight.wait().index_select(0, group_M)
+        x_MD = received_MW[:, :D]
+        probs_M = from_columns(received_MW[:, D : D + probs_N1.shape[1]], torch.float32).reshape(-1)
+        # The experts write their rows' outputs straight into one buffer (no concatenation after).
+        rows = Rows(x_MD, probs_M, rows_L, torch.empty(x_MD.shape, dtype=x_MD.dtype, device=x_MD.device))
+        stats.expert_rows = x_MD.shape[0]
         timer.lap("dispatch")
-        return Exchanged(x_MD, probs_M, y_MD, rows_L, group_M, send_R, recv_R, token_N, num_tokens, timer)
+        return Exchanged(rows, group_M, send_R, recv_R, token_N, num_tokens, timer)
 
-    def combine(self, routed: Exchanged | Local) -> torch.Tensor:
+    def _all_gather(self, x_TD, probs_TK, position_N, block, prepare, timer) -> Gathered:
+        (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
+        L, me = self.placement.experts_per_rank, self.ranks.rank
+        stats = timer.stats
+        if block == 0:  # no rank brought a token (every rank knows it from the counts): nothing to exchange
+            prepare([], False)
+            return Gathered(Rows(x_TD, x_TD.new_zeros(0), [0] * L, x_TD), position_N, 0, 0, timer)
+        # 1. This rank's tokens, each with its K probabilities and K expert positions, padded to the agreed block.
+        probs_TC = as_columns(probs_TK.float(), x_TD.dtype)
+        positions_TC = as_columns(position_N.view(num_tokens, topk).to(torch.int32), x_TD.dtype)
+        width = probs_TC.shape[1]
+        payload_BW = x_TD.new_zeros(block, row_width(D, 2 * width, x_TD.dtype))
+        payload_BW[:num_tokens, : D + 2 * width] = torch.cat((x_TD, probs_TC, positions_TC), dim=1)
+        timer.lap("gate")
+        gathered_AW = self.ranks.start_all_gather(payload_BW, stats).wait()
+
+        # 2. The pairs of this rank's experts among every rank's tokens (rows past a rank's count are padding).
+        x_AD = gathered_AW[:, :D]
+        probs_AK = from_columns(gathered_AW[:, D : D + width], torch.float32)
+        position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
+        real_A = (torch.arange(block, device=x_TD.device) < self._tokens_R(x_TD.device)[:, None]).reshape(-1)
+        mine_AK = (torch.div(position_AK, L, rounding_mode="floor") == me) & real_A[:, None]
+        pair_M = mine_AK.reshape(-1).nonzero().squeeze(1)
+        slot_M = position_AK.reshape(-1).index_select(0, pair_M) - me * L
+        order_M = torch.argsort(slot_M, stable=True)
+        pair_M = pair_M.index_select(0, order_M)
+        token_M = torch.div(pair_M, topk, rounding_mode="floor")
+        rows_L = torch.bincount(slot_M, minlength=L).tolist()
+        prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
+        x_MD = x_AD.index_select(0, token_M)
+        rows = Rows(x_MD, probs_AK.reshape(-1).index_select(0, pair_M), rows_L, torch.empty_like(x_MD))
+        stats.expert_rows = x_MD.shape[0]
+        timer.lap("dispatch")
+        return Gathered(rows, token_M, block, num_tokens, timer)
+
+    def _tokens_R(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.tokens.counts.tokens_R, device=device)
+
+    def combine(self, routed: Exchanged | Gathered | Local) -> torch.Tensor:
         """[T, D]: each token's expert outputs, summed."""
         if isinstance(routed, Local):
-            return routed.out_TD
+            return routed.out_TD.index_add_(0, routed.token_N, routed.rows.y_MD)
+        y_MD = routed.rows.y_MD
+        if isinstance(routed, Gathered):
+            if routed.block == 0:
+                return y_MD
+            # 3. This rank's share of every token's sum, back to the token's rank, and the ranks' shares summed.
+            R, block = self.ranks.size, routed.block
+            partial_AD = y_MD.new_zeros(R * block, y_MD.shape[1]).index_add_(0, routed.token_M, y_MD)
+            back_AD = self.ranks.all_to_all(partial_AD, [block] * R, [block] * R, routed.timer.stats)
+            return back_AD.view(R, block, -1).sum(0)[: routed.num_tokens]
         # 5. Undo the grouping, send each row back to the rank that owns its token, and sum each token's pairs.
-        y_MD = torch.empty_like(routed.y_MD).index_copy_(0, routed.group_M, routed.y_MD)
+        y_MD = torch.empty_like(y_MD).index_copy_(0, routed.group_M, y_MD)
         y_ND = self.ranks.all_to_all(y_MD, routed.recv_R, routed.send_R, routed.timer.stats)
         out_TD = torch.zeros(routed.num_tokens, y_ND.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
         return out_TD.index_add_(0, routed.token_N, y_ND)

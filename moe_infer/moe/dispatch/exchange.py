@@ -4,8 +4,12 @@ left and reached this rank, time spent waiting) in the call's MoEStats.
     ranks = ExpertGroup(placement, group)                       placement.ranks ranks (None: the default group)
     rows = ranks.start_all_to_all(x_ND, send_R, recv_R, stats)  started in the background
     x_MD = rows.wait()                                          the rows that came in, source rank after source rank
+    rows = ranks.start_all_gather(x_BD, stats)                  every rank's B rows, rank after rank: [R * B, D]
 
-Shape legend: N rows sent, M rows received, R ranks.
+Numbers that travel with rows (routing probabilities, expert positions) ride in extra columns of the rows' own
+buffer, bit for bit (`as_columns`, `from_columns`): one collective instead of two.
+
+Shape legend: N rows sent, M rows received, B rows per rank, R ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe_infer.collectives import all_reduce
 from moe_infer.moe.stats import MoEStats
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
@@ -42,10 +45,16 @@ class ExpertGroup:
                 f"dispatch: the placement spans {placement.ranks} ranks but the process group has {self.size}"
             )
 
-    def max(self, value: int, device: torch.device) -> int:
+    def start_all_gather(self, x: torch.Tensor, stats: MoEStats | None) -> InFlight:
+        """Every rank's `x` (the same shape on every rank), rank after rank, started in the background."""
         if self.size == 1:
-            return value
-        return all_reduce([value], "max", device=device, group=self.group)[0]
+            return InFlight(x, None)
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        work = dist.all_gather_into_tensor(out, x.contiguous(), group=self.group, async_op=True)
+        if stats is not None:
+            stats.bytes_sent += (self.size - 1) * x.numel() * x.element_size()
+            stats.bytes_received += (self.size - 1) * x.numel() * x.element_size()
+        return InFlight(out, work, stats)
 
     def all_to_all(self, x: torch.Tensor, send_R: list[int], recv_R: list[int], stats: MoEStats | None) -> torch.Tensor:
         """Rows send_R[r] of `x` (in rank order) go to rank r; recv_R[r] rows come back from rank r, in rank order."""
@@ -82,3 +91,13 @@ class InFlight:
             if self.stats is not None:
                 self.stats.exchange_seconds += time.perf_counter() - start
         return self.out
+
+
+def as_columns(values_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """4-byte numbers (fp32 or int32, [N, K]) as columns of rows of `dtype`, bit for bit ([N, K * 4 / itemsize])."""
+    return values_NK.contiguous().view(dtype)
+
+
+def from_columns(columns_NC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-byte numbers `as_columns` packed, back as `dtype` (torch.float32 or torch.int32)."""
+    return columns_NC.contiguous().view(dtype)

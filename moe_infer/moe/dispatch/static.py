@@ -4,6 +4,7 @@ all-to-alls carry those buffers. Pairs past an expert's capacity are dropped (th
 residual path); empty slots are zero rows that the experts compute anyway: the waste the paper measures.
 
     C = max(1, ceil(capacity_fraction * T_max))        T_max: the most tokens any rank of the group brought
+                                                       (agreed once per forward pass: tokens.py)
     slot of each pair = running count per expert, first choices of all tokens before any second choice (GShard)
     dispatch  dispatch_TPC one-hot -> buf_PCD = einsum(dispatch, x) -> all-to-all (Buffers)
     experts   each local expert on all R*C slots of its buffer, padding included
@@ -20,13 +21,15 @@ Shape legend: T tokens, K experts per token, D model dim, N pairs (K*T, choice-m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from moe_infer.moe.dispatch.exchange import ExpertGroup
+from moe_infer.moe.dispatch.tokens import Agreement
+from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
@@ -34,27 +37,13 @@ from pipeline.errors import PipelineError
 
 @dataclass
 class Buffers:
-    """The padded buffers this rank received, [source, slot, C] per local expert; the experts write into y_LRCD."""
+    """The padded buffers this rank received, as every local expert's R*C slots (rows: padding included, the waste
+    this scheme is known for); the experts write into y_LRCD, which the combine sends back."""
 
-    recv_RLCD: torch.Tensor
-    recv_RLC: torch.Tensor
+    rows: Rows
     y_LRCD: torch.Tensor
     dispatch_TPC: torch.Tensor  # the one-hot dispatch mask, reused by the combine
     timer: PhaseTimer
-
-    def expert_inputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        # Every slot of every expert is computed, padding included: the waste this scheme is known for.
-        R, L, C, D = self.recv_RLCD.shape
-        for slot in range(L):
-            yield (
-                slot,
-                self.recv_RLCD[:, slot].reshape(R * C, D),
-                self.recv_RLC[:, slot].reshape(R * C),
-                self.y_LRCD[slot].view(R * C, D),
-            )
-
-    def expert_output(self, slot: int, y_ND: torch.Tensor) -> None:
-        """Already in place (the expert's block of y_LRCD)."""
 
 
 class StaticDispatch:
@@ -68,6 +57,7 @@ class StaticDispatch:
             raise PipelineError(f"static gating: capacity_fraction must be > 0, got {capacity_fraction}")
         self.placement, self.capacity_fraction = placement, capacity_fraction
         self.ranks = ExpertGroup(placement, group)
+        self.tokens = Agreement(self.ranks)
         self._position_of_E = placement.position_of_E
 
     def capacity(self, max_tokens: int) -> int:
@@ -88,8 +78,9 @@ class StaticDispatch:
         E, D = R * L, x_TD.shape[-1]
         stats = timer.stats
 
-        # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks.
-        C = self.capacity(self.ranks.max(num_tokens, x_TD.device))
+        # Every rank must agree on C: the all-to-all splits are fixed E*C-row blocks (the counts are agreed once per
+        # forward pass, moe_infer.moe.dispatch.tokens).
+        C = self.capacity(max(self.tokens(num_tokens, x_TD.device)))
         # Choice-major pairs (n = k*T + t), so the cumsum fills every token's first choice before any second one.
         position_N = self._position_of_E.to(experts_TK.device)[experts_TK.t().reshape(-1)]
         token_N = torch.arange(num_tokens, device=x_TD.device).repeat(topk)
@@ -113,12 +104,14 @@ class StaticDispatch:
         probs_in_flight = self.ranks.start_all_to_all(probs_PC.reshape(E * C), blocks, blocks, stats)
         # Every expert computes its slots, empty or not; a buffered store copies them in while the buffers travel.
         prepare(list(range(L)), R > 1)
-        recv_RLCD = rows_in_flight.wait().view(R, L, C, D)
-        recv_RLC = probs_in_flight.wait().view(R, L, C)
-        y_LRCD = recv_RLCD.new_empty(L, R, C, D)
+        # Every expert's R*C slots contiguous (a copy with several sources: what arrives is source-major).
+        x_MD = rows_in_flight.wait().view(R, L, C, D).transpose(0, 1).reshape(L * R * C, D)
+        probs_M = probs_in_flight.wait().view(R, L, C).transpose(0, 1).reshape(L * R * C)
+        y_LRCD = x_MD.new_empty(L, R, C, D)
         stats.expert_rows = R * L * C
         timer.lap("dispatch")
-        return Buffers(recv_RLCD, recv_RLC, y_LRCD, dispatch_TPC, timer)
+        rows = Rows(x_MD, probs_M, [R * C] * L, y_LRCD.view(L * R * C, D))
+        return Buffers(rows, y_LRCD, dispatch_TPC, timer)
 
     def combine(self, routed: Buffers) -> torch.Tensor:
         """[T, D]: the experts' outputs back to the ranks their tokens came from, each token's kept slots summed."""

@@ -1,0 +1,222 @@
+"""The expert FFN kernel: a layer's local experts, each on its own rows, with the rows grouped by expert.
+
+    weights = ExpertWeights.stack([tensors of expert 0, of expert 1, ...])     stacked over G experts
+    kernel = ExpertKernel("gelu", ffn=256, grouped_max_rows=32)              (crossover.py measures that figure)
+    kernel(weights, x_MD, probs_M, rows_G, out_MD)     out_MD rows of expert g = (W2 act(W1 x + b1) + b2) * p
+
+Two ways to run the experts, chosen per expert by its rows in the call (a trained router's loads are uneven: a few
+experts with hundreds of rows, many with a handful):
+    grouped     torch.nn.functional.grouped_mm: one fc1 and one fc2 call over a run of experts (a C++ loop of matrix
+                products on CPU and for fp32 on CUDA; CUTLASS grouped GEMM for bf16 on sm90+). The biases are
+                gathered per row. Below the crossover it wins: a per-expert loop pays a handful of Python-level op
+                calls per expert, which at a few rows per expert cost more than the products.
+    per-expert  per expert: addmm (fc1 + bias), activation, addmm (fc2 + bias) into its rows of out, scale. Above the
+                crossover it wins: each expert's [N, F] activation stays in cache between its two products, where
+                the grouped call writes all of them before reading them back.
+The grouped call runs over runs of active experts (an empty expert costs grouped_mm ~4 us on CPU, so a gap of
+GAP_SPLIT or more empty experts starts a new call: only active experts cost anything), and on CPU over at most
+CPU_ROWS_BUDGET_BYTES of activation per call, so a run's [N, F] activation stays in cache too.
+
+The probability is applied to the output: p * (W2 h + b2) = W2 (h p) + b2 p, the reference's form (moe_infer.model.moe,
+megatron's per-token scale) up to fp32 rounding, at D columns per row instead of F. Experts may come without biases
+(exports with `model.bias: false`): both b1 and b2 are then None.
+
+Shape legend: G experts in the stack (local experts, or device slots), M rows (grouped by expert), N one expert's
+rows, D model dim, F ffn dim, F1 fc1 rows (F, or 2F for swiglu).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_infer.model.layers import activation as apply_activation
+from pipeline.errors import PipelineError
+
+GAP_SPLIT = 8  # this many empty experts in a row cost more than one more grouped call: split there
+CPU_ROWS_BUDGET_BYTES = 512 * 1024  # fc1 activation per grouped call on CPU: half of a 1 MiB L2
+
+
+@dataclass
+class ExpertWeights:
+    """G experts' weights stacked: w1 [G, F1, D], b1 [G, F1], w2 [G, D, F], b2 [G, D] (biases None when absent)."""
+
+    w1_GFD: torch.Tensor
+    b1_GF: torch.Tensor | None
+    w2_GDF: torch.Tensor
+    b2_GD: torch.Tensor | None
+
+    @classmethod
+    def stack(
+        cls,
+        experts: list[dict[str, torch.Tensor]],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ExpertWeights:
+        """Each expert's {"fc1.weight", "fc2.weight"} and, for all of them or for none, {"fc1.bias", "fc2.bias"}."""
+        if not experts:
+            raise PipelineError("local experts: a rank must hold at least one expert of each MoE layer")
+        first = experts[0]["fc1.weight"]
+        device, dtype = device or first.device, dtype or first.dtype
+        with_bias = ["fc1.bias" in e and "fc2.bias" in e for e in experts]
+        if any(with_bias) and not all(with_bias):
+            raise PipelineError(
+                "local experts: some experts of a layer have biases (fc1.bias, fc2.bias) and some do not; expected "
+                "all or none (the export's model.bias setting)"
+            )
+
+        def stacked(name: str) -> torch.Tensor | None:
+            if name.endswith("bias") and not with_bias[0]:
+                return None
+            return torch.stack([e[name] for e in experts]).to(device=device, dtype=dtype).contiguous()
+
+        return cls(stacked("fc1.weight"), stacked("fc1.bias"), stacked("fc2.weight"), stacked("fc2.bias"))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.w1_GFD, self.b1_GF, self.w2_GDF, self.b2_GD) if t is not None)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1_GFD.shape[0]
+
+    def expert_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.tensors)
+
+    def map(self, fn) -> ExpertWeights:
+        """fn applied to each tensor (the absent biases stay None)."""
+        tensors = (self.w1_GFD, self.b1_GF, self.w2_GDF, self.b2_GD)
+        return ExpertWeights(*(None if t is None else fn(t) for t in tensors))
+
+    def empty_like(self, num_experts: int, device: torch.device | str) -> ExpertWeights:
+        """Room for `num_experts` experts of this shape on `device` (the buffered store's device slots)."""
+        return self.map(lambda t: torch.empty((num_experts, *t.shape[1:]), dtype=t.dtype, device=device))
+
+    def copy_expert_(self, g: int, src: ExpertWeights, e: int, non_blocking: bool = False) -> None:
+        """Expert `e` of `src` into place `g` of these weights."""
+        for dst, source in zip(self.tensors, src.tensors, strict=True):
+            dst[g].copy_(source[e], non_blocking=non_blocking)
+
+
+@dataclass(frozen=True)
+class ExpertKernel:
+    activation: str
+    ffn: int  # F
+    grouped_max_rows: int  # grouped when the rows per active expert are at most this (0: never)
+    note: str = ""  # how grouped_max_rows was chosen (crossover.py)
+
+    def __call__(
+        self,
+        weights: ExpertWeights,
+        x_MD: torch.Tensor,
+        probs_M: torch.Tensor,
+        rows_G: list[int],
+        out_MD: torch.Tensor,
+    ) -> torch.Tensor:
+        """Expert g on its rows_G[g] rows (in order), into out_MD; returns out_MD. Each expert by its own rows:
+        those with at most grouped_max_rows grouped together, bigger ones one at a time."""
+        big_G = [n > self.grouped_max_rows for n in rows_G]
+        if not self.uses_grouped(rows_G):
+            return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
+        self.grouped(weights, x_MD, probs_M, rows_G, out_MD, skip_G=big_G if any(big_G) else None)
+        if any(big_G):
+            self.per_expert(weights, x_MD, probs_M, rows_G, out_MD, only_G=big_G)
+        return out_MD
+
+    def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD, only_G: list[bool] | None = None) -> torch.Tensor:
+        """Each expert alone (of `only_G`'s experts when given; the others' rows are left as they are)."""
+        start = 0
+        for g, n in enumerate(rows_G):
+            end = start + n
+            if n and (only_G is None or only_G[g]):
+                self.one(weights, g, x_MD[start:end], probs_M[start:end], out_MD[start:end])
+            start = end
+        return out_MD
+
+    def one(self, weights: ExpertWeights, g: int, x_ND, probs_N, out_ND) -> torch.Tensor:
+        """Expert g alone on x_ND, into out_ND."""
+        w = weights
+        w1_DF, w2_FD = w.w1_GFD[g].t(), w.w2_GDF[g].t()
+        h_NF = torch.mm(x_ND, w1_DF) if w.b1_GF is None else torch.addmm(w.b1_GF[g], x_ND, w1_DF)
+        h_NF = apply_activation(self.activation, h_NF)
+        if w.b2_GD is None:
+            torch.mm(h_NF, w2_FD, out=out_ND)
+        else:
+            torch.addmm(w.b2_GD[g], h_NF, w2_FD, out=out_ND)
+        return out_ND.mul_(probs_N.unsqueeze(-1).to(out_ND.dtype))
+
+    def uses_grouped(self, rows_G: list[int]) -> bool:
+        """Whether a call with these rows per expert groups any (at least two experts with few enough rows)."""
+        return sum(1 for n in rows_G if 0 < n <= self.grouped_max_rows) > 1
+
+    def grouped(self, weights, x_MD, probs_M, rows_G, out_MD, skip_G: list[bool] | None = None) -> torch.Tensor:
+        """The experts in grouped GEMM calls (but those of `skip_G`, whose rows are left as they are)."""
+        w = weights
+        p_M1 = probs_M.unsqueeze(-1).to(x_MD.dtype)
+        budget = _rows_budget(x_MD, w.w1_GFD.shape[1])
+        for first, last, start, end in _runs(rows_G, budget, skip_G):
+            x_ND = x_MD[start:end]
+            offs = torch.tensor(_offsets(rows_G[first:last]), dtype=torch.int32, device=x_MD.device)
+            h_NF = F.grouped_mm(x_ND, w.w1_GFD[first:last].transpose(1, 2), offs=offs)
+            expert_N = None
+            if w.b1_GF is not None:
+                counts = torch.tensor(rows_G[first:last], device=x_MD.device)
+                expert_N = torch.arange(first, last, device=x_MD.device)
+                expert_N = expert_N.repeat_interleave(counts, output_size=end - start)
+                h_NF.add_(w.b1_GF.index_select(0, expert_N))
+            h_NF = apply_activation(self.activation, h_NF)
+            y_ND = F.grouped_mm(h_NF, w.w2_GDF[first:last].transpose(1, 2), offs=offs)
+            if expert_N is not None:
+                y_ND.add_(w.b2_GD.index_select(0, expert_N))
+            torch.mul(y_ND, p_M1[start:end], out=out_MD[start:end])
+        return out_MD
+
+    def products(self, weights: ExpertWeights, x_MD: torch.Tensor, rows_G: list[int]) -> None:
+        """The experts' two matrix products and nothing else (no bias, activation or probability), one expert at a
+        time: the floor an MoE layer's expert phase is measured against."""
+        start = 0
+        for g, n in enumerate(rows_G):
+            if n:
+                h_NF = torch.mm(x_MD[start : start + n], weights.w1_GFD[g].t())
+                torch.mm(h_NF[:, : self.ffn], weights.w2_GDF[g].t())
+                start += n
+
+
+def _offsets(rows: list[int]) -> list[int]:
+    """grouped_mm's offs: the end row of each group."""
+    ends, total = [], 0
+    for n in rows:
+        total += n
+        ends.append(total)
+    return ends
+
+
+def _rows_budget(x_MD: torch.Tensor, f1: int) -> int:
+    """The most rows one grouped call takes: all of them on CUDA, a cache's worth of activation on CPU."""
+    if x_MD.device.type != "cpu":
+        return x_MD.shape[0]
+    return max(1, CPU_ROWS_BUDGET_BYTES // (f1 * x_MD.element_size()))
+
+
+def _runs(rows_G: list[int], budget: int, skip_G: list[bool] | None = None) -> list[tuple[int, int, int, int]]:
+    """(first expert, last expert + 1, first row, end row) of each grouped call: consecutive experts, split at a gap of
+    GAP_SPLIT empty experts, at an expert of `skip_G` (run apart), or where the rows would pass `budget` (an expert is
+    never split); empty experts at either end left out."""
+    runs, first, start, row, gap = [], None, 0, 0, 0
+    for g, n in enumerate(rows_G):
+        skip = skip_G is not None and skip_G[g]
+        if n and first is not None and (skip or gap >= GAP_SPLIT or row + n - start > budget):
+            runs.append((first, g - gap, start, row))
+            first = None
+        if n and not skip:
+            if first is None:
+                first, start = g, row
+            gap = 0
+        else:
+            gap += 1
+        row += n
+    if first is not None:  # after it only empty experts (one run apart would have closed it)
+        runs.append((first, len(rows_G) - gap, start, row))
+    return runs
