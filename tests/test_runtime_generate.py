@@ -15,9 +15,9 @@ import torch
 from random_exports import random_export_config, write_random_export
 
 from moe_infer.model import ModelConfig, MoELayer, load_model
+from moe_infer.runtime import batching
 from moe_infer.runtime.generate import GenerationSettings, RequestError, filter_top_k, filter_top_p, generate
 from moe_infer.runtime.lockstep import LockStep
-from moe_infer.runtime import batching
 from moe_infer.runtime.sequences import BeamSearch
 from moe_infer.runtime.translate import TranslationSettings, bleu, normalized_score, score_targets, translate
 from pipeline.errors import ConfigError
