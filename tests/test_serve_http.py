@@ -15,15 +15,14 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from cli_exports import PROMPTS, REPO, SOURCES, TEXT, make_cli_exports, torchrun
-from servers import ServerProcess
+from cli_exports import PROMPTS, SOURCES, TEXT, env, make_cli_exports
 
+from moe_infer.bench.servers import ServerProcess, serve_command
 from moe_infer.model import load_model
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.translate import TranslationSettings, translate
@@ -39,9 +38,7 @@ def setup(tmp_path_factory):
 
 
 def _serve(export: str, *flags: str, ranks: int = 2, timeout: str = "60") -> ServerProcess:
-    launcher = torchrun(ranks) if ranks > 1 else [sys.executable]
-    command = [*launcher, str(REPO / "launch/infer.py"), "--export", export, "--mode", "serve", "--port", "0"]
-    return ServerProcess([*command, "--timeout", timeout, *flags])
+    return ServerProcess(serve_command([export, "--timeout", timeout, *flags], ranks), env())
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +218,6 @@ def test_health_models_and_metrics(lm):
 # ---- MT: translations, and the drain -------------------------------------------------------------------------------
 
 
-def _rank(server: ServerProcess, rank: int):
-    return next(p for p in server.ranks if p.environ().get("RANK") == str(rank))
-
-
 async def _drain_while_streaming(server: ServerProcess, bodies: list[dict]) -> tuple[list[list[str]], int, int]:
     """Open every stream, SIGTERM rank 0 once the first text arrives, then ask for /health and a new completion."""
     started = asyncio.Event()
@@ -241,7 +234,7 @@ async def _drain_while_streaming(server: ServerProcess, bodies: list[dict]) -> t
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(bodies) + 2)) as client:
         streams = [asyncio.create_task(one(client, body)) for body in bodies]
         await started.wait()
-        os.kill(_rank(server, 0).pid, signal.SIGTERM)  # what `kill` of the server does; the launcher sees it end
+        os.kill(server.rank(0).pid, signal.SIGTERM)  # what `kill` of the server does; the launcher sees it end
         await asyncio.sleep(0.3)
         health = (await client.get(f"{server.url}/health")).status_code
         refused = await client.post(f"{server.url}/v1/completions", json={"model": "mt", "prompt": "So foul"})
@@ -277,7 +270,7 @@ def test_translations_equal_the_batch_cli_and_sigterm_drains(setup):
 def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(setup):
     timeout_s = 20
     with _serve(setup["lm"], "--batch-size", "1", timeout=str(timeout_s)) as server:
-        victim = _rank(server, 1)
+        victim = server.rank(1)
         # 8 prompts of 20 tokens, one row per rank: the stream is still open when the rank dies.
         body = {"model": "lm", "prompt": [PROMPTS[2]] * 8, "max_tokens": 20, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:

@@ -6,6 +6,8 @@ this command line only registers them (so no benchmark imports another's entry p
     serving    real requests served under several engine settings: buffering, placements (--mode bench-serving)
     replay     recorded expert loads through every eviction policy and cache size (python -m moe_infer.buffering)
     prefetch   the cross-layer prefetch study, replayed against a base-rate control
+    load       a load generator for the HTTP server (launch/infer.py --mode serve)
+    live       the paper's techniques under live traffic: one server per variant, the same trace, interleaved
 
 `model`, `serving` and `layer` serve under a launcher like the engine does (torchrun / deepspeed, or one process);
 `replay` and `prefetch` read a trace in one process. `make bench` runs them all (pipeline.suite).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_infer.bench import layer, model, prefetch, replay, serving
+from moe_infer.bench import layer, live, load, model, prefetch, replay, serving
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
 BENCHMARKS = {
@@ -24,6 +26,8 @@ BENCHMARKS = {
     "serving": (serving, "real requests served with expert buffering and placements, side by side"),
     "replay": (replay, "expert loads replayed through every eviction policy and cache size"),
     "prefetch": (prefetch, "the cross-layer prefetch study (replayed against a base-rate control)"),
+    "load": (load, "a load generator for the HTTP server: Poisson arrivals, TTFT / TPOT / ITL, throughput, goodput"),
+    "live": (live, "engine variants served under the same live traffic, against the batch CLI at saturation"),
 }
 
 

@@ -1,12 +1,13 @@
-"""A real server process for the HTTP tests: started as a user would start it (torchrun, deepspeed, or plain python),
-found by the URL it prints, and always stopped with everything it started, even when a test fails.
+"""A server process started as a user would start it (torchrun, deepspeed, or plain python), found by the URL it
+prints, and always stopped with everything it started: for the live-traffic bench and the HTTP tests.
 
-    with ServerProcess(launcher + ["launch/infer.py", "--export", ..., "--mode", "serve", "--port", "0"]) as server:
-        httpx.post(f"{server.url}/v1/completions", json=...)
+    command = serve_command(["exports/lm-tiny", "--batch-size", "32"], ranks=2)
+    with ServerProcess(command, env) as server:          waits for "serving NAME on URL:"
+        ... server.url ...
         server.signal(signal.SIGTERM); code = server.wait(60)
 
-The launcher's ranks live in sessions of their own (torchrun), so the process tree is recorded once the server is up
-and every process of it is killed at the end if still alive.
+torchrun starts its ranks in sessions of their own, so the process tree is recorded once the server is up and every
+process of it still alive at the end is killed.
 """
 
 from __future__ import annotations
@@ -16,23 +17,38 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
-from cli_exports import REPO, env
 
+from pipeline.platform.device import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"serving \S+ on (http://\S+):")
 
 
+def serve_command(export_and_flags: list[str], ranks: int, launcher: str = "torchrun") -> list[str]:
+    """launch/infer.py --mode serve on `ranks` ranks (torchrun or deepspeed; one rank: a plain process), port 0."""
+    if ranks == 1:
+        start = [sys.executable]
+    elif launcher == "deepspeed":
+        start = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks)]
+        start += ["--master_port", str(free_port())]
+    else:
+        start = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+        start.append(f"--master-port={free_port()}")
+    export, *flags = export_and_flags
+    return [*start, str(REPO / "launch/infer.py"), "--export", export, "--mode", "serve", "--port", "0", *flags]
+
+
 class ServerProcess:
-    def __init__(self, command: list[str], timeout_s: float = 180.0, **variables):
-        self.log = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, timeout_s: float = 180.0):
+        self.log = Path(tempfile.mkstemp(prefix="moe-server-", suffix=".log")[1])
         self._log_file = self.log.open("w")
-        self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env(**variables), cwd=REPO
-        )
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.tree: list[psutil.Process] = []
         self.url = ""
         try:
@@ -50,9 +66,9 @@ class ServerProcess:
                 self.tree = self._descendants()
                 return
             if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.output}")
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.output[-4000:]}")
             time.sleep(0.2)
-        raise AssertionError(f"the server was not up after {timeout_s:g} s:\n{self.output}")
+        raise RuntimeError(f"the server was not up after {timeout_s:g} s:\n{self.output[-4000:]}")
 
     def _descendants(self) -> list[psutil.Process]:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -68,6 +84,9 @@ class ServerProcess:
         """The processes that run launch/infer.py (the launcher excluded when there is one)."""
         return [p for p in self.tree if p.pid != self.process.pid or len(self.tree) == 1]
 
+    def rank(self, rank: int) -> psutil.Process:
+        return next(p for p in self.ranks if p.environ().get("RANK", "0") == str(rank))
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
@@ -82,12 +101,12 @@ class ServerProcess:
                     alive.append(p)
         return alive
 
-    def kill(self) -> None:
-        """Stop everything: SIGTERM to the launcher (it passes it on), then SIGKILL to whatever is left."""
+    def kill(self, grace_s: float = 30.0) -> None:
+        """Stop everything: SIGTERM to the launcher (it passes it on; the server drains), SIGKILL to what is left."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=grace_s)
         for p in self.alive() + self._descendants():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
