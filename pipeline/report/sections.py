@@ -243,11 +243,24 @@ def _settings(s: Source) -> dict[str, Any]:
             "algorithms": list(dict.fromkeys(r["algorithm"] for r in rows)),
             "trace and flags": "recorded in the W&B run's config (the table file holds only the results)",
         }
-    skip = {"rows", "columns", "task"}
+    skip = {"rows", "columns", "task", "summary"}
     return {k: v for k, v in s.data.items() if k not in skip}
 
 
-BUILDERS = {"layer": _layer, "bench": _bench, "buffering": _buffering, "replay": _replay, "placement": _placement}
+def _live(s: Source) -> list[Block]:
+    from pipeline.report.serving_load import live_blocks  # its own module (it imports this one's block types)
+
+    return live_blocks(s)
+
+
+BUILDERS = {
+    "layer": _layer,
+    "bench": _bench,
+    "buffering": _buffering,
+    "replay": _replay,
+    "placement": _placement,
+    "live": _live,
+}
 TITLES = {
     "layer": ("1. One MoE layer: every implementation", "Dynamic vs static gating and the peers on one layer."),
     "bench": ("2. Whole model: policies over batch size", "Throughput and memory of the served model."),
@@ -257,6 +270,11 @@ TITLES = {
     ),
     "replay": ("4. Expert cache replay: miss rate vs cache size", "Eviction policies against Belady's MIN."),
     "placement": ("5. Expert placement: load balance", "Contiguous vs history-based placements (Max Load)."),
+    "live": (
+        "6. Serving under load",
+        "The HTTP server under the same live traffic: gating, buffering and placement variants at several offered "
+        "loads, and the server against the batch CLI at saturation.",
+    ),
 }
 
 
