@@ -286,3 +286,39 @@ def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(setup):
         assert "a collective failed" in server.output and "exitcode: -9" in server.output
         time.sleep(1)
         assert not server.alive(), server.alive()
+
+
+# ---- launchers and engine options (slow: a server start each) ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ranks", "launcher"), [(1, "python"), (2, "deepspeed")])
+def test_the_server_as_one_process_and_under_the_deepspeed_launcher(setup, ranks, launcher):
+    command = serve_command([setup["lm"], "--timeout", "60"], ranks, launcher)
+    with ServerProcess(command, env()) as server:
+        server.model = "lm"
+        assert [c["text"] for c in _complete(server, PROMPTS)["choices"]] == _expected(setup, PROMPTS)
+        os.kill(server.rank(0).pid, signal.SIGTERM)
+        assert server.wait(60) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "dropless"),
+    [
+        (["--policy", "megatron"], True),
+        (["--policy", "deepspeed", "--no-ds-drop-tokens"], True),
+        (["--policy", "static", "--capacity-fraction", "4"], True),
+        (["--expert-slots", "1", "--eviction", "lru"], True),
+        (["--dtype", "bfloat16"], False),
+    ],
+)
+def test_every_engine_option_works_in_the_server(setup, flags, dropless):
+    with _serve(setup["lm"], *flags) as server:
+        server.model = "lm"
+        texts = [c["text"] for c in _complete(server, PROMPTS)["choices"]]
+        assert len(texts) == len(PROMPTS)
+        if dropless:  # nothing dropped, every expert's output as it is: the batch generation's tokens
+            assert texts == _expected(setup, PROMPTS)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "moe_generation_tokens_total" in metrics

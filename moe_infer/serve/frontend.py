@@ -92,7 +92,7 @@ class FrontEnd:
         self._ids = itertools.count()
         mailbox.on_events = lambda events: self._soon(self._deliver, events)
         mailbox.on_assigned = lambda ids, rank: self._soon(self._assigned, ids)
-        mailbox.on_figures = lambda rank, figures: metrics.add_moe(figures)
+        mailbox.on_figures = metrics.add_figures  # thread-safe (prometheus_client)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

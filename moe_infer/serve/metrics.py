@@ -58,8 +58,9 @@ class ServerMetrics:
         self.copied = Counter("moe_buffer_copied_bytes", "Expert bytes copied to the device", ["layer"], registry=r)
         self.stall = Counter("moe_buffer_stall_seconds", "Experts waiting for their weights", ["layer"], registry=r)
 
-    def add_moe(self, figures: dict[str, Any]) -> None:
-        """One rank's MoE figures since its last report ({"moe": {layer: LayerFigures as a dict}})."""
+    def add_figures(self, rank: int, figures: dict[str, Any]) -> None:
+        """What one rank's step hooks reported (moe_infer.runtime.steploop): {"moe": {layer: LayerFigures as a dict}}
+        from runtime.metering, added up over the ranks. A new hook's figures get their metrics here, by key."""
         for layer, f in figures.get("moe", {}).items():  # (prometheus_client's metrics are thread-safe)
             for expert, pairs in enumerate(f["tokens_per_expert"]):
                 if pairs:

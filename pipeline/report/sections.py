@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import plots
+from pipeline.report import plots, serving_load
 from pipeline.report.sources import COMMANDS, Problem, RunInfo, Source, display_path, kind_of
 
 
@@ -248,9 +248,13 @@ def _settings(s: Source) -> dict[str, Any]:
 
 
 def _live(s: Source) -> list[Block]:
-    from pipeline.report.serving_load import live_blocks  # its own module (it imports this one's block types)
-
-    return live_blocks(s)
+    parts = serving_load.live_parts(s)
+    blocks: list[Block] = [
+        Heading(f"{s.label}: {display_path(s.path)}"),
+        Image(serving_load.latency_curves(s), parts.caption),
+        Table(parts.columns, parts.rows, parts.table_caption),
+    ]
+    return blocks + [Text(note) for note in parts.notes]
 
 
 BUILDERS = {

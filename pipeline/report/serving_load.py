@@ -1,28 +1,21 @@
-"""The report's "serving under load" section: what `python -m moe_infer.bench live` measured (live-*.json): engine
-variants served over HTTP under the same arrival trace at several offered loads, the baseline served twice (the
-noise control), and the server at saturation against the batch CLI on the same prompts.
+"""The report's "serving under load" section: what `python -m moe_infer.bench live` measured (live-*.json, read by
+pipeline.report.sources): engine variants served over HTTP under the same arrival trace at several offered loads,
+the baseline served twice (the noise control), and the server at saturation against the batch CLI on the same
+prompts.
 
-    data, run, label = read_live(path)      checked (pipeline.report.sources reads live-*.json through it)
-    blocks = live_blocks(source)            heading, latency-vs-load figure, table, saturation and checks
+    png = latency_curves(source)        p50 / p99 TTFT and TPOT against offered load, one curve per variant
+    parts = live_parts(source)          the caption, the table, the notes: pipeline.report.sections makes the blocks
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from pipeline.report.plots import _png, _style
-from pipeline.report.sources import (
-    NUM,
-    ReportInputError,
-    RunInfo,
-    Source,
-    _load_json,
-    _need,
-    display_path,
-    read_run_info,
-)
+from pipeline.report.sources import Source
 
 PANELS = (
     ("ttft_p50_ms", "TTFT p50"),
@@ -30,24 +23,6 @@ PANELS = (
     ("tpot_p50_ms", "TPOT p50"),
     ("tpot_p99_ms", "TPOT p99"),
 )
-
-
-def read_live(path: Path) -> tuple[dict, RunInfo | None, str]:
-    data = _load_json(path)
-    export = _need(path, data, "export", str)
-    summary = _need(path, data, "summary", list)
-    if not summary:
-        raise ReportInputError(f"{path}: 'summary' is empty")
-    for i, row in enumerate(summary):
-        _need(path, row, "variant", str, f"summary[{i}].")
-        _need(path, row, "rate", str, f"summary[{i}].")
-        figure = _need(path, row, "out_tok_s", dict, f"summary[{i}].")
-        _need(path, figure, "median", NUM, f"summary[{i}].out_tok_s.")
-    data.setdefault("saturation", {})
-    data.setdefault("same_texts_as_baseline", {})
-    run_dir = data.get("settings", {}).get("run_dir")
-    run = read_run_info(path.parent / Path(run_dir).name) if run_dir else None
-    return data, run, f"{Path(export).name}, EP={data.get('ranks', '?')}"
 
 
 def latency_curves(source: Source) -> bytes:
@@ -84,9 +59,16 @@ def _cell(figure: dict[str, float] | None) -> str | None:
     return f"{figure['median']:.1f} ({figure['min']:.1f}-{figure['max']:.1f})"
 
 
-def live_blocks(source: Source) -> list:
-    from pipeline.report.sections import Heading, Image, Table, Text
+@dataclass
+class LiveParts:
+    caption: str
+    columns: list[str]
+    rows: list[list[Any]]
+    table_caption: str
+    notes: list[str] = field(default_factory=list)
 
+
+def live_parts(source: Source) -> LiveParts:
     d = source.data
     flags = d.get("settings", {})
     variants = "; ".join(f"{v['name']}: {v['flags'] or '(the baseline)'}" for v in d.get("variants", []))
@@ -103,39 +85,29 @@ def live_blocks(source: Source) -> list:
         [
             r["variant"], r["rate"], _cell(r.get("out_tok_s")), r.get("out_tok_s_x_baseline"),
             "yes" if r.get("out_tok_s_within_noise") else "no", _cell(r.get("ttft_p50_ms")),
-            _cell(r.get("ttft_p99_ms")),
-            _cell(r.get("tpot_p50_ms")), _cell(r.get("tpot_p99_ms")), r.get("tpot_p50_ms_x_baseline"),
+            _cell(r.get("ttft_p99_ms")), _cell(r.get("tpot_p50_ms")), _cell(r.get("tpot_p99_ms")),
+            r.get("tpot_p50_ms_x_baseline"),
         ]
         for r in d["summary"]
     ]  # fmt: skip
-    blocks = [
-        Heading(f"{source.label}: {display_path(source.path)}"),
-        Image(
-            latency_curves(source),
-            f"Latency against offered load, per engine variant ({variants}); the baseline served twice (dashed: the "
-            f"noise control); median over {flags.get('repeats', '?')} interleaved rounds with the min-max. "
-            f"Command: {cmd}",
-        ),
-        Table(columns, rows, "Median (min-max) over rounds; x baseline = median / the baseline's median at that rate."),
-    ]
+    parts = LiveParts(
+        f"Latency against offered load, per engine variant ({variants}); the baseline served twice (dashed: the "
+        f"noise control); median over {flags.get('repeats', '?')} interleaved rounds with the min-max. Command: {cmd}",
+        columns,
+        rows,
+        "Median (min-max) over rounds; x baseline = median / the baseline's median at that rate.",
+    )
     sat = d.get("saturation") or {}
     if sat:
-        blocks.append(
-            Text(
-                f"At saturation (every request at once, at most {flags.get('max_concurrency')} in flight) the server "
-                f"gave {sat['server_tok_s']:.0f} output tokens/s ({sat['server_tok_s_min']:.0f}-"
-                f"{sat['server_tok_s_max']:.0f}, baseline and noise control), the batch CLI on the same prompts "
-                f"{sat['offline_tok_s']:.0f} ({sat['offline_tok_s_min']:.0f}-{sat['offline_tok_s_max']:.0f}): "
-                f"x{sat['server_over_offline']:.2f}."
-            )
+        parts.notes.append(
+            f"At saturation (every request at once, at most {flags.get('max_concurrency')} in flight) the server "
+            f"gave {sat['server_tok_s']:.0f} output tokens/s ({sat['server_tok_s_min']:.0f}-"
+            f"{sat['server_tok_s_max']:.0f}, baseline and noise control), the batch CLI on the same prompts "
+            f"{sat['offline_tok_s']:.0f} ({sat['offline_tok_s_min']:.0f}-{sat['offline_tok_s_max']:.0f}): "
+            f"x{sat['server_over_offline']:.2f}."
         )
     same = d.get("same_texts_as_baseline") or {}
     if same:
-        blocks.append(
-            Text(
-                "Texts equal to the baseline's (temperature 0): "
-                + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items())
-                + "."
-            )
-        )
-    return blocks
+        checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items())
+        parts.notes.append(f"Texts equal to the baseline's (temperature 0): {checks}.")
+    return parts

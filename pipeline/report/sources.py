@@ -9,7 +9,7 @@ report reads them and never the protobuf `.wandb` log. One result file per exper
                              and placements against the baseline); buffering.json, its earlier form, reads the same
     replay.json              moe_infer.bench.replay         (python -m moe_infer.bench replay)
     placement.table.json     moe_infer.placement evaluate   (the Tracker's table; that command writes no other file)
-    live-*.json              moe_infer.bench.live           (serving under load: pipeline.report.serving_load)
+    live-*.json              moe_infer.bench.live           (serving under load; its section: report.serving_load)
 
 A file that cannot be read, or lacks a field the report needs, does not stop the report: `discover` returns it as a
 problem (the path and what is wrong), the report shows it as a warning line, and `--strict` turns it into an error.
@@ -229,18 +229,32 @@ def _read_placement(path: Path) -> tuple[dict, RunInfo | None, str]:
 
 
 def _read_live(path: Path) -> tuple[dict, RunInfo | None, str]:
-    from pipeline.report.serving_load import read_live  # its own module (it imports this one)
-
-    return read_live(path)
+    """live-*.json (python -m moe_infer.bench live): the figures per variant and rate in "summary"; the section is
+    pipeline.report.serving_load's."""
+    data = _load_json(path)
+    export = _need(path, data, "export", str)
+    summary = _need(path, data, "summary", list)
+    if not summary:
+        raise ReportInputError(f"{path}: 'summary' is empty")
+    for i, row in enumerate(summary):
+        _need(path, row, "variant", str, f"summary[{i}].")
+        _need(path, row, "rate", str, f"summary[{i}].")
+        figure = _need(path, row, "out_tok_s", dict, f"summary[{i}].")
+        _need(path, figure, "median", NUM, f"summary[{i}].out_tok_s.")
+    data.setdefault("saturation", {})
+    data.setdefault("same_texts_as_baseline", {})
+    run_dir = data.get("settings", {}).get("run_dir")
+    run = read_run_info(path.parent / Path(run_dir).name) if run_dir else None
+    return data, run, f"{Path(export).name}, EP={data.get('ranks', '?')}"
 
 
 READERS = {
-    "live": _read_live,
     "layer": _read_layer,
     "bench": _read_bench,
     "buffering": _read_buffering,
     "replay": _read_replay,
     "placement": _read_placement,
+    "live": _read_live,
 }
 
 
