@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
     checks: dict[str, Any] = {}
     prompts_file = Path(tempfile.mkstemp(prefix="moe-live-prompts-", suffix=".txt")[1])
     prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    # SIGTERM (and SIGINT, which a background job ignores) end the bench through `finally`: the servers go too.
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for v in variants:  # one server each, started up front (idle ones use no CPU)
             flags = [str(args.export), "--batch-size", str(args.batch_size), "--quiet", *shlex.split(args.baseline)]
@@ -223,8 +226,13 @@ def main(args: argparse.Namespace) -> int:
             if v.server is not None:
                 v.server.kill()
         prompts_file.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
     failed = sum(r["failed"] for r in rows)
     return 0 if failed == 0 else 1
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _document(args, model, saturation, rates, rows, variants, offline, texts, checks) -> dict[str, Any]:

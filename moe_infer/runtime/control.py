@@ -9,19 +9,22 @@ threads and its loop (Mailbox).
     mailbox.submit([request]); mailbox.cancel(7); mailbox.drain()
     inbox = mailbox.take(wait_s)          the loop: what arrived (waits up to wait_s when nothing has)
 
-The exchange is one `all_gather_object` of small Python objects (requests' token ids, events' new tokens, a few
-counts). On CUDA it runs on a gloo group of its own, so the objects never go through the GPU; on CPU the default
-(gloo) group carries it. A rank blocked in it uses no CPU while it waits, which is how idle ranks wait for work.
+The exchange carries small Python objects (requests' token ids, events' new tokens, a few counts), pickled, in one
+all-gather of fixed-size byte slots per step (a second one only for a message larger than a slot). On CUDA it runs on
+a gloo group of its own, so the objects never go through the GPU; on CPU the default (gloo) group carries it. A rank
+blocked in it uses no CPU while it waits, which is how idle ranks wait for work.
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from moe_infer.runtime.sequences import Event, Request
@@ -52,6 +55,13 @@ class Report:
 
 
 class ControlPlane:
+    """One all-gather per step in the common case: every rank's pickled (plan, report) in a fixed-size slot of a
+    uint8 tensor, its length first; only when some rank's message does not fit, a second all-gather with slots as
+    large as the largest message (torch's all_gather_object always makes two: the sizes, then the data)."""
+
+    SLOT_BYTES = 16 * 1024
+    _LENGTH = 8  # bytes of the length header
+
     def __init__(self, world_size: int, cuda: bool = False, timeout_s: float = 300.0):
         self.world_size = world_size
         self.group = None
@@ -62,9 +72,28 @@ class ControlPlane:
         """Rank 0's plan (others pass None) and every rank's report, on every rank (a collective)."""
         if self.world_size == 1:
             return plan or Plan(), [report]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (plan, report), group=self.group)
+        message = pickle.dumps((plan, report), protocol=pickle.HIGHEST_PROTOCOL)
+        slots_WB = self._all_gather(message, self.SLOT_BYTES)
+        lengths = [int.from_bytes(bytes(slot_B[: self._LENGTH].tolist()), "little") for slot_B in slots_WB]
+        if max(lengths) > self.SLOT_BYTES - self._LENGTH:  # someone's did not fit: again, with room for the largest
+            slots_WB = self._all_gather(message, max(lengths) + self._LENGTH)
+        gathered = [
+            pickle.loads(slot_B[self._LENGTH : self._LENGTH + n].numpy().tobytes())
+            for slot_B, n in zip(slots_WB, lengths, strict=True)
+        ]
         return gathered[0][0], [r for _, r in gathered]
+
+    def _all_gather(self, message: bytes, slot_bytes: int) -> torch.Tensor:
+        """[W, slot_bytes] uint8: every rank's slot (its length, then its message if it fits)."""
+        mine_B = torch.zeros(slot_bytes, dtype=torch.uint8)
+        mine_B[: self._LENGTH] = torch.frombuffer(
+            bytearray(len(message).to_bytes(self._LENGTH, "little")), dtype=torch.uint8
+        )
+        if len(message) <= slot_bytes - self._LENGTH:
+            mine_B[self._LENGTH : self._LENGTH + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
+        slots_WB = torch.empty(self.world_size, slot_bytes, dtype=torch.uint8)
+        dist.all_gather(list(slots_WB.unbind(0)), mine_B, group=self.group)  # (views: gathered in place)
+        return slots_WB
 
 
 @dataclass

@@ -15,7 +15,8 @@ One iteration, on every rank:
      reports, so all ranks make the same model calls (an idle rank on empty batches) and their MoE all-to-alls meet;
   4. the step hooks run, on every rank at the same point (`hook.after_step(step, worked)`): a hook may use
      collectives (online expert re-balancing every N steps goes here); what it returns travels to rank 0 in the next
-     report and reaches the front end through `mailbox.on_figures` (the MoE figures in /metrics: runtime.metering).
+     report and reaches the front end through `mailbox.on_figures` (the MoE figures in /metrics: runtime.metering),
+     with the loop's own counts of steps and prefill steps.
 
 Rank 0 hands every event to the front end (`mailbox.on_events`), which turns tokens into text and responses.
 A failed collective (a rank died, or hung past the collective timeout) raises out of `run` on the ranks still alive.
@@ -125,7 +126,8 @@ class StepLoop:
         self.batcher, self.control, self.rank = batcher, control, rank
         self.hooks = list(hooks or [])
         self.draining = False  # set by this rank's SIGTERM handler: told to rank 0, which drains the server
-        self.steps = 0
+        self.steps = 0  # steps that made model calls (every rank counts the same)
+        self.prefills = 0  # of them, steps with a prefill call
 
     def add_hook(self, hook: StepHook) -> None:
         self.hooks.append(hook)
@@ -141,7 +143,7 @@ class StepLoop:
             if plan.stop:
                 return
             worked = self._step(plan, reports)
-            figures: dict[str, Any] = {}
+            figures: dict[str, Any] = {"loop": {"steps": self.steps, "prefills": self.prefills}} if worked else {}
             for hook in self.hooks:
                 figures.update(hook.after_step(self.steps, worked) or {})
             report = Report(
@@ -162,6 +164,7 @@ class StepLoop:
         any_decode = any_prefill or any(r.rows for r in reports)
         if any_prefill:
             batcher.prefill(batcher.admit())
+            self.prefills += 1
         if any_decode:
             batcher.decode()
         self.steps += any_decode

@@ -29,8 +29,8 @@ from moe_infer.serve.metrics import ServerMetrics
 from moe_infer.serve.protocol import (
     DONE_EVENT,
     ApiError,
+    ChunkWriter,
     CompletionRequest,
-    chunk_body,
     completion_body,
     error_event,
     usage_body,
@@ -298,7 +298,7 @@ class FrontEnd:
     async def stream(self, completion: Completion) -> AsyncIterator[str]:
         """Server-sent events: each choice's new text as it comes, its finish reason, the usage (stream_options),
         then `data: [DONE]`; an error event instead if the server fails it. A client that leaves cancels it."""
-        body = completion.body
+        body, chunks = completion.body, ChunkWriter(completion.id, self.model_name)
         try:
             while (item := await completion.updates.get()) is not None:
                 if isinstance(item, ApiError):
@@ -306,9 +306,9 @@ class FrontEnd:
                     return
                 index, text, finish = item
                 if text or finish:
-                    yield chunk_body(completion.id, self.model_name, index, text, finish)
+                    yield chunks.choice(index, text, finish)
             if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk_body(completion.id, self.model_name, None, usage=completion.usage())
+                yield chunks.usage(completion.usage())
             yield DONE_EVENT
         finally:
             if not completion.done.is_set():  # the client went away (the response task was cancelled)

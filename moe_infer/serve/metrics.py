@@ -8,7 +8,7 @@ Requests (names as vLLM's, with the `moe_` prefix):
     moe_request_queue_time_seconds       histogram: arrival -> handed to a rank (it joins that rank's batch at once)
     moe_num_requests_running / _waiting  gauges: on a rank / queued at rank 0
     moe_prompt_tokens_total, moe_generation_tokens_total, moe_request_success_total{finished_reason},
-    moe_request_errors_total{status}
+    moe_request_errors_total{status}, moe_engine_steps and moe_engine_prefill_steps (the serving loop's steps)
 MoE layers (every rank's figures added up: the group's; runtime.metering):
     moe_layer_expert_pairs_total{layer,expert}    (token, expert) pairs routed to each expert (dynamic, static)
     moe_layer_routed_pairs_total{layer}, moe_layer_dropped_pairs_total{layer}
@@ -57,10 +57,15 @@ class ServerMetrics:
         self.misses = Counter("moe_buffer_misses", "Expert cache misses", ["layer"], registry=r)
         self.copied = Counter("moe_buffer_copied_bytes", "Expert bytes copied to the device", ["layer"], registry=r)
         self.stall = Counter("moe_buffer_stall_seconds", "Experts waiting for their weights", ["layer"], registry=r)
+        self.steps = Gauge("moe_engine_steps", "Serving loop steps with model calls (every rank alike)", registry=r)
+        self.prefills = Gauge("moe_engine_prefill_steps", "Of them, steps with a prefill call", registry=r)
 
     def add_figures(self, rank: int, figures: dict[str, Any]) -> None:
         """What one rank's step hooks reported (moe_infer.runtime.steploop): {"moe": {layer: LayerFigures as a dict}}
         from runtime.metering, added up over the ranks. A new hook's figures get their metrics here, by key."""
+        if rank == 0 and "loop" in figures:
+            self.steps.set(figures["loop"]["steps"])
+            self.prefills.set(figures["loop"]["prefills"])
         for layer, f in figures.get("moe", {}).items():  # (prometheus_client's metrics are thread-safe)
             for expert, pairs in enumerate(f["tokens_per_expert"]):
                 if pairs:

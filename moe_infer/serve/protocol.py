@@ -2,7 +2,7 @@
 response and stream chunk bodies, and OpenAI-style errors (ApiError).
 
     body = CompletionRequest.parse(raw_bytes)        ApiError(400, ...) naming the field for anything wrong
-    completion_body(...), chunk_body(...), usage_body(...)
+    completion_body(...), usage_body(...), ChunkWriter(id, model).choice(...) / .usage(...)
 
 Fields: `model`, `prompt` (a string or a list of strings: one choice each), `max_tokens` (default 16; an MT export:
 its translation limit), `temperature` (default 1; an MT export decodes greedily or by beam search: 0 only), `top_p`,
@@ -171,20 +171,22 @@ def completion_body(
     }
 
 
-def chunk_body(
-    completion_id: str, model: str, index: int | None, text: str = "", finish_reason: str | None = None, usage=None
-) -> str:
-    """One server-sent event of a stream: a choice's new text (or its end), or (index None) the usage at the end."""
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [] if index is None else [_choice(index, text, finish_reason)],
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+class ChunkWriter:
+    """The server-sent events of one streamed completion: `data: {chunk}` lines with the completion's id, creation
+    time and model (the same in every chunk, as OpenAI's), formatted once; per chunk only the choice is."""
+
+    def __init__(self, completion_id: str, model: str):
+        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model}
+        self._head = json.dumps(head, ensure_ascii=False)[:-1]  # without its closing brace
+
+    def choice(self, index: int, text: str, finish_reason: str | None = None) -> str:
+        """A choice's new text (or its end)."""
+        choice = json.dumps(_choice(index, text, finish_reason), ensure_ascii=False)
+        return f'data: {self._head}, "choices": [{choice}]}}\n\n'
+
+    def usage(self, usage: dict[str, int]) -> str:
+        """The last chunk with stream_options.include_usage: no choices, the usage."""
+        return f'data: {self._head}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'
 
 
 def error_event(error: ApiError) -> str:
