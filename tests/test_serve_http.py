@@ -322,3 +322,20 @@ def test_every_engine_option_works_in_the_server(setup, flags, dropless):
             assert texts == _expected(setup, PROMPTS)
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "moe_generation_tokens_total" in metrics
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_server_within_the_collective_timeout(setup):
+    timeout_s = 15
+    with _serve(setup["lm"], "--batch-size", "1", timeout=str(timeout_s)) as server:
+        server.model = "lm"
+        server.rank(1).suspend()  # SIGSTOP: alive, never answering
+        stopped = time.monotonic()
+        response = httpx.post(
+            f"{server.url}/v1/completions", json={"model": "lm", "prompt": PROMPTS[2], "max_tokens": 4}, timeout=120
+        )
+        assert response.status_code == 500 and "another rank stopped" in response.json()["error"]["message"]
+        assert time.monotonic() - stopped < timeout_s + 10
+        # Rank 0 has stopped with the cause; the launcher then ends the suspended rank (SIGTERM, SIGKILL after 30 s).
+        assert server.wait(timeout_s + 60) != 0
+        assert "a collective failed" in server.output

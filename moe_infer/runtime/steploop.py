@@ -92,7 +92,6 @@ class Coordinator:
             plan.assign.setdefault(rank, []).append(request)
             self.assigned[rank] += need
             self.serving[request.id] = rank
-        return
 
     def absorb(self, plan: Plan, reports: list[Report]) -> None:
         """What the ranks reported (their state after their last step, before this plan): events to the front end."""
