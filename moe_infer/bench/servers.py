@@ -81,8 +81,15 @@ class ServerProcess:
 
     @property
     def ranks(self) -> list[psutil.Process]:
-        """The processes that run launch/infer.py (the launcher excluded when there is one)."""
-        return [p for p in self.tree if p.pid != self.process.pid or len(self.tree) == 1]
+        """The ranks: the processes a launcher started with RANK set (the one process, without a launcher)."""
+        if len(self.tree) == 1:
+            return list(self.tree)
+        ranks = []
+        for p in self.tree:
+            with contextlib.suppress(psutil.Error):
+                if "RANK" in p.environ() and p.pid != self.process.pid:
+                    ranks.append(p)
+        return ranks
 
     def rank(self, rank: int) -> psutil.Process:
         return next(p for p in self.ranks if p.environ().get("RANK", "0") == str(rank))
