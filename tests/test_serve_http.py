@@ -41,10 +41,14 @@ def _serve(export: str, *flags: str, ranks: int = 2, timeout: str = "60") -> Ser
     return ServerProcess(serve_command([export, "--timeout", timeout, *flags], ranks), env())
 
 
+LM_TIMEOUT_S = 30
+
+
 @pytest.fixture(scope="module")
 def lm(setup):
-    """The LM server: 2 ranks, 4 rows each, at most 40 prompts waiting."""
-    with _serve(setup["lm"], "--batch-size", "4", "--max-queued-requests", "40") as server:
+    """The LM server: 2 ranks, 4 rows each, at most 40 prompts waiting; its last test kills a rank."""
+    flags = ("--batch-size", "4", "--max-queued-requests", "40")
+    with _serve(setup["lm"], *flags, timeout=str(LM_TIMEOUT_S)) as server:
         server.model = "lm"
         yield server
 
@@ -215,6 +219,26 @@ def test_health_models_and_metrics(lm):
         assert name in metrics, name
 
 
+def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(lm):
+    """The LM server's last test: rank 1 is killed while a stream is open."""
+    victim = lm.rank(1)
+    # 32 prompts of 24 tokens, 8 rows in all: the stream is still open when the rank dies.
+    body = {"model": "lm", "prompt": [PROMPTS[2]] * 32, "max_tokens": 24, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{lm.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        killed = time.monotonic()
+        victim.kill()
+        rest = [line for line in lines if line]
+    assert any('"error"' in line and "another rank stopped" in line for line in rest), rest
+    code = lm.wait(LM_TIMEOUT_S + 10)
+    assert time.monotonic() - killed < LM_TIMEOUT_S + 10
+    assert code != 0
+    assert "a collective failed" in lm.output and "exitcode: -9" in lm.output
+    time.sleep(1)
+    assert not lm.alive(), lm.alive()
+
+
 # ---- MT: translations, and the drain -------------------------------------------------------------------------------
 
 
@@ -262,30 +286,6 @@ def test_translations_equal_the_batch_cli_and_sigterm_drains(setup):
         assert mt.wait(40) == 0
         assert "draining" in mt.output and "Traceback" not in mt.output
         assert not mt.alive()
-
-
-# ---- a rank dies --------------------------------------------------------------------------------------------------
-
-
-def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(setup):
-    timeout_s = 20
-    with _serve(setup["lm"], "--batch-size", "1", timeout=str(timeout_s)) as server:
-        victim = server.rank(1)
-        # 8 prompts of 20 tokens, one row per rank: the stream is still open when the rank dies.
-        body = {"model": "lm", "prompt": [PROMPTS[2]] * 8, "max_tokens": 20, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            next(line for line in lines if line.startswith("data: {"))
-            killed = time.monotonic()
-            victim.kill()
-            rest = [line for line in lines if line]
-        assert any('"error"' in line and "another rank stopped" in line for line in rest), rest
-        code = server.wait(timeout_s + 10)
-        assert time.monotonic() - killed < timeout_s + 10
-        assert code != 0
-        assert "a collective failed" in server.output and "exitcode: -9" in server.output
-        time.sleep(1)
-        assert not server.alive(), server.alive()
 
 
 # ---- launchers and engine options (slow: a server start each) ------------------------------------------------------
