@@ -22,6 +22,7 @@ import openai
 import pytest
 from cli_exports import PROMPTS, SOURCES, TEXT, env, make_cli_exports
 
+from moe_infer.bench.cli import main as bench_main
 from moe_infer.bench.servers import ServerProcess, serve_command
 from moe_infer.model import load_model
 from moe_infer.runtime.generate import GenerationSettings, generate
@@ -217,6 +218,21 @@ def test_health_models_and_metrics(lm):
         'moe_layer_all_to_all_bytes_total{direction="sent",layer="decoder.layers.2"}',
     ):
         assert name in metrics, name
+
+
+def test_the_load_generator_drives_the_server(setup, lm, tmp_path):
+    out, run_dir = tmp_path / "load.json", tmp_path / "load-run"
+    argv = ["load", "--url", lm.url, "--input", str(setup["root"] / "prompts.txt"), "--num-prompts", "8"]
+    argv += ["--request-rate", "50,inf", "--max-concurrency", "4", "--max-tokens", "4", "--ignore-eos"]
+    argv += ["--goodput", "ttft:600000", "--out", str(out), "--run-dir", str(run_dir)]
+    assert bench_main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "lm" and [row["rate"] for row in doc["rows"]] == [50.0, "inf"]
+    for row in doc["rows"]:
+        assert (row["completed"], row["failed"], row["output_tokens"]) == (8, 0, 32)
+        assert row["goodput_req_s"] == row["req_s"] > 0 and 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["tpot_p50_ms"] > 0 and row["itl_p50_ms"] > 0 and row["e2el_p50_ms"] >= row["ttft_p50_ms"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(lm):

@@ -33,6 +33,7 @@ import aiohttp
 import numpy as np
 
 from moe_infer.bench.results import Results
+from moe_infer.serve.flags import positive_float, positive_int
 from pipeline.errors import ConfigError
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -214,10 +215,10 @@ def read_prompts(path: Path, n: int | None) -> list[str]:
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The trace and the requests (shared with the live-traffic bench, moe_infer.bench.live)."""
     parser.add_argument("--input", type=Path, required=True, help="prompts, one per line (cycled to --num-prompts)")
-    parser.add_argument("--num-prompts", type=int, help="requests per rate (default: the lines of --input)")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
-    parser.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
+    parser.add_argument("--num-prompts", type=positive_int, help="requests per rate (default: the lines of --input)")
+    parser.add_argument("--burstiness", type=positive_float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
+    parser.add_argument("--max-concurrency", type=positive_int, help="requests in flight at most (default: no limit)")
+    parser.add_argument("--max-tokens", type=positive_int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request (default 0)")
     parser.add_argument("--ignore-eos", action="store_true", help="every request runs to --max-tokens")
     parser.add_argument("--seed", type=int, default=0, help="the arrival trace's seed (default 0)")
