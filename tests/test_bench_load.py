@@ -71,3 +71,24 @@ def test_bad_input_is_one_line(argv, says, capsys):
     assert bench_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_outputs_replace_only_a_previous_result(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Fair is foul\n")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "todo.txt").write_text("mine\n")
+    previous = tmp_path / "load.json"
+    previous.write_text('{"url": "u", "model": "m", "settings": {}, "rows": []}\n')
+    start = ["load", "--url", "http://127.0.0.1:1", "--input", str(prompts)]
+    for argv, says in [
+        (["--out", str(notes)], "is not a load-generator result"),
+        (["--out", str(prompts)], "is --input"),
+        (["--run-dir", str(tmp_path / "mine")], "--run-dir adds only to a run directory"),
+        (["--out", str(previous)], "--url: cannot read the served model"),  # allowed: it gets as far as the server
+    ]:
+        assert bench_main(start + argv) == 2
+        assert says in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": 1}\n' and prompts.read_text() == "Fair is foul\n"

@@ -27,6 +27,8 @@ from moe_infer.bench.servers import ServerProcess, serve_command
 from moe_infer.model import load_model
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.translate import TranslationSettings, translate
+from moe_infer.serve.server import Server, build_parser
+from pipeline.outputs import OutputError
 
 MAX_TOKENS = 8
 # 32 different prompts of a few words each (they fit the 32 positions with MAX_TOKENS more).
@@ -195,6 +197,17 @@ def test_a_full_queue_gets_503(setup, lm):
         for p, r in zip(prompts, results, strict=True)
         if r.status_code == 200
     )
+
+
+def test_the_server_run_dir_adds_only_to_a_tracked_run(setup, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    for run_dir, says in [(notes, "is not a tracked run"), (setup["lm"], "is --export")]:
+        args = build_parser().parse_args(["--export", setup["lm"], "--run-dir", str(run_dir)])
+        with pytest.raises(OutputError, match=says):
+            Server(args, rank=0, world=1)
+    assert (notes / "todo.txt").read_text() == "mine\n"
 
 
 def test_health_models_and_metrics(lm):

@@ -32,11 +32,12 @@ from typing import IO, Any
 import aiohttp
 import numpy as np
 
-from moe_infer.bench.results import Results
+from moe_infer.bench.results import Results, check_result_paths
 from moe_infer.serve.flags import positive_float, positive_int
 from pipeline.errors import ConfigError
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
+RESULT_KEYS = ("url", "model", "settings", "rows")  # the --out JSON's, by which a previous one is recognised
 COLUMNS = [
     "rate", "completed", "failed", "seconds", "req_s", "out_tok_s", "total_tok_s", "goodput_req_s", "ttft_p50_ms",
     "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2el_p50_ms", "e2el_p99_ms",
@@ -249,6 +250,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
+    check_result_paths(args.out, args.run_dir, "load-generator result", RESULT_KEYS, {"--input": args.input})
     slos = parse_goodput(args.goodput)
     prompts = read_prompts(args.input, args.num_prompts)
     model = args.model or served_model(args.url)

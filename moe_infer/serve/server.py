@@ -56,8 +56,9 @@ from moe_infer.serve.frontend import FrontEnd, ServingLimits
 from moe_infer.serve.metrics import MetricsLogger, ServerMetrics
 from moe_infer.serve.process import is_collective_failure, launched, progress
 from pipeline.errors import PipelineError
+from pipeline.outputs import check_output
 from pipeline.tokenizer import Tokenizer
-from pipeline.tracking import NamedRun, Tracker
+from pipeline.tracking import NamedRun, Tracker, describe_tracked_dir
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -104,6 +105,15 @@ class Server:
         self.export = Export.open(args.export)
         self.placements = check_engine_flags(args, self.export, world)
         self.name = args.served_model_name or self.export.path.name
+        if args.run_dir is not None:  # adds only to a tracked run (an earlier server's), never to the export
+            check_output(
+                args.run_dir,
+                kind="tracked run",
+                recognise=describe_tracked_dir,
+                force=True,
+                protected={"--export": self.export.path},
+                note="--run-dir adds only to a run directory of this command",
+            )
         self.loop: StepLoop | None = None
         self.frontend: FrontEnd | None = None
         self.http: HttpServer | None = None
