@@ -236,6 +236,9 @@ def two_ranks(exports, models):
     return run_distributed(_on_two_ranks, world_size=2, args=(jobs, gaps), init_process_group=False)
 
 
+# Slow (a spawn of two ranks, ~50 s of a loaded 2-core machine): the default suite drives the same loop, coordinator
+# and control plane on two ranks through the HTTP server (tests/test_serve_http.py).
+@pytest.mark.slow
 def test_two_ranks_behind_the_coordinator_serve_every_request_unchanged(models, two_ranks):
     lm, prompts, _, _ = models
     (rank0, _), (rank1, _) = two_ranks
@@ -245,6 +248,7 @@ def test_two_ranks_behind_the_coordinator_serve_every_request_unchanged(models, 
         assert seen0 == seen1 and len(seen0) >= 2 and all(total == 2 * step for step, total in seen0)
 
 
+@pytest.mark.slow
 def test_one_exchange_carries_the_plan_and_every_report_small_or_large(two_ranks):
     for _, (first, second) in two_ranks:
         assert first == ([5, 6], [9], [1, 2], [1, 2])
