@@ -36,7 +36,9 @@ def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
-    args = argparse.Namespace(out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf")
+    args = argparse.Namespace(
+        out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
+    )
     live = next(s for s in plan(args).steps if s.experiment == "serving-lm")
     variants = [live.command[i + 1] for i, arg in enumerate(live.command) if arg == "--variant"]
     greedy = args.out / "placement-lm" / "greedy.json"
