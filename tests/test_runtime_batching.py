@@ -228,27 +228,25 @@ def _on_two_ranks(jobs: list[tuple], gaps: list[int]):
 
 @pytest.fixture(scope="module")
 def two_ranks(exports, models):
-    """Both ranks' results of the serving loop (LM sampling) and of the control-plane exchanges. MT beam search on two
-    ranks behind the coordinator: tests/test_serve_http.py (the server's translations equal the batch CLI's)."""
-    lm, prompts, _, _ = models
+    """Both ranks' results of the serving loop (LM sampling, MT beam search) and of the control-plane exchanges."""
+    lm, prompts, mt, sources = models
     gaps = [0, 0, 2, 0, 1, 5, 0, 0, 3, 1]
-    jobs = [(exports["lm"], lm.cfg.eos_id, SAMPLED, prompts, 3)]
+    jobs = [
+        (exports["lm"], lm.cfg.eos_id, SAMPLED, prompts, 3),
+        (exports["mt"], mt.cfg.eos_id, MT_BEAM, sources, 6),
+    ]
     return run_distributed(_on_two_ranks, world_size=2, args=(jobs, gaps), init_process_group=False)
 
 
-# Slow (a spawn of two ranks, ~50 s of a loaded 2-core machine): the default suite drives the same loop, coordinator
-# and control plane on two ranks through the HTTP server (tests/test_serve_http.py).
-@pytest.mark.slow
 def test_two_ranks_behind_the_coordinator_serve_every_request_unchanged(models, two_ranks):
-    lm, prompts, _, _ = models
+    lm, prompts, mt, sources = models
     (rank0, _), (rank1, _) = two_ranks
-    expected = [generate(lm, prompts, SAMPLED)]
+    expected = [generate(lm, prompts, SAMPLED), translate(mt, sources, MT_BEAM)]
     for (outputs, finished, seen0), (_, _, seen1), want in zip(rank0, rank1, expected, strict=True):
         assert outputs == want and finished == list(range(len(LENGTHS)))
         assert seen0 == seen1 and len(seen0) >= 2 and all(total == 2 * step for step, total in seen0)
 
 
-@pytest.mark.slow
 def test_one_exchange_carries_the_plan_and_every_report_small_or_large(two_ranks):
     for _, (first, second) in two_ranks:
         assert first == ([5, 6], [9], [1, 2], [1, 2])

@@ -306,10 +306,10 @@ def test_translations_equal_the_batch_cli_and_sigterm_drains(setup):
             timeout=60,
         ).json()
         assert [c["text"] for c in got["choices"]] == expected
-        # SIGTERM while 8 streams are queued or running (2 rows per rank): they all finish; new requests and
+        # SIGTERM while 16 streams are queued or running (2 rows per rank): they all finish; new requests and
         # /health get 503 meanwhile; then every rank exits 0 (so the launcher does too).
         body = {"model": "mt", "prompt": SOURCES[1], "max_tokens": 8, "ignore_eos": True, "stream": True}
-        streams, health, refused = asyncio.run(_drain_while_streaming(mt, [body] * 8))
+        streams, health, refused = asyncio.run(_drain_while_streaming(mt, [body] * 16))
         assert health == 503 and refused == 503
         assert all(lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines) for lines in streams)
         assert mt.wait(40) == 0
