@@ -1,8 +1,11 @@
-"""Train a megatron-core MoE model with expert parallelism.
+"""Train a megatron-core MoE model with expert parallelism (parallel.ep_size) and tensor parallelism (parallel.tp_size).
 
     torchrun --standalone --nproc_per_node 2 launch/train.py --config lm-tiny
     deepspeed --num_gpus 2 launch/train.py --config mt-tiny --set train.steps=100
+    torchrun --standalone --nproc_per_node 2 launch/train.py --config lm-tiny --set parallel.tp_size=2
     python launch/train.py --config lm-tiny --set parallel.ep_size=1      (one process)
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 launch/train.py
+        --config lm-tiny        (and --node-rank 1 on a second machine: README "More than one machine")
 
 Checkpoints, metrics and the W&B run go to runs/<config name>/ (or --run-dir), which must not hold another run
 unless --resume or --resume-from is given. SIGINT/SIGTERM save a checkpoint and exit (so does a rank whose launcher

@@ -27,6 +27,7 @@ from pipeline.data.spec import DataConfig
 from pipeline.errors import ConfigError, exit_status
 from pipeline.tokenizer import TokenizerConfig
 from pipeline.tracking import TrackingConfig
+from pipeline.train.parallel_config import ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -108,14 +109,6 @@ class MoEConfig:
 
 
 @dataclass
-class ParallelConfig:
-    ep_size: int = 2  # expert-parallel degree: experts are split across this many ranks
-
-    def validate(self) -> None:
-        _require(self.ep_size >= 1, "ep_size", f"must be >= 1, got {self.ep_size}")
-
-
-@dataclass
 class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8  # sequences (LM) or sentence pairs (MT) per rank per step
@@ -174,13 +167,8 @@ class RunConfig:
             _require(self.model.encoder_layers == 0, "model.encoder_layers", "must be 0 for task 'lm' (decoder-only)")
         else:
             _require(self.model.encoder_layers >= 1, "model.encoder_layers", "must be >= 1 for task 'mt'")
+        self.parallel.check_model(self.task, self.model, self.moe.num_experts)
         if self.moe.num_experts:
-            _require(
-                self.moe.num_experts % self.parallel.ep_size == 0,
-                "parallel.ep_size",
-                f"must divide moe.num_experts={self.moe.num_experts} (each rank holds the same number of experts), "
-                f"got {self.parallel.ep_size}",
-            )
             stacks = [self.model.num_layers] + ([self.model.encoder_layers] if self.task == "mt" else [])
             _require(
                 any(n >= self.moe.interval for n in stacks),

@@ -60,6 +60,10 @@ def test_unknown_keys_and_wrong_types_name_the_field(tmp_path, edit, field, expe
     ("edit", "field", "expected"),
     [
         ({"moe__num_experts": 6, "parallel__ep_size": 4}, "parallel.ep_size", "must divide moe.num_experts=6"),
+        ({"parallel__tp_size": 0}, "parallel.tp_size", "must be >= 1, got 0"),
+        ({"parallel__tp_size": 3}, "parallel.tp_size", "must divide model.num_attention_heads=4, got 3"),
+        ({"parallel__tp_size": 4, "model__seq_length": 130}, "parallel.tp_size", "must divide model.seq_length=130"),
+        ({"parallel__tp_size": 2, "parallel__ep_size": 1}, "parallel.ep_size", "or set model.bias=false"),
         ({"moe__topk": 9}, "moe.topk", "must be <= num_experts=8"),
         ({"moe__topk": 1}, "moe.router_pre_softmax", "top-1"),
         ({"moe__interval": 5}, "moe.interval", "no MoE layer"),
@@ -174,3 +178,17 @@ def test_float_fields_take_yaml_exponent_literals(tmp_path):
         load_config("lm-tiny", ["train.lr=fast"])
     with pytest.raises(ConfigError, match="model.hidden_size: expected int, got str '1e3'"):
         load_config("lm-tiny", ["model.hidden_size=1e3"])
+
+
+def test_tensor_parallelism_is_refused_for_mt_and_for_a_world_it_does_not_divide():
+    with pytest.raises(ConfigError, match="> 1 is supported for task 'lm' only, got 2") as err:
+        load_config("mt-tiny", ["parallel.tp_size=2"])
+    assert err.value.field == "parallel.tp_size"
+    layout = load_config("lm-tiny", ["parallel.tp_size=2", "parallel.ep_size=4"]).parallel
+    layout.check_world(4)  # dense 2 x 2 data-parallel, experts 4 x 1: fits
+    with pytest.raises(ConfigError, match=r"must divide the number of ranks \(6\), got 4") as err:
+        layout.check_world(6)
+    assert err.value.field == "parallel.ep_size"
+    with pytest.raises(ConfigError, match=r"must divide the number of ranks \(3\), got 2") as err:
+        layout.check_world(3)
+    assert err.value.field == "parallel.tp_size"

@@ -55,7 +55,7 @@ def convert(
     meta = source.meta
     log(
         f"reading {source.ckpt} ({source.cfg.name}, task {source.cfg.task}, step {meta['step']}, trained with "
-        f"EP={meta.get('ep_size')} on {meta.get('world_size')} ranks)"
+        f"TP={meta.get('tp_size', 1)} x EP={meta.get('ep_size')} on {meta.get('world_size')} ranks)"
     )
     parity = None
     try:

@@ -1,8 +1,9 @@
-"""Read a training checkpoint in one process: its config, tokenizer, and the megatron model at EP=1.
+"""Read a training checkpoint in one process: its config, tokenizer, and the megatron model at TP=1, EP=1.
 
 The checkpoint's own config.yaml describes the model (a `--config` the user names is only checked against it). The
-model is built at EP=1 on a world of one (gloo, or nccl with a GPU) and dist_checkpointing loads the experts of any
-EP degree into it; the same model is then the reference the export is verified against.
+model is built at TP=1, EP=1 on a world of one (gloo, or nccl with a GPU) and dist_checkpointing loads the dense
+slices of any TP degree and the experts of any EP degree into it; the same model is then the reference the export is
+verified against.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def open_checkpoint(path: Path, config: str | None = None) -> Source:
     raw = yaml.safe_load(yaml.safe_dump(saved))  # a copy to adjust
     if isinstance(raw.get("data"), dict):
         raw["data"].pop("task", None)  # written by training, set from the top-level task when loaded
-    raw.setdefault("parallel", {})["ep_size"] = 1
+    raw.setdefault("parallel", {}).update(ep_size=1, tp_size=1)  # dist_checkpointing reshards any TP x EP layout
     # The reference (and the export) in fp32 whatever the training dtype: megatron's bf16 layers cast activations
     # back to bf16, and bf16 weights are exact in fp32.
     raw.setdefault("train", {})["dtype"] = "fp32"

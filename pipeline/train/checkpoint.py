@@ -119,6 +119,7 @@ def save_checkpoint(
             "task": cfg.task,
             "world_size": world,
             "ep_size": cfg.parallel.ep_size,
+            "tp_size": cfg.parallel.tp_size,
             "git_revision": git_revision(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
@@ -324,14 +325,22 @@ def one_line_cause(err: BaseException, limit: int = 240) -> str:
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> int:
-    """Restore this rank's optimizer and RNG states; returns the step the checkpoint was saved at."""
+def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path, layout: tuple[int, int]) -> int:
+    """Restore this rank's optimizer and RNG states, saved with the same (tp_size, ep_size) `layout`; returns the step
+    the checkpoint was saved at."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     meta = read_meta(ckpt)
     if meta["world_size"] != world:
         raise CheckpointError(
             f"{ckpt} was saved by {meta['world_size']} ranks; resuming needs the same number, got {world} "
             "(the model weights alone load at any EP degree: convert the checkpoint instead)"
+        )
+    saved_layout = (meta.get("tp_size", 1), meta.get("ep_size"))
+    if saved_layout != layout:
+        raise CheckpointError(
+            f"{ckpt} was saved with tp_size {saved_layout[0]}, ep_size {saved_layout[1]}; resuming needs the same "
+            f"layout (each rank's optimizer state holds its own slices), got tp_size {layout[0]}, ep_size {layout[1]} "
+            "(the model weights alone load at any layout: convert the checkpoint instead)"
         )
     path = ckpt / "train_state" / f"rank{_rank():05d}.pt"
     try:

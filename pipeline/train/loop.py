@@ -1,13 +1,6 @@
-"""The training loop: megatron-core MoE models with expert parallelism, plain torch AdamW, exact resume.
+"""The training loop: megatron-core MoE models with tensor and expert parallelism, plain torch AdamW, exact resume.
 
-Ranks and gradients. With W ranks and EP degree P, every rank is a data-parallel (DP) replica of the dense weights and
-holds E/P experts; each rank reads its own slice of every global batch. Each rank's loss is its token-summed
-cross-entropy divided by the token count of the whole global batch, so the sum over ranks is the global mean.
-- dense grads are summed over the DP group (every rank has them, each from its own tokens);
-- expert grads already hold every token of the EP group that was routed to them (the all-to-all's backward brings them
-  home), and are summed over the expert-data-parallel group (the ranks holding the same experts: W/P of them).
-The router's load-balancing loss is computed per rank on its own tokens; its gradient is scaled by 1/DP so that the
-summed gradient is the mean over ranks, as the coefficient means.
+Ranks and gradients: pipeline.train.grads (which rank reads which batch, which grads are summed over which group).
 
 Everything a step does is a function of the step number and the state saved in checkpoints (data order, LR schedule),
 so a resumed run repeats the uninterrupted run's loss curve.
@@ -18,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +18,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
 from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
 from pipeline.tokenizer import Tokenizer, tokenizer_for
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.batches import build_batches, unigram_baseline
-from pipeline.train.model import build_model, init_model_parallel, is_expert_param, model_loss, moe_aux_losses
+from pipeline.train.grads import Groups, ParamSets, parallel_groups, scale_aux_loss_grads, sync_and_clip_grads
+from pipeline.train.model import build_model, init_model_parallel, model_loss, moe_aux_losses
 from pipeline.train.resume import check_checkpoint, load_checkpoint, prepare_run_dir
 from pipeline.train.routing import RoutingRecorder
 
@@ -60,56 +54,6 @@ class StopFlag:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-@dataclass
-class Groups:
-    dp: dist.ProcessGroup
-    dp_size: int
-    dp_rank: int
-    expert_dp: dist.ProcessGroup
-    expert_dp_size: int
-    ep: dist.ProcessGroup
-
-
-def _groups() -> Groups:
-    from megatron.core import parallel_state as ps
-
-    return Groups(
-        dp=ps.get_data_parallel_group(),
-        dp_size=ps.get_data_parallel_world_size(),
-        dp_rank=ps.get_data_parallel_rank(),
-        expert_dp=ps.get_expert_data_parallel_group(),
-        expert_dp_size=ps.get_expert_data_parallel_world_size(),
-        ep=ps.get_expert_model_parallel_group(),
-    )
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
-    """One coalesced all-reduce (SUM) of the grads of `params` over `group`."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(synced)
-
-
-def _clip_grads(dense: list, experts: list, max_norm: float, groups: Groups) -> float:
-    """Global grad norm: dense grads once (the same on every rank after sync), expert grads summed over the EP group."""
-
-    def sq(params):
-        return sum((p.grad.float().norm() ** 2 for p in params if p.grad is not None), torch.zeros(()))
-
-    expert_sq = sq(experts).to(next(iter(dense)).device)
-    dist.all_reduce(expert_sq, group=groups.ep)
-    norm = (sq(dense).to(expert_sq.device) + expert_sq).sqrt().item()
-    if norm > max_norm:
-        for p in dense + experts:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -154,11 +98,16 @@ def train(
 
     `resume`: continue from the run directory's latest checkpoint; `resume_from`: from that checkpoint (`step_N`, N,
     or a checkpoint path). Without either, `run_dir` must not hold a run (pipeline.train.run_dir)."""
+    if trace_split and cfg.parallel.tp_size > 1:
+        # Under sequence parallelism each TP rank routes a slice of every sequence: traces would need re-assembly.
+        raise ConfigError(
+            "parallel.tp_size", f"routing traces are recorded at tp_size 1 only, got {cfg.parallel.tp_size}"
+        )
     platform = detect_platform()
     set_threads_per_rank()
     info = init_distributed(platform)
     init_model_parallel(cfg)
-    groups = _groups()
+    groups = parallel_groups()
     device = platform.device
     latest, run_lock = prepare_run_dir(run_dir, resume, resume_from)
     if latest is not None:
@@ -169,15 +118,14 @@ def train(
     valid_data = build_batches(cfg, tok, "valid", groups.dp_rank, groups.dp_size).eval_batches()
     model = build_model(cfg, tok.vocab_size)
     optimizer = _optimizer(model, cfg)
-    experts = [p for p in model.parameters() if is_expert_param(p)]
-    dense = [p for p in model.parameters() if not is_expert_param(p)]
-    _set_aux_loss_scale(1.0 / groups.dp_size)
+    params = ParamSets.of(model)
+    scale_aux_loss_grads(groups)
 
     start = 0
     if resume and latest is None and info.is_main:
         print(f"no checkpoint in {run_dir} to resume from: starting a fresh run")
     if latest is not None:
-        start = load_checkpoint(model, optimizer, latest)
+        start = load_checkpoint(model, optimizer, latest, (cfg.parallel.tp_size, cfg.parallel.ep_size))
         if info.is_main:
             print(f"resuming from {latest} (step {start})")
             if resume_from is not None and latest.parent == run_dir / "checkpoints":
@@ -200,10 +148,7 @@ def train(
         dist.all_reduce(tokens, group=groups.dp)
         loss_sum = model_loss(model, batch)
         (loss_sum / tokens).backward()
-        _all_reduce_grads(dense, groups.dp)
-        if groups.expert_dp_size > 1:
-            _all_reduce_grads(experts, groups.expert_dp)
-        grad_norm = _clip_grads(dense, experts, cfg.train.grad_clip, groups)
+        grad_norm = sync_and_clip_grads(params, cfg.train.grad_clip, groups)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -262,12 +207,6 @@ def train(
     if run_lock is not None:
         run_lock.release()
     return summary
-
-
-def _set_aux_loss_scale(scale: float) -> None:
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale))
 
 
 def _expert_fractions(recorder: RoutingRecorder) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, PlatformError
+from pipeline.errors import PlatformError
 from pipeline.platform import patch_megatron_for_cpu
 from pipeline.platform.megatron_config import transformer_config as megatron_transformer_config
 from pipeline.train.batch import LMBatch, MTBatch
@@ -38,22 +38,30 @@ _AUX_LOSS_COEFFS = {"load_balancing_loss": "aux_loss_coeff", "z_loss": "z_loss_c
 
 
 def init_model_parallel(cfg: RunConfig) -> None:
-    """Expert-parallel process groups (TP=PP=1, DP=world) and the seeded RNG tracker. Collective; idempotent."""
+    """Tensor- and expert-parallel process groups (PP=1; the layout: pipeline.train.parallel_config) and the seeded
+    RNG tracker. Collective; idempotent."""
     patch_megatron_for_cpu()
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
         raise PlatformError("torch.distributed is not initialized: call pipeline.platform.init_distributed first")
-    world, ep = dist.get_world_size(), cfg.parallel.ep_size
-    if world % ep != 0:
-        raise ConfigError("parallel.ep_size", f"must divide the number of ranks ({world}), got {ep}")
+    tp, ep = cfg.parallel.tp_size, cfg.parallel.ep_size
+    cfg.parallel.check_world(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    elif parallel_state.get_expert_model_parallel_world_size() != ep:
-        raise PlatformError(
-            f"model parallelism is already initialized with EP={parallel_state.get_expert_model_parallel_world_size()}"
-            f", cannot use parallel.ep_size={ep} in the same process"
+        # Experts are never split by TP (expert TP 1): megatron allows expert biases only then, and EP splits them.
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
         )
+    else:
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if have != (tp, ep):
+            raise PlatformError(
+                f"model parallelism is already initialized with TP={have[0]}, EP={have[1]}: cannot use "
+                f"parallel.tp_size={tp}, parallel.ep_size={ep} in the same process"
+            )
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
 
 
@@ -77,6 +85,9 @@ def transformer_config(cfg: RunConfig, num_layers: int):
         # False: the expert weights come from the per-EP-rank RNG state (they differ across ranks), dense weights from
         # the shared one (identical given the same seed). True would give every EP rank the same experts.
         use_cpu_initialization=False,
+        tensor_model_parallel_size=cfg.parallel.tp_size,
+        # megatron's MoE layers refuse TP without sequence parallelism in training (moe_layer.py)
+        sequence_parallel=cfg.parallel.tp_size > 1,
     )
     if moe.num_experts:
         settings.update(
@@ -89,9 +100,27 @@ def transformer_config(cfg: RunConfig, num_layers: int):
             moe_token_dispatcher_type=moe.dispatcher,
             moe_layer_freq=[int(moe.is_moe_layer(n)) for n in range(1, num_layers + 1)],
             expert_model_parallel_size=cfg.parallel.ep_size,
+            expert_tensor_parallel_size=1,
         )
     # Fusions off, the activation, SequentialMLP experts and an fp32 router: pipeline.platform.megatron_config.
     return megatron_transformer_config(activation=m.activation, **settings)
+
+
+class TorchNorm:
+    """A torch LayerNorm or RMSNorm (as config.normalization says), built where a megatron layer spec builds a norm.
+
+    megatron's WrappedTorchNorm, plus sequence parallelism (which it refuses): the weights are marked
+    `sequence_parallel`, as megatron's own norms mark theirs. Under TP each rank's norm then sees a part of every
+    sequence (or, for the q/k norms, a part of the heads), and pipeline.train.loop sums these gradients over the TP
+    group.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
 
 
 def _with_torch_norms(layer_spec, qk_norm: bool):
@@ -103,17 +132,16 @@ def _with_torch_norms(layer_spec, qk_norm: bool):
     takes a qk_layernorm argument, so the q/k norms are set here for both models alike.
     """
     from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     sub = layer_spec.submodules
     norms = {
-        name: WrappedTorchNorm
+        name: TorchNorm
         for name in ("input_layernorm", "pre_cross_attn_layernorm", "pre_mlp_layernorm")
         if getattr(sub, name) is not IdentityOp
     }
     if qk_norm:
         attention = sub.self_attention
-        qk = dataclasses.replace(attention.submodules, q_layernorm=WrappedTorchNorm, k_layernorm=WrappedTorchNorm)
+        qk = dataclasses.replace(attention.submodules, q_layernorm=TorchNorm, k_layernorm=TorchNorm)
         norms["self_attention"] = dataclasses.replace(attention, submodules=qk)
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, **norms))
 
@@ -121,7 +149,6 @@ def _with_torch_norms(layer_spec, qk_norm: bool):
 def _block_spec(cfg: RunConfig, base_layer_spec, num_layers: int):
     """TransformerBlockSubmodules: `base_layer_spec` per layer, its MLP swapped for the MoE MLP on MoE layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     dense = _with_torch_norms(base_layer_spec, cfg.model.qk_norm)
@@ -130,7 +157,7 @@ def _block_spec(cfg: RunConfig, base_layer_spec, num_layers: int):
         moe_mlp = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False).submodules.mlp
         moe = dataclasses.replace(dense, submodules=dataclasses.replace(dense.submodules, mlp=copy.deepcopy(moe_mlp)))
         specs = [moe if cfg.moe.is_moe_layer(n) else dense for n in range(1, num_layers + 1)]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=WrappedTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm)
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
@@ -155,6 +182,7 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
             max_sequence_length=m.seq_length,
             share_embeddings_and_output_weights=m.tie_embeddings,
             position_embedding_type=positions,
+            parallel_output=False,  # logits gathered over TP: the loss and the evaluation see the whole vocabulary
         )
     else:
         model = T5Model(

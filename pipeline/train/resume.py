@@ -81,12 +81,13 @@ def check_checkpoint(ckpt: Path, cfg) -> None:
     _stage(check, ckpt_io.run_dir_of(ckpt), ckpt, name_the_rank=False)
 
 
-def load_checkpoint(model, optimizer, ckpt: Path) -> int:
+def load_checkpoint(model, optimizer, ckpt: Path, layout: tuple[int, int]) -> int:
     """Collective, after `check_checkpoint`: load the weights and this rank's training state from `ckpt`; returns its
-    step. A failure on any rank stops every rank with one message naming the damaged file and the newest intact
+    step. `layout` is this run's (tp_size, ep_size): the training state resumes only at the layout that saved it. A
+    failure on any rank stops every rank with one message naming the damaged file and the newest intact
     checkpoint of the run."""
     run_dir = ckpt_io.run_dir_of(ckpt)
     _stage(lambda: ckpt_io.load_model(model, ckpt), run_dir, ckpt)  # collective: a failed read fails it on all ranks
     steps: list[int] = []
-    _stage(lambda: steps.append(ckpt_io.load_train_state(optimizer, ckpt)), run_dir, ckpt)
+    _stage(lambda: steps.append(ckpt_io.load_train_state(optimizer, ckpt, layout)), run_dir, ckpt)
     return steps[0]

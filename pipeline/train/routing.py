@@ -2,8 +2,8 @@
 
 `RoutingRecorder(model)` puts a forward hook on every MoE router of a megatron model (GPT or T5) from construction
 until `close()` (or the end of a `with` block). A router is replicated on every rank and scores this rank's tokens
-over all E global experts, so its routing map already holds global expert ids; summing the counts over the
-data-parallel group gives the load of the whole batch. Padding tokens (MT) are left out when the forward passes
+over all E global experts, so its routing map already holds global expert ids; summing the counts over all ranks
+gives the load of the whole batch. Padding tokens (MT) are left out when the forward passes
 megatron's padding mask (pipeline.train.model does): they are routed, but they are not text.
 
 The per-token traces are written in the routing-trace file format of moe_infer.placement.routing_traces (the
@@ -69,7 +69,7 @@ class RoutingRecorder:
     def counts(self, reduce: bool = True) -> dict[str, torch.Tensor]:
         """Per layer, int64 [E] tokens routed to each global expert since the last reset (each token counts k times).
 
-        `reduce` sums over the data-parallel group (a collective: every rank calls it); False gives this rank's own.
+        `reduce` sums over all ranks (a collective: every rank calls it); False gives this rank's own.
         """
         out = {}
         for layer in self.layer_names:
@@ -78,12 +78,10 @@ class RoutingRecorder:
                 counts_E = torch.zeros(self._num_experts[layer], dtype=torch.int64)
             out[layer] = counts_E
         if reduce and dist.is_initialized() and out:
-            from megatron.core import parallel_state
-
-            # Data-parallel = every rank here (TP = PP = 1); the world group when megatron's groups are not set up.
-            group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+            # Over every rank (PP = CP = 1): DP replicas route their own batches, and under TP the ranks of a replica
+            # route disjoint slices of its sequences (sequence parallelism).
             stacked_LE = torch.stack([out[layer] for layer in self.layer_names]).to(_collective_device())
-            dist.all_reduce(stacked_LE, group=group)
+            dist.all_reduce(stacked_LE)
             out = dict(zip(self.layer_names, stacked_LE.cpu(), strict=True))
         return {layer: counts_E.cpu() for layer, counts_E in out.items()}
 
