@@ -70,7 +70,7 @@ exports/%/manifest.json:
 report: setup ## turn the W&B runs on disk into an HTML + markdown report (reports/report.html, .md); ARGS pass through
 	$(PY) -m pipeline.report $(ARGS)
 
-demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate, a short benchmark, the report
+demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train lm-tiny (EP=2), convert, generate, a short benchmark, the report, the HTTP server
 	$(PY) -m pipeline.data build --task all --size fixture
 	$(PY) -m pipeline.tokenizer lm-tiny
 	$(PY) -m pipeline.platform
@@ -85,6 +85,8 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 	$(PY) -m pipeline.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
 		--out runs/demo-bench --nproc $(NPROC)
 	$(PY) -m pipeline.report --runs runs/demo-bench --out reports/demo-report.html
+	@echo "demo: the OpenAI-compatible HTTP server on exports/demo-lm-tiny (EP=$(NPROC)): requests, a completion, /metrics"
+	$(PY) -m moe_infer.bench serve-demo --export exports/demo-lm-tiny --nproc $(NPROC)
 
 test: setup ## the default test suite (slow tests excluded)
 	$(PY) -m pytest

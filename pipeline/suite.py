@@ -24,6 +24,10 @@ stage (pipeline.config, pipeline.data), which moe_infer does not import; the ben
     transformers-lm  launch/infer.py --mode bench --policies transformers on the Qwen3-shaped LM (--hf-lm): our
                  engine against transformers' Qwen3MoeForCausalLM, each experts implementation, one process,
                  interleaved rounds (moe_infer.bench.hf_baseline)
+    serving-*    python -m moe_infer.bench live: the HTTP server under the same live traffic of held-out prompts at
+                 three offered loads (LM: dynamic vs static gating, expert buffering at half the local experts vs
+                 all resident, greedy placement vs contiguous, the baseline twice as the noise control), and the
+                 server at saturation against the batch CLI on the same prompts (LM and MT)
 
 An experiment whose model is missing (no export) is skipped and says so; a command that fails is recorded and the
 suite goes on. Progress: one line per command with the elapsed time and an estimate of what is left. The record of
@@ -277,23 +281,10 @@ def plan(args: argparse.Namespace) -> Suite:
                 "--run-dir",
                 out / "placement-lm",
             )
+            fit = [py, "-m", "moe_infer.placement", "fit", "--trace", trace, "--ranks", nproc]
             for algorithm, path in zip(algorithms, placements, strict=True):
-                suite.add(
-                    "placement-lm",
-                    py,
-                    "-m",
-                    "moe_infer.placement",
-                    "fit",
-                    "--trace",
-                    trace,
-                    "--ranks",
-                    nproc,
-                    "--algorithm",
-                    algorithm,
-                    "--out",
-                    path,
-                    "--force",  # a previous suite's placement file (fit replaces nothing else)
-                )
+                # --force: a previous suite's placement file (fit replaces nothing else)
+                suite.add("placement-lm", *fit, "--algorithm", algorithm, "--out", path, "--force")
             suite.add(
                 "placement-lm",
                 *infer,
@@ -315,8 +306,35 @@ def plan(args: argparse.Namespace) -> Suite:
                 "--run-dir",
                 out / "placement-serving-lm",
             )
+    serving_under_load(suite, args, lm_serve, mt_sources)
     plan_transformers(suite, args)
     return suite
+
+
+def serving_under_load(suite: Suite, args: argparse.Namespace, lm_prompts: Path, mt_sources: Path) -> None:
+    """The HTTP server under live traffic (python -m moe_infer.bench live): the same arrival trace of held-out
+    prompts at three offered loads to a server per engine variant (LM), and each model's server at saturation
+    against its batch CLI. Quick (the demo): the LM baseline and its noise control, two rounds, fewer requests."""
+    live = [sys.executable, "-m", "moe_infer.bench", "live", "--nproc", args.nproc, "--max-concurrency", "64"]
+    live += ["--offline", "--batch-size", "32"]
+    if args.quick:
+        load = ["--num-prompts", "16", "--max-tokens", "16", "--repeats", "2", "--request-rates", "0.5x,inf"]
+    else:
+        load = ["--num-prompts", "48", "--max-tokens", "24", "--repeats", "5", "--request-rates", "0.4x,0.8x,inf"]
+    for name, export, inputs in (("lm", args.lm, lm_prompts), ("mt", args.mt, mt_sources)):
+        if not (export / "config.json").is_file():
+            suite.skip(f"serving-{name}", f"no export at {export}: make train convert MODEL={export.name}")
+            continue
+        variants = []
+        if name == "lm" and not args.quick:
+            variants += ["--variant", "static=--policy static"]
+            experts = json.loads((export / "config.json").read_text()).get("moe", {}).get("num_experts")
+            if experts and experts // args.nproc >= 2:  # buffering: half the local experts on the device
+                variants += ["--variant", f"buffering=--expert-slots {experts // args.nproc // 2}"]
+            variants += ["--variant", f"greedy=--placement {args.out / 'placements' / 'greedy.json'}"]
+        rates = ["--request-rates", "inf"] if name == "mt" else []  # MT: the saturation figure only
+        outputs = ["--out", args.out / f"live-{name}.json", "--run-dir", args.out / f"live-{name}"]
+        suite.add(f"serving-{name}", *live, "--export", export, "--input", inputs, *load, *rates, *variants, *outputs)
 
 
 def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
@@ -328,28 +346,10 @@ def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
     if importlib.util.find_spec("transformers") is None:
         suite.skip("transformers-lm", "transformers is not installed: pip install -e '.[hf]'")
         return
-    suite.add(
-        "transformers-lm",
-        sys.executable,
-        "launch/infer.py",
-        "--quiet",
-        "--export",
-        export,
-        "--mode",
-        "bench",
-        "--policies",
-        "transformers",
-        "--max-batch",
-        "8" if quick else "32",
-        "--prompt-len",
-        "32",
-        "--decode-steps",
-        "8" if quick else "16",
-        "--hf-repeats",
-        "2" if quick else "5",
-        "--run-dir",
-        args.out / "transformers-lm",
-    )
+    command = [sys.executable, "launch/infer.py", "--quiet", "--export", export, "--mode", "bench"]
+    command += ["--policies", "transformers", "--max-batch", "8" if quick else "32", "--prompt-len", "32"]
+    command += ["--decode-steps", "8" if quick else "16", "--hf-repeats", "2" if quick else "5"]
+    suite.add("transformers-lm", *command, "--run-dir", args.out / "transformers-lm")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The report (pipeline.report): result files written the way the benchmarks write them, read back into one
 self-contained HTML page and a markdown summary; missing experiments, corrupt files, atomic writes."""
 
+import argparse
 import json
 import re
 from dataclasses import asdict
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_infer.bench import live
+from moe_infer.bench.load import RequestResult, summarize
 from moe_infer.bench.model import Row as BenchRow
 from moe_infer.bench.replay import COLUMNS as REPLAY_COLUMNS
 from moe_infer.bench.replay import ratios_to_belady
@@ -244,6 +247,30 @@ def write_placement(root: Path) -> None:
     fake_wandb_run(run_dir, "place001")
 
 
+def write_live(root: Path) -> None:
+    """live-lm.json as `python -m moe_infer.bench live` writes it: 2 rounds, a baseline twice and a static variant."""
+    settings = dict(export="exports/lm-tiny", nproc=2, threads=1, input="p.txt", request_rates="0.5x,inf")
+    settings |= dict(num_prompts=4, max_tokens=8, max_concurrency=64, repeats=2, offline=True, run_dir=None)
+    namespace = argparse.Namespace(**settings)
+    variants = [
+        live.Variant("baseline", []),
+        live.Variant(live.NOISE, []),
+        live.Variant("static", ["--policy", "static"]),
+    ]
+    rows = []
+    for round_ in range(2):
+        for label, rate in (("0.5x", 2.0), ("inf", float("inf"))):
+            for i, v in enumerate(variants):
+                done = [RequestResult(10, 8, 0.1 * (i + 1), [0.02] * 6, 0.3 + 0.01 * round_, "text") for _ in range(4)]
+                row = summarize(done, 1.0 + 0.1 * i, rate, {})
+                rows.append({**row, "variant": v.name, "rate_label": label, "round": round_})
+    texts = {v.name: ["a", "b"] for v in variants}
+    doc = live._document(namespace, "lm-tiny", 4.0, [("0.5x", 2.0), ("inf", float("inf"))], rows, variants,
+                         [40.0, 44.0], texts, {"offline_texts": ["a", "b"]})  # fmt: skip
+    (root / "bench").mkdir(parents=True, exist_ok=True)
+    (root / "bench" / "live-lm.json").write_text(json.dumps(doc))
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """A runs directory with every kind of result, and the report made from it."""
@@ -255,6 +282,7 @@ def full(tmp_path_factory):
     write_buffering(root)
     write_replay(root)
     write_placement(root)
+    write_live(root)
     out = tmp_path_factory.mktemp("reports") / "report.html"
     assert main(["--runs", str(root), "--out", str(out)]) == 0
     return root, out
@@ -270,6 +298,9 @@ def test_the_report_is_one_html_file_with_every_section_and_the_headline_table(f
     assert not re.search(r'(src|href)="https?:', html)
     for title in ("One MoE layer", "Whole model", "Expert buffering", "Expert cache replay", "Expert placement"):
         assert title in html
+    # Serving under load: the latency curves, each variant against the baseline, the batch CLI at saturation.
+    assert "Serving under load" in html and "baseline again" in html and "<td>static</td>" in html
+    assert "the batch CLI on the same prompts 42 (40-44)" in html
     assert "not run" not in html
     # The paper's numbers beside the measured ones, each with its source.
     for paper in ("6.21x", "5.75x", "2.58x", "1.47x", "&gt; 0.6 -&gt; &lt; 0.4", "8x (LM)"):
@@ -286,7 +317,7 @@ def test_the_report_is_one_html_file_with_every_section_and_the_headline_table(f
     assert str(root / "bench" / "layer-ep2.json") in html
     # W&B runs linked, settings collapsed, provenance; a bench's extra column shown as it comes.
     assert "layer001" in html and "place001" in html and "wandb sync" in html
-    assert html.count("<details>") == 7 and "capacity_fraction" in html  # one per result file
+    assert html.count("<details>") == 8 and "capacity_fraction" in html  # one per result file
     assert "git revision" in html and "torch" in html
     assert "<th>placement</th>" in html and "<th>rank_balance</th>" in html and "greedy.json" in html
     markdown = (out.parent / "report.md").read_text()
@@ -306,7 +337,7 @@ def test_missing_experiments_say_not_run_with_the_command(tmp_path):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
     html = out.read_text()
-    assert html.count("not run: <code>") == 4
+    assert html.count("not run: <code>") == 5
     assert "python -m moe_infer.bench replay" in html and "--mode bench-serving" in html
     assert "not measured" in html and "make bench" in html
     assert "not run: `make bench" in (tmp_path / "report.md").read_text()
@@ -316,7 +347,7 @@ def test_no_runs_at_all_still_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(out)]) == 0
     assert "no such directory" in capsys.readouterr().err
-    assert out.read_text().count("not run: <code>") == 5
+    assert out.read_text().count("not run: <code>") == 6
 
 
 def test_a_previous_report_is_replaced_and_any_other_file_is_not(tmp_path, capsys):

@@ -15,17 +15,11 @@ import torch
 from random_exports import random_export_config, write_random_export
 
 from moe_infer.model import ModelConfig, MoELayer, load_model
+from moe_infer.runtime import batching
 from moe_infer.runtime.generate import GenerationSettings, RequestError, filter_top_k, filter_top_p, generate
 from moe_infer.runtime.lockstep import LockStep
-from moe_infer.runtime.translate import (
-    TranslationSettings,
-    beam_search_batch,
-    bleu,
-    encode,
-    normalized_score,
-    score_targets,
-    translate,
-)
+from moe_infer.runtime.sequences import BeamSearch
+from moe_infer.runtime.translate import TranslationSettings, bleu, normalized_score, score_targets, translate
 from pipeline.errors import ConfigError
 from pipeline.platform.testing import run_distributed
 
@@ -201,11 +195,13 @@ def test_beam_search_scores_at_least_greedy(exports, length_penalty):
     ]
 
 
-def test_beam_search_with_one_beam_is_greedy(exports):
+def test_beam_search_with_one_beam_is_greedy(exports, monkeypatch):
     model, sources = _mt_with_varied_eos(exports["mt"], max_len=8)
     settings = TranslationSettings(max_len=8, batch_size=len(sources))
     greedy = translate(model, sources, settings)
-    assert beam_search_batch(model, encode(model, sources), settings, LockStep()) == greedy
+    # Every request decoded by the beam search machinery, with one beam.
+    monkeypatch.setattr(batching, "new_sequence", lambda request, eos, device: BeamSearch(request, eos))
+    assert translate(model, sources, settings) == greedy
 
 
 def test_bleu():

@@ -21,12 +21,29 @@ def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
     assert transformers.command[:2] == [sys.executable, "launch/infer.py"]  # one process
     assert "--policies" in transformers.command and "transformers" in transformers.command
     skipped = [s for s in suite.steps if s.status.startswith("skipped")]
-    assert [s.experiment for s in skipped] == ["policies-mt"] and "no export at" in skipped[0].status
+    assert [s.experiment for s in skipped] == ["policies-mt", "serving-mt"] and "no export at" in skipped[0].status
     fit = (args.out / "inputs" / "lm-prompts-fit.txt").read_text().splitlines()
     serve = (args.out / "inputs" / "lm-prompts-serve.txt").read_text().splitlines()
     assert fit and serve and not set(fit) & set(serve)  # placements are served on prompts they were not fitted on
     placement_bench = next(s for s in suite.steps if "bench-serving" in s.command and s.experiment == "placement-lm")
     assert str(args.out / "inputs" / "lm-prompts-serve.txt") in placement_bench.command
+    live = next(s for s in suite.steps if s.experiment == "serving-lm")
+    assert live.command[2:4] == ["moe_infer.bench", "live"] and "--offline" in live.command
+    assert str(args.out / "live-lm.json") in live.command
+
+
+def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
+    args = argparse.Namespace(
+        out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
+    )
+    live = next(s for s in plan(args).steps if s.experiment == "serving-lm")
+    variants = [live.command[i + 1] for i, arg in enumerate(live.command) if arg == "--variant"]
+    greedy = args.out / "placements" / "greedy.json"
+    assert variants == ["static=--policy static", "buffering=--expert-slots 2", f"greedy=--placement {greedy}"]
+    assert live.command[live.command.index("--request-rates") + 1] == "0.4x,0.8x,inf"
 
 
 def test_the_default_plan_measures_the_paper_shaped_models_with_spreads(tmp_path):

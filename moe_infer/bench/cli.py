@@ -6,6 +6,9 @@ this command line only registers them (so no benchmark imports another's entry p
     serving    real requests served under several engine settings: buffering, placements (--mode bench-serving)
     replay     recorded expert loads through every eviction policy and cache size (python -m moe_infer.buffering)
     prefetch   the cross-layer prefetch study, replayed against a base-rate control
+    load       a load generator for the HTTP server (launch/infer.py --mode serve)
+    live       the paper's techniques under live traffic: one server per variant, the same trace, interleaved
+    serve-demo the HTTP server end to end (make demo's last step)
 
 `model`, `serving` and `layer` serve under a launcher like the engine does (torchrun / deepspeed, or one process);
 `replay` and `prefetch` read a trace in one process. `make bench` runs them all (pipeline.suite).
@@ -14,9 +17,11 @@ this command line only registers them (so no benchmark imports another's entry p
 from __future__ import annotations
 
 import argparse
+import sys
 
-from moe_infer.bench import layer, model, prefetch, replay, serving
+from moe_infer.bench import demo, layer, live, load, model, prefetch, replay, serving
 from moe_infer.serve.process import ArgumentParser
+from pipeline.errors import PipelineError
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
 BENCHMARKS = {
@@ -25,6 +30,9 @@ BENCHMARKS = {
     "serving": (serving, "real requests served with expert buffering and placements, side by side"),
     "replay": (replay, "expert loads replayed through every eviction policy and cache size"),
     "prefetch": (prefetch, "the cross-layer prefetch study (replayed against a base-rate control)"),
+    "load": (load, "a load generator for the HTTP server: Poisson arrivals, TTFT / TPOT / ITL, throughput, goodput"),
+    "live": (live, "engine variants served under the same live traffic, against the batch CLI at saturation"),
+    "serve-demo": (demo, "the HTTP server end to end: start it, a few requests, a completion, /metrics, SIGTERM"),
 }
 
 
@@ -46,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benchmark_main = args.main
     del args.main, args.benchmark  # the benchmark's own flags are what it records
-    return benchmark_main(args)
+    try:
+        return benchmark_main(args)
+    except PipelineError as err:  # load, live and serve-demo run in one plain process: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2

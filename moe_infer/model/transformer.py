@@ -257,9 +257,19 @@ class EncoderDecoder(nn.Module):
     def decode(
         self, tgt_BS: torch.Tensor, memory_BSD: torch.Tensor, src_pad_BS: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
-        """[B, St, V] logits of the target tokens (teacher forcing, or the next ones after what `cache` holds)."""
+        """[B, St, V] logits of the target tokens (teacher forcing, or the next ones after what `cache` holds). A cache
+        with padded keys (`cache.pad_BK`, rows of different lengths joined into one batch by the runtime's continuous
+        batching) works as in DecoderLM: pads are invisible, positions are counted over each row's real tokens."""
         start = cache.length if cache is not None else 0
-        x_BSD = self.embed(tgt_BS, start)
-        mask = causal_mask(start, tgt_BS.shape[1], tgt_BS.device)
-        h_BSD = self.decoder(x_BSD, mask, start, cache, memory_BSD, padding_mask(src_pad_BS))
+        memory_mask = padding_mask(src_pad_BS)
+        if cache is None or cache.pad_BK is None:  # the plain path: every row at positions start..start+St-1
+            x_BSD = self.embed(tgt_BS, start)
+            mask = causal_mask(start, tgt_BS.shape[1], tgt_BS.device)
+            h_BSD = self.decoder(x_BSD, mask, start, cache, memory_BSD, memory_mask)
+            return self.lm_head(h_BSD, self.embed)
+        pad_BS = torch.zeros(tgt_BS.shape, dtype=torch.bool, device=tgt_BS.device)
+        positions_BS = row_positions(cache.pad_BK, pad_BS)
+        cache.pad_BK = torch.cat((cache.pad_BK, pad_BS), dim=1)
+        mask_BHSK = causal_mask(start, tgt_BS.shape[1], tgt_BS.device) | padding_mask(cache.pad_BK)
+        h_BSD = self.decoder(self.embed(tgt_BS, positions_BS), mask_BHSK, positions_BS, cache, memory_BSD, memory_mask)
         return self.lm_head(h_BSD, self.embed)

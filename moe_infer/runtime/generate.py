@@ -4,20 +4,19 @@
     check_prompts(prompts, model.cfg, settings.max_new_tokens)     the CLI's early check (generate repeats it)
     new_tokens = generate(model, prompts, settings, LockStep())    per prompt, in input order, EOS excluded
 
-How a rank steps through its prompts:
-  * prompts are sorted by length and cut into batches of `batch_size` (similar lengths: little padding); every rank
-    steps through `sync.max(number of local batches)` rounds, a rank without a batch left taking an empty one;
-  * a round: one prefill call on the left-padded batch (each row sees its own positions 0..n-1, pads are masked), then
-    one call per decoding step on the last tokens with the KV cache (`use_cache=False`: the whole sequence again);
-  * a row that samples EOS (`stop_at_eos`) or reaches `max_new_tokens` leaves the batch and the cache at once: no
-    compute is spent on it; the steps go on while `sync.any(rows left)`, a rank without rows calling the model on an
-    empty batch so that every MoE layer's all-to-alls still meet on every rank.
+How a rank serves its prompts: continuous batching (moe_infer.runtime.batching), shortest prompts first. A prompt
+joins the running batch as soon as there is room among its `batch_size` rows (its prefill: the left-padded prompts
+of that step, each row at its own positions 0..n-1, pads masked), every step decodes one token for every running row
+with the KV cache (`use_cache=False`: the whole sequence again), and a row that samples EOS (`stop_at_eos`) or reaches
+`max_new_tokens` leaves the batch and the cache at once. Every rank makes the same model calls (an idle one on empty
+batches) so that every MoE layer's all-to-alls meet on every rank; one all-reduce per step decides them.
 
-Sampling is in float32: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p
-(nucleus) filtering, then one draw. Each prompt draws from its own torch.Generator seeded with (seed, its index in
-`prompts`), so a prompt's sample does not depend on which others share its batch.
+Sampling (moe_infer.runtime.sampling) is in float32: temperature 0 is greedy (argmax); otherwise logits /
+temperature, then top-k, then top-p (nucleus) filtering, then one draw. Prompt i draws from its own torch.Generator
+seeded with `seed + i` (i: its request id, its index in the job's input), so its sample does not depend on which
+rank serves it or which others share its batch; the HTTP server seeds a request's prompts the same way from the
+request's `seed` (moe_infer.serve.protocol).
 
-Shape legend: B batch rows (may be 0), S positions, V vocabulary.
 """
 
 from __future__ import annotations
@@ -25,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from moe_infer.model.config import ModelConfig
-from moe_infer.model.transformer import Cache, DecoderLM
+from moe_infer.model.transformer import DecoderLM
+from moe_infer.runtime.batching import Batcher, run_in_lock_step
 from moe_infer.runtime.lockstep import LockStep
+from moe_infer.runtime.sampling import filter_top_k, filter_top_p
+from moe_infer.runtime.sequences import Decoding, Request
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -47,6 +47,17 @@ class GenerationSettings:
     batch_size: int = 8
     stop_at_eos: bool = True  # a row ends at the model's eos_id (not included in its output)
     use_cache: bool = True  # False: recompute the whole sequence at every step (slow; for checking the cache)
+
+    def decoding(self, request_id: int) -> Decoding:
+        """How the request with this id is decoded: these settings, sampling with the seed `seed + request_id`."""
+        return Decoding(
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed + request_id,
+            stop_at_eos=self.stop_at_eos,
+        )
 
     def __post_init__(self):
         checks = [
@@ -92,143 +103,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_to
     check_tokens(prompts, cfg, "prompt", max_new_tokens)
 
 
-# ---- sampling -------------------------------------------------------------------------------------------------------
-
-
-def filter_top_k(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
-    """-inf everywhere but each row's k highest logits (ties at the k-th kept); k = 0 or >= V: unchanged."""
-    if k <= 0 or k >= logits_BV.shape[-1]:
-        return logits_BV
-    kth_B1 = torch.topk(logits_BV, k, dim=-1).values[:, -1:]
-    return logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-
-
-def filter_top_p(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
-    """-inf everywhere but each row's smallest set of most likely tokens whose probability reaches p (always at least
-    the most likely one); p >= 1: unchanged."""
-    if p >= 1:
-        return logits_BV
-    sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
-    probs_BV = torch.softmax(sorted_BV, dim=-1)
-    # A token is dropped when the ones before it already reach p.
-    drop_sorted_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV >= p
-    drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
-    return logits_BV.masked_fill(drop_BV, float("-inf"))
-
-
-def sampling_probs(logits_BV: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
-    """[B, V] float32 probabilities after temperature, top-k and top-p (temperature > 0)."""
-    logits_BV = logits_BV.float() / settings.temperature
-    logits_BV = filter_top_p(filter_top_k(logits_BV, settings.top_k), settings.top_p)
-    return torch.softmax(logits_BV, dim=-1)
-
-
-def sample_next(
-    logits_BV: torch.Tensor, settings: GenerationSettings, generators: Sequence[torch.Generator]
-) -> torch.Tensor:
-    """[B] int64 next tokens: argmax at temperature 0, else one draw per row from its own generator."""
-    if settings.temperature == 0:
-        return logits_BV.float().argmax(dim=-1)
-    if logits_BV.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64, device=logits_BV.device)
-    probs_BV = sampling_probs(logits_BV, settings)
-    draws = [torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_BV, generators, strict=True)]
-    return torch.cat(draws)
-
-
-def row_generators(settings: GenerationSettings, ids: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per prompt, seeded from (seed, the prompt's request id): a prompt's sample does not depend on
-    which rank serves it or what else is in its batch."""
-    return [torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + i) for i in ids]
-
-
 # ---- the decoding loop ----------------------------------------------------------------------------------------------
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, S] int64 tokens, [B, S] bool pads): rows right-aligned. An empty list gives a [0, 1] batch (the shape an
-    idle rank passes)."""
-    width = max((len(s) for s in seqs), default=1)
-    tokens_BS = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
-    pad_BS = torch.ones(len(seqs), width, dtype=torch.bool)
-    for row, seq in enumerate(seqs):
-        tokens_BS[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.int64)
-        pad_BS[row, width - len(seq) :] = False
-    return tokens_BS.to(device), pad_BS.to(device)
-
-
-def length_sorted_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Indices of `seqs`, shortest first, cut into batches."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return model.embed.tokens.device
-
-
-class _Rows:
-    """The rows of one batch still decoding: their prompt indices, tokens so far (no-cache mode) and outputs. What the
-    model is called with comes from here (`prefill`, `step`); the caller makes the call."""
-
-    def __init__(self, model: DecoderLM, prompts: list[list[int]], settings: GenerationSettings):
-        self.model, self.settings = model, settings
-        self.ids = list(range(len(prompts)))
-        self.outputs: list[list[int]] = [[] for _ in prompts]
-        self.tokens_BS, self.pad_BS = left_pad(prompts, model.cfg.pad_id, model_device(model))
-        self.cache: Cache | None = model.new_cache() if settings.use_cache else None
-
-    def prefill(self) -> tuple[torch.Tensor, Cache | None, torch.Tensor]:
-        """The model's inputs for the prompts: (tokens, cache, pads)."""
-        return self.tokens_BS, self.cache, self.pad_BS
-
-    def record(self, next_B: torch.Tensor) -> torch.Tensor:
-        """Append each row's token; return [B'] the rows that go on (EOS and full rows are done)."""
-        keep = []
-        eos = self.model.cfg.eos_id if self.settings.stop_at_eos else None
-        for row, token in enumerate(next_B.tolist()):
-            if token == eos:
-                continue
-            out = self.outputs[self.ids[row]]
-            out.append(token)
-            if len(out) < self.settings.max_new_tokens:
-                keep.append(row)
-        self.ids = [self.ids[row] for row in keep]
-        return torch.tensor(keep, dtype=torch.int64, device=next_B.device)
-
-    def step(
-        self, next_B: torch.Tensor, keep_B: torch.Tensor
-    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
-        """The model's inputs for the kept rows' new tokens (B' rows, possibly 0): (tokens, cache, pads)."""
-        new_B1 = next_B.index_select(0, keep_B)[:, None]
-        if self.cache is not None:
-            if keep_B.numel() != next_B.numel():  # finished rows leave the cache: no more compute on them
-                self.cache.select(keep_B)
-            return new_B1, self.cache, None
-        self.tokens_BS = torch.cat((self.tokens_BS.index_select(0, keep_B), new_B1), dim=1)
-        self.pad_BS = torch.cat((self.pad_BS.index_select(0, keep_B), torch.zeros_like(new_B1, dtype=torch.bool)), 1)
-        return self.tokens_BS, None, self.pad_BS
-
-
-@torch.no_grad()
-def generate_batch(
-    model: DecoderLM,
-    prompts: list[list[int]],
-    settings: GenerationSettings,
-    sync: LockStep,
-    generators: Sequence[torch.Generator],
-) -> list[list[int]]:
-    """One round: the new tokens of each prompt (possibly none: an idle rank still makes the same model calls)."""
-    rows = _Rows(model, prompts, settings)
-    logits_BV = model(*rows.prefill())[:, -1]
-    gens = list(generators)
-    while True:
-        next_B = sample_next(logits_BV, settings, gens)
-        keep_B = rows.record(next_B)
-        gens = [gens[i] for i in keep_B.tolist()]
-        if not sync.any(keep_B.numel() > 0):  # one all-reduce per step: every rank stops together
-            return rows.outputs
-        logits_BV = model(*rows.step(next_B, keep_B))[:, -1]
 
 
 def generate(
@@ -240,16 +115,28 @@ def generate(
 ) -> list[list[int]]:
     """The new tokens of each prompt (EOS excluded), in input order. Every rank of the EP group calls this together,
     each with its own prompts (possibly none) and the same settings. `request_ids` (default 0, 1, ...) are the
-    prompts' ids across the whole job, which seed the sampling."""
+    prompts' ids across the whole job: prompt i samples with the seed `settings.seed + request_ids[i]`."""
     sync = sync or LockStep()
     check_prompts(prompts, model.cfg, settings.max_new_tokens)
-    batches = length_sorted_batches(prompts, settings.batch_size)
     ids = range(len(prompts)) if request_ids is None else request_ids
-    generators = row_generators(settings, ids, model_device(model))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for r in range(sync.max(len(batches))):
-        batch = batches[r] if r < len(batches) else []
-        news = generate_batch(model, [prompts[i] for i in batch], settings, sync, [generators[i] for i in batch])
-        for i, new in zip(batch, news, strict=True):
-            outputs[i] = new
-    return outputs
+    requests = [Request(i, prompts[i], settings.decoding(ids[i])) for i in length_order(prompts)]
+    batcher = Batcher(model, settings.batch_size, use_cache=settings.use_cache)
+    outputs = run_in_lock_step(batcher, requests, sync)
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def length_order(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of `seqs`, shortest first: requests admitted together need little padding."""
+    return sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+
+
+__all__ = [
+    "GenerationSettings",
+    "RequestError",
+    "check_prompts",
+    "check_tokens",
+    "filter_top_k",
+    "filter_top_p",
+    "generate",
+    "length_order",
+]

@@ -29,3 +29,7 @@ class LockStep:
 
     def any(self, flag: bool) -> bool:
         return self.max(int(flag)) > 0
+
+    def any_each(self, flags: list[bool]) -> list[bool]:
+        """Element-wise: is each flag set on any rank (one all-reduce for all of them)."""
+        return [v > 0 for v in all_reduce([int(f) for f in flags], "max", device=self.device, group=self.group)]

@@ -33,15 +33,15 @@ from typing import IO, Any
 from moe_infer.collectives import all_reduce, clock
 from moe_infer.model.loader import Export
 from moe_infer.placement.history import LoadHistory, describe_load_history
-from moe_infer.runtime.engine import Engine, expert_placements
+from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.recorder import LoadRecorder
 from moe_infer.runtime.translate import bleu
 from moe_infer.serve.flags import (
     add_engine_arguments,
     add_request_arguments,
+    check_engine_flags,
     engine_options,
     flag_record,
-    read_placements,
     serving_settings,
 )
 from moe_infer.serve.process import ArgumentParser, launched, progress
@@ -136,11 +136,8 @@ def prepare(args: argparse.Namespace, rank: int, world: int) -> Job:
     process group's start and (stdin under a launcher) one broadcast of the lines, which every rank reaches."""
     export = Export.open(args.export)
     mode = resolve_mode(getattr(args, "mode", None), export)
-    job = Job(args, export, mode, rank, world, placements=read_placements(args.placement, export, world))
-    # The EP degree must divide the experts (or the placement must fit the ranks): say so before any collective.
-    expert_placements(export, world, job.placements)
-    if args.expert_slots is not None and args.policy not in ("dynamic", "static"):
-        raise ConfigError("--expert-slots", f"expert buffering needs --policy dynamic or static, not {args.policy}")
+    # The EP degree must divide the experts (or the placement must fit the ranks): said before any collective.
+    job = Job(args, export, mode, rank, world, placements=check_engine_flags(args, export, world))
     cfg = export.model_config
     job.settings = serving_settings(args, mode, cfg)
     job.tokenizer = Tokenizer(export.tokenizer_bytes(), export.path / export.config["tokenizer"]["file"])

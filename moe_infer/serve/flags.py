@@ -2,6 +2,7 @@
 the engine), and what they turn into: EngineOptions, GenerationSettings / TranslationSettings, placement maps.
 
     add_engine_arguments(parser)          --export, the MoE implementation and its settings, expert buffering, --timeout
+    check_engine_flags(args, export, world)      the placement maps, every engine flag checked before any collective
     add_request_arguments(parser)         --input / --output / --run-dir ..., and the generate and translate settings
     engine_options(args, policy, placements), serving_settings(args, mode, cfg), read_placements(path, export, ranks)
 """
@@ -15,9 +16,10 @@ from typing import Any
 from moe_infer.buffering.policies import ONLINE_POLICIES as ENGINE_EVICTIONS
 from moe_infer.moe.layer import POLICIES, MoEOptions
 from moe_infer.placement.files import placements_for_export, read_placement_file
-from moe_infer.runtime.engine import EngineOptions, moe_layer_names
+from moe_infer.runtime.engine import EngineOptions, expert_placements, moe_layer_names
 from moe_infer.runtime.generate import GenerationSettings
 from moe_infer.runtime.translate import TranslationSettings
+from pipeline.errors import ConfigError
 
 DEFAULT_MAX_LEN = 128  # translation steps when --max-len is not given (capped at the model's learned positions)
 
@@ -144,6 +146,17 @@ def serving_settings(args: argparse.Namespace, mode: str, cfg) -> GenerationSett
     return TranslationSettings(
         max_len=max_len, beam_size=args.beam_size, length_penalty=args.length_penalty, batch_size=args.batch_size
     )
+
+
+def check_engine_flags(args: argparse.Namespace, export, world: int):
+    """The engine flags checked against the export and the number of ranks, before any collective (the same on
+    every rank): the placement file's maps per MoE layer (None: contiguous), an EP degree that divides the experts,
+    buffering only with a policy that has an expert store."""
+    placements = read_placements(args.placement, export, world)
+    expert_placements(export, world, placements)
+    if args.expert_slots is not None and args.policy not in ("dynamic", "static"):
+        raise ConfigError("--expert-slots", f"expert buffering needs --policy dynamic or static, not {args.policy}")
+    return placements
 
 
 def read_placements(path: Path | None, export, world: int):

@@ -151,7 +151,7 @@ def _fail(err: PipelineError, rank: int, world: int, same_everywhere: bool) -> i
     return 2 if isinstance(err, RequestError | ConfigError | OutputError) else 1
 
 
-def _is_collective_failure(err: BaseException, world: int) -> bool:
+def is_collective_failure(err: BaseException, world: int) -> bool:
     """A collective that failed because a peer went away or --timeout passed: a consequence, not the cause."""
     import torch.distributed as dist
 
@@ -165,7 +165,7 @@ def _is_collective_failure(err: BaseException, world: int) -> bool:
 
 
 def _crash(err: BaseException, rank: int, world: int) -> int:
-    if _is_collective_failure(err, world):
+    if is_collective_failure(err, world):
         # The rank that caused it prints its own traceback; this one only says why it stopped.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         say(f"error (rank {rank} of {world}): a collective failed: another rank stopped, or --timeout passed ({first})")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import plots
+from pipeline.report import plots, serving_load
 from pipeline.report.headline import bench_waste, ratio_cell, spread_of
 from pipeline.report.sources import COMMANDS, Problem, RunInfo, Source, display_path, kind_of
 
@@ -267,11 +267,28 @@ def _settings(s: Source) -> dict[str, Any]:
             "algorithms": list(dict.fromkeys(r["algorithm"] for r in rows)),
             "trace and flags": "recorded in the W&B run's config (the table file holds only the results)",
         }
-    skip = {"rows", "columns", "task"}
+    skip = {"rows", "columns", "task", "summary"}
     return {k: v for k, v in s.data.items() if k not in skip}
 
 
-BUILDERS = {"layer": _layer, "bench": _bench, "buffering": _buffering, "replay": _replay, "placement": _placement}
+def _live(s: Source) -> list[Block]:
+    parts = serving_load.live_parts(s)
+    blocks: list[Block] = [
+        Heading(f"{s.label}: {display_path(s.path)}"),
+        Image(serving_load.latency_curves(s), parts.caption),
+        Table(parts.columns, parts.rows, parts.table_caption),
+    ]
+    return blocks + [Text(note) for note in parts.notes]
+
+
+BUILDERS = {
+    "layer": _layer,
+    "bench": _bench,
+    "buffering": _buffering,
+    "replay": _replay,
+    "placement": _placement,
+    "live": _live,
+}
 TITLES = {
     "layer": ("1. One MoE layer: every implementation", "Dynamic vs static gating and the peers on one layer."),
     "bench": ("2. Whole model: policies over batch size", "Throughput and memory of the served model."),
@@ -281,6 +298,11 @@ TITLES = {
     ),
     "replay": ("4. Expert cache replay: miss rate vs cache size", "Eviction policies against Belady's MIN."),
     "placement": ("5. Expert placement: load balance", "Contiguous vs history-based placements (Max Load)."),
+    "live": (
+        "6. Serving under load",
+        "The HTTP server under the same live traffic: gating, buffering and placement variants at several offered "
+        "loads, and the server against the batch CLI at saturation.",
+    ),
 }
 
 

@@ -9,6 +9,7 @@ report reads them and never the protobuf `.wandb` log. One result file per exper
                              and placements against the baseline); buffering.json, its earlier form, reads the same
     replay.json              moe_infer.bench.replay         (python -m moe_infer.bench replay)
     placement.table.json     moe_infer.placement evaluate   (the Tracker's table; that command writes no other file)
+    live-*.json              moe_infer.bench.live           (serving under load; its section: report.serving_load)
 
 A file that cannot be read, or lacks a field the report needs, does not stop the report: `discover` returns it as a
 problem (the path and what is wrong), the report shows it as a warning line, and `--strict` turns it into an error.
@@ -26,13 +27,14 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
-KINDS = ("layer", "bench", "buffering", "replay", "placement")
+KINDS = ("layer", "bench", "buffering", "replay", "placement", "live")
 PATTERNS = {
     "layer": ("layer-ep*.json",),
     "bench": ("bench.json",),
     "buffering": ("serving.json", "buffering.json"),
     "replay": ("replay.json",),
     "placement": ("placement.table.json",),
+    "live": ("live-*.json",),
 }
 # What produces each kind, for the report's "not run" lines.
 COMMANDS = {
@@ -45,6 +47,8 @@ COMMANDS = {
     "--run-dir runs/lm-tiny-replay",
     "placement": "python -m moe_infer.placement evaluate --trace runs/lm-tiny/traces/valid-step000300.npz "
     "--ranks 2,4,8,16 --run-dir runs/lm-tiny-placement",
+    "live": "make bench  (python -m moe_infer.bench live --export exports/lm-tiny --input PROMPTS --offline "
+    "--out runs/bench/live-lm.json)",
 }
 SKIP_DIRS = {"wandb", "checkpoints", "__pycache__"}  # W&B's own copies and checkpoint shards hold no results
 
@@ -224,12 +228,33 @@ def _read_placement(path: Path) -> tuple[dict, RunInfo | None, str]:
     return data, read_run_info(path.parent), path.parent.name
 
 
+def _read_live(path: Path) -> tuple[dict, RunInfo | None, str]:
+    """live-*.json (python -m moe_infer.bench live): the figures per variant and rate in "summary"; the section is
+    pipeline.report.serving_load's."""
+    data = _load_json(path)
+    export = _need(path, data, "export", str)
+    summary = _need(path, data, "summary", list)
+    if not summary:
+        raise ReportInputError(f"{path}: 'summary' is empty")
+    for i, row in enumerate(summary):
+        _need(path, row, "variant", str, f"summary[{i}].")
+        _need(path, row, "rate", str, f"summary[{i}].")
+        figure = _need(path, row, "out_tok_s", dict, f"summary[{i}].")
+        _need(path, figure, "median", NUM, f"summary[{i}].out_tok_s.")
+    data.setdefault("saturation", {})
+    data.setdefault("same_texts_as_baseline", {})
+    run_dir = data.get("settings", {}).get("run_dir")
+    run = read_run_info(path.parent / Path(run_dir).name) if run_dir else None
+    return data, run, f"{Path(export).name}, EP={data.get('ranks', '?')}"
+
+
 READERS = {
     "layer": _read_layer,
     "bench": _read_bench,
     "buffering": _read_buffering,
     "replay": _read_replay,
     "placement": _read_placement,
+    "live": _read_live,
 }
 
 

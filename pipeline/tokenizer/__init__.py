@@ -84,7 +84,9 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.encode_batch([text], bos=bos, eos=eos)[0]
+        # One text: no thread pool (encode_batch's threads cost more than the encoding; the server encodes one
+        # prompt per request).
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=os.cpu_count() or 1)
