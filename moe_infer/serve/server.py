@@ -40,6 +40,7 @@ from moe_infer.runtime.batching import Batcher
 from moe_infer.runtime.control import ControlPlane, Mailbox
 from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.metering import MoEMeter
+from moe_infer.runtime.rebalance import Rebalancer
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from moe_infer.serve.app import HttpServer, build_app
 from moe_infer.serve.flags import (
@@ -132,7 +133,10 @@ class Server:
         engine = Engine.start(self.export.path, engine_options(args, args.policy, self.placements))
         batcher = Batcher(engine.model, args.batch_size)
         control = ControlPlane(engine.world_size, cuda=engine.device.type == "cuda", timeout_s=args.timeout)
-        self.loop = StepLoop(batcher, control, self.rank, hooks=[MoEMeter(engine.moe_layers)])
+        hooks = [MoEMeter(engine.moe_layers)]
+        if engine.options.rebalance is not None:
+            hooks.append(Rebalancer(engine))  # its placement figures reach /metrics like the meter's
+        self.loop = StepLoop(batcher, control, self.rank, hooks=hooks)
         self.loop.draining = self.signals > 0
         coordinator = None
         if self.rank == 0:
