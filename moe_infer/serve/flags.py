@@ -103,6 +103,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, policy: bool = True) -
         help="layers whose experts move after one step (default 1: no step waits for the whole model's moves)",
     )
     online.add_argument(
+        "--rebalance-min-gain",
+        type=float,
+        default=0.01,
+        help="move only when the fitted placement raises the window's balancedness (mean / max rank load) by at "
+        "least this much (default 0.01: a placement fitted on noise moves nothing)",
+    )
+    online.add_argument(
         "--redundant-experts",
         type=int,
         default=0,
@@ -172,6 +179,7 @@ def rebalance_options(args: argparse.Namespace) -> RebalanceOptions | None:
         algorithm=args.rebalance_algorithm,
         redundant_experts=args.redundant_experts,
         layers_per_step=args.rebalance_layers_per_step,
+        min_gain=args.rebalance_min_gain,
     )
 
 
