@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from moe_infer.placement import PlacementError
-from moe_infer.placement.online import Move, RebalanceOptions, keep_ranks, moves, refit, window_balancedness
+from moe_infer.placement.online import (
+    Move,
+    RebalanceOptions,
+    keep_ranks,
+    move_cost,
+    moves,
+    refit,
+    window_balancedness,
+)
 
 CONTIGUOUS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 
@@ -60,3 +68,11 @@ def test_keep_ranks_gives_each_group_to_the_rank_holding_most_of_it():
 def test_bad_options_are_named(options, named):
     with pytest.raises(PlacementError, match=named):
         options.check()
+
+
+def test_move_cost_counts_an_experts_tensors():
+    # lm-tiny (D 128, F 256, GELU, fp32): 263,680 bytes per expert, the bytes the engine moves per expert there.
+    cost = move_cost(hidden=128, ffn=256, moe_layers=2, experts=8, ranks=2, dtype_bytes=4)
+    assert cost["expert_bytes"] == (256 * 128 + 256 + 128 * 256 + 128) * 4 == 263_680
+    assert cost["bytes_max"] == 2 * 4 * 263_680 and cost["bytes_per_rank_per_layer_max"] == 4 * 263_680
+    assert move_cost(32, 48, 1, 8, 2, 4, swiglu=True)["expert_bytes"] == (96 * 32 + 96 + 32 * 48 + 32) * 4

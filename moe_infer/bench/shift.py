@@ -88,7 +88,7 @@ class CallLog:
         return out
 
 
-def window_balancedness(counts_CE: np.ndarray, timeline: list, window: int) -> list[float]:
+def balancedness_over_time(counts_CE: np.ndarray, timeline: list, window: int) -> list[float]:
     """Per window of `window` calls: mean / max of the rank loads summed over it, each call under the placement in
     force then."""
     loads_CD = np.zeros((counts_CE.shape[0], len(timeline[0][1])))
@@ -169,7 +169,7 @@ def run(job: Job, phases: list[list[list[int]]], out: IO[str]) -> None:
 
 
 def _over_time(counts: dict[str, np.ndarray], timelines: dict, shift: dict[str, int], window: int) -> dict:
-    per_layer = {name: window_balancedness(c, timelines[name], window) for name, c in counts.items()}
+    per_layer = {name: balancedness_over_time(c, timelines[name], window) for name, c in counts.items()}
     windows = min(len(v) for v in per_layer.values())
     mean = [float(np.mean([v[i] for v in per_layer.values()])) for i in range(windows)]
     return {"per_layer": per_layer, "mean": mean, "shift_calls": shift}

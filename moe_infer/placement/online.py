@@ -127,3 +127,20 @@ def moves(current_D: list[list[int]], new_D: list[list[int]]) -> list[Move]:
     if sorted(rank_now) != sorted(rank_new):
         raise PlacementError("re-balancing: the new placement does not hold the same experts as the current one")
     return [Move(e, rank_now[e], rank_new[e]) for e in sorted(rank_now) if rank_now[e] != rank_new[e]]
+
+
+def move_cost(
+    hidden: int, ffn: int, moe_layers: int, experts: int, ranks: int, dtype_bytes: int = 2, swiglu: bool = False
+) -> dict[str, float]:
+    """Bytes one re-balance moves at most: every layer's experts all change rank (a re-fit can move at most E (R-1)/R
+    of a layer's experts, each rank sending and receiving at most its E/R), each expert being fc1 (F or 2F x D, bias)
+    and fc2 (D x F, bias). Time is these bytes over a link: the caller divides by its bandwidth."""
+    fc1 = (2 * ffn if swiglu else ffn) * (hidden + 1)
+    expert_bytes = (fc1 + hidden * ffn + hidden) * dtype_bytes
+    moved = experts * (ranks - 1) / ranks
+    return {
+        "expert_bytes": expert_bytes,
+        "bytes_per_layer_max": moved * expert_bytes,
+        "bytes_max": moe_layers * moved * expert_bytes,
+        "bytes_per_rank_per_layer_max": experts / ranks * expert_bytes,
+    }
