@@ -18,7 +18,7 @@ NPROC ?= 2
 EXPORT ?= exports/$(MODEL)
 DEEPSPEED := $(VENV)/bin/deepspeed
 
-.PHONY: help setup data train convert infer bench report demo test test-all lint clean
+.PHONY: help setup data train convert export-hf infer bench report demo test test-all lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ setup: ## create .venv and install torch (TORCH_SPEC) then the project; fast whe
 		echo "setup: installing $(TORCH_SPEC)"; \
 		$(PIP) install -q $(TORCH_SPEC) || exit 1; \
 		echo "setup: installing moe-pipeline and its pinned dependencies"; \
-		$(PIP) install -q -e ".[dev]" || exit 1; \
+		$(PIP) install -q -e ".[dev,hf]" || exit 1; \
 		echo "$(SETUP_KEY)" > $(STAMP); \
 		echo "setup: done ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"; \
 	fi
@@ -49,10 +49,13 @@ train: setup ## train MODEL (default lm-tiny) with EP over NPROC ranks; ARGS="--
 convert: setup ## checkpoint (latest of runs/MODEL, or CKPT=) -> verified export (exports/MODEL, or OUT=); ARGS pass through
 	$(PY) -m pipeline.convert --ckpt $(or $(CKPT),runs/$(MODEL)) --out $(or $(OUT),exports/$(MODEL)) $(ARGS)
 
+export-hf: setup ## export (EXPORT, default exports/MODEL) -> Hugging Face Qwen3-MoE directory (OUT, default exports/MODEL-hf), verified with transformers; ARGS pass through
+	$(PY) -m pipeline.convert.hf $(EXPORT) $(or $(OUT),exports/$(MODEL)-hf) $(ARGS)
+
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
 	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
-bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny (trained and converted first if missing): runs/bench/, then `make report`
+bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json exports/lm-qwen3-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny, and transformers vs our engine on lm-qwen3-tiny (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)
 
 # A trained model's export, for the benchmarks: trained first unless its run already has a checkpoint.
@@ -67,15 +70,14 @@ demo: setup ## the whole pipeline on the bundled data: corpora, tokenizer, train
 	$(PY) -m pipeline.data build --task all --size fixture
 	$(PY) -m pipeline.tokenizer lm-tiny
 	$(PY) -m pipeline.platform
-	@# The demo's own run and export, started afresh each time (training never overwrites a run by itself).
-	rm -rf runs/demo-lm-tiny exports/demo-lm-tiny
-	$(MAKE) --no-print-directory train MODEL=lm-tiny ARGS="--run-dir runs/demo-lm-tiny"
-	$(MAKE) --no-print-directory convert CKPT=runs/demo-lm-tiny OUT=exports/demo-lm-tiny
+	@# The demo's own run and export. Nothing is deleted: a second demo continues (or reuses) its own run, and
+	@# --force replaces only its own export. To start afresh, delete runs/demo-* and exports/demo-lm-tiny yourself.
+	$(MAKE) --no-print-directory train MODEL=lm-tiny ARGS="--run-dir runs/demo-lm-tiny --resume"
+	$(MAKE) --no-print-directory convert CKPT=runs/demo-lm-tiny OUT=exports/demo-lm-tiny ARGS=--force
 	@echo "demo: three samples from exports/demo-lm-tiny, served with EP=$(NPROC) and dynamic gating"
 	printf 'ROMEO:\nJULIET:\nFirst Witch:\n' | OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
 		--nproc_per_node $(NPROC) launch/infer.py --export exports/demo-lm-tiny --max-new-tokens 40 --quiet
 	@echo "demo: a short benchmark of exports/demo-lm-tiny (the layer bench, policies, buffering replay, placement)"
-	rm -rf runs/demo-bench
 	$(PY) -m pipeline.suite --quick --lm exports/demo-lm-tiny --mt exports/no-mt-in-the-demo \
 		--out runs/demo-bench --nproc $(NPROC)
 	$(PY) -m pipeline.report --runs runs/demo-bench --out reports/demo-report.html
@@ -91,5 +93,6 @@ test-all: setup ## every test, slow ones included (full corpora, larger models)
 lint: setup ## ruff
 	$(PY) -m ruff check .
 
-clean: ## remove caches and outputs (keeps .venv)
-	rm -rf .cache runs exports .pytest_cache .ruff_cache
+clean: ## remove the caches (.cache: corpora, tokenizers, tokenized splits; tool caches); runs/, exports/ and .venv stay
+	rm -rf .cache .pytest_cache .ruff_cache
+	@echo "clean: kept runs/ and exports/ (trained models and results): delete what you no longer need yourself"

@@ -1,23 +1,25 @@
-"""The export directory, format version 1: the contract between training (pipeline.convert writes it) and serving
-(moe_infer reads it). Defined here once; the writer and the reader both import it.
+"""The export directory, format version 2: the contract between training (pipeline.convert writes it) and serving
+(moe_infer reads it). Defined here once; the writer and the reader both import it. Version 1 (before model.bias and
+model.qk_norm) still loads, as what it is: biases everywhere, no q/k norms (`_upgrade`).
 
     config.json       what the model is (below); validated by `validate_config`
     tokenizer.model   the sentencepiece model the model was trained with
     dense.safetensors every tensor that is not an expert's, under the export's own names (`dense_shapes`)
     experts/<stack>.layer<NN>.expert<EEEE>.safetensors
-                      one file per (stack, MoE layer, expert) with fc1.weight, fc1.bias, fc2.weight, fc2.bias: a serving
-                      rank opens only the files of the experts it holds (`expert_file`)
-    manifest.json     {"format", "format_version", "files": {relative path: {"bytes": n, "sha256": hex}}}: every other
-                      file, written last (an export without it is incomplete). A reader checks each file against it
-                      before using the file (`read_verified`).
+                      one file per (stack, MoE layer, expert) with fc1.weight, fc2.weight (and fc1.bias, fc2.bias with
+                      model.bias): a serving rank opens only the files of the experts it holds (`expert_file`)
+    manifest.json     {"format", "format_version", "files": {relative path: {"bytes", "sha256"}}}: every other file,
+                      written last (else incomplete); every file is checked against it before use (`read_verified`)
 
 config.json:
-    format "moe-pipeline-export", format_version 1, architecture "decoder" (decoder-only LM) | "encoder-decoder" (MT)
+    format "moe-pipeline-export", format_version 2, architecture "decoder" (decoder-only LM) | "encoder-decoder" (MT)
     model: hidden_size D, ffn_hidden_size F, num_attention_heads H, head_dim D/H, num_layers (decoder),
            encoder_layers (0 for "decoder"), max_positions, vocab_size V, norm "layernorm" | "rmsnorm", norm_eps,
            activation "gelu" (exact, erf) | "swiglu" (fc1 rows: gate then up; silu(gate) * up),
            position_embedding "learned" | "rope" (rope_base, rotate-half, every head dim), attention_scale,
-           tie_embeddings (logits use embed.tokens), lm_head_bias (a bias on the logits), dtype of the stored weights
+           tie_embeddings (logits use embed.tokens), lm_head_bias (a bias on the logits), dtype of the stored weights,
+           bias (v2; false: no linear layer has a bias, router included), qk_norm (v2: self-attention's queries and
+           keys each through a per-head norm of the model's kind over head_dim, before RoPE; cross-attention: none)
     moe:   num_experts E (0: every FFN dense), topk, interval, moe_layers {"decoder": [...], "encoder": [...]},
            capacity_fraction, router {score_function "softmax", pre_softmax, bias, dtype "fp32"}
            Routing: logits = x @ router.weight^T + router.bias in fp32; pre_softmax: softmax over E then top-k,
@@ -28,8 +30,7 @@ config.json:
     provenance: source_checkpoint, step, trained_ep_size, trained_world_size, run_config, training_git_revision,
                 converter_git_revision, created_at, parity (the conversion's check against megatron-core)
 
-Where the names come from: `MEGATRON_*` below map megatron-core's state_dict names to the export's (pipeline.convert
-writes an export with them; the megatron baseline loads an export back into megatron's MoELayer with them).
+`MEGATRON_*` below: megatron-core's names -> the export's (pipeline.convert writes, the megatron baseline reads back).
 
 Layer numbers count from 1 within a stack everywhere in the export (tensor names, expert files, moe_layers), as the
 run config's MoE interval does: with interval 2, layers 2, 4, ... are MoE layers. Expert ids count from 0.
@@ -38,11 +39,13 @@ Dense tensor names (n a layer number; [shape]):
     embed.tokens [V, D]                 embed.positions [max_positions, D] (learned positions only)
     <stack>.layers.<n>.attn_norm.weight [D] (.bias [D] with layernorm; every norm alike)
     <stack>.layers.<n>.attn.{q,k,v,out}.weight [D, D], .bias [D]   (q/k/v rows head-contiguous: head h is h*d:(h+1)*d)
+    <stack>.layers.<n>.attn.{q,k}_norm.weight [head_dim] (.bias with layernorm)     (qk_norm only)
     decoder.layers.<n>.cross_norm, decoder.layers.<n>.cross_attn.{q,k,v,out}   (encoder-decoder only)
     <stack>.layers.<n>.mlp_norm
     <stack>.layers.<n>.mlp.fc1.weight [F or 2F, D], .bias; mlp.fc2.weight [D, F], .bias [D]   (dense layers)
     <stack>.layers.<n>.moe.router.weight [E, D], .bias [E]                                    (MoE layers)
     <stack>.final_norm                  lm_head.weight [V, D] (untied only)   lm_head.bias [V] (lm_head_bias only)
+A linear layer's .bias (attention, mlp, the experts' fc1/fc2; the router's: router.bias) exists only with model.bias.
 """
 
 from __future__ import annotations
@@ -59,14 +62,15 @@ from pipeline.atomic import file_sha256
 from pipeline.errors import PipelineError
 
 FORMAT = "moe-pipeline-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # what moe_infer loads; writers write FORMAT_VERSION
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 DENSE_FILE = "dense.safetensors"
 MANIFEST_FILE = "manifest.json"
 EXPERTS_DIR = "experts"
 ARCHITECTURES = ("decoder", "encoder-decoder")
-EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # with model.bias; the weights alone without
 
 ExpertKey = tuple[str, int, int]  # (stack, layer number from 1, expert id from 0)
 ExpertSelector = Callable[[str, int, int], bool]
@@ -110,13 +114,13 @@ def expert_keys(config: dict[str, Any]) -> list[ExpertKey]:
 # ---- tensor names and shapes -------------------------------------------------------------------------------------
 
 
-def _norm(prefix: str, m: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d = m["hidden_size"]
+def _norm(prefix: str, m: dict[str, Any], size: int | None = None) -> dict[str, tuple[int, ...]]:
+    d = size or m["hidden_size"]
     return {f"{prefix}.weight": (d,), **({f"{prefix}.bias": (d,)} if m["norm"] == "layernorm" else {})}
 
 
-def _linear(prefix: str, out_dim: int, in_dim: int) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}.weight": (out_dim, in_dim), f"{prefix}.bias": (out_dim,)}
+def _linear(prefix: str, out_dim: int, in_dim: int, m: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.weight": (out_dim, in_dim), **({f"{prefix}.bias": (out_dim,)} if m["bias"] else {})}
 
 
 def fc1_rows(config: dict[str, Any]) -> int:
@@ -137,19 +141,21 @@ def dense_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             p = f"{stack}.layers.{n}"
             shapes.update(_norm(f"{p}.attn_norm", m))
             for proj in ("q", "k", "v", "out"):
-                shapes.update(_linear(f"{p}.attn.{proj}", d, d))
+                shapes.update(_linear(f"{p}.attn.{proj}", d, d, m))
+            if m["qk_norm"]:
+                shapes.update(_norm(f"{p}.attn.q_norm", m, m["head_dim"]) | _norm(f"{p}.attn.k_norm", m, m["head_dim"]))
             if cross and stack == "decoder":
                 shapes.update(_norm(f"{p}.cross_norm", m))
                 for proj in ("q", "k", "v", "out"):
-                    shapes.update(_linear(f"{p}.cross_attn.{proj}", d, d))
+                    shapes.update(_linear(f"{p}.cross_attn.{proj}", d, d, m))
             shapes.update(_norm(f"{p}.mlp_norm", m))
             if n in moe["moe_layers"].get(stack, []):
                 shapes[f"{p}.moe.router.weight"] = (moe["num_experts"], d)
                 if moe["router"]["bias"]:
                     shapes[f"{p}.moe.router.bias"] = (moe["num_experts"],)
             else:
-                shapes.update(_linear(f"{p}.mlp.fc1", fc1_rows(config), d))
-                shapes.update(_linear(f"{p}.mlp.fc2", d, f))
+                shapes.update(_linear(f"{p}.mlp.fc1", fc1_rows(config), d, m))
+                shapes.update(_linear(f"{p}.mlp.fc2", d, f, m))
         shapes.update(_norm(f"{stack}.final_norm", m))
     if not m["tie_embeddings"]:
         shapes["lm_head.weight"] = (v, d)
@@ -160,8 +166,8 @@ def dense_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def expert_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The tensors of every expert file (all experts have the same shapes)."""
-    d, f = config["model"]["hidden_size"], config["model"]["ffn_hidden_size"]
-    return {**_linear("fc1", fc1_rows(config), d), **_linear("fc2", d, f)}
+    m, d = config["model"], config["model"]["hidden_size"]
+    return _linear("fc1", fc1_rows(config), d, m) | _linear("fc2", d, m["ffn_hidden_size"], m)
 
 
 def check_shapes(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -189,6 +195,8 @@ MEGATRON_EXPERT = re.compile(
 MEGATRON_LAYER_RENAMES = {
     "input_layernorm": "attn_norm",
     "self_attention.linear_proj": "attn.out",
+    "self_attention.q_layernorm": "attn.q_norm",
+    "self_attention.k_layernorm": "attn.k_norm",
     "pre_cross_attn_layernorm": "cross_norm",
     "cross_attention.linear_q": "cross_attn.q",
     "cross_attention.linear_proj": "cross_attn.out",
@@ -218,42 +226,30 @@ MEGATRON_TOP_RENAMES = {
 # ---- config.json -----------------------------------------------------------------------------------------------
 
 # field path -> accepted types (bool is checked apart from int: True is not a layer count)
+_STR, _INT, _NUM, _BOOL, _DICT = (str,), (int,), (float, int), (bool,), (dict,)
 _REQUIRED: dict[str, tuple[type, ...]] = {
-    "format": (str,),
-    "format_version": (int,),
-    "architecture": (str,),
-    "model.hidden_size": (int,),
-    "model.ffn_hidden_size": (int,),
-    "model.num_attention_heads": (int,),
-    "model.head_dim": (int,),
-    "model.num_layers": (int,),
-    "model.encoder_layers": (int,),
-    "model.max_positions": (int,),
-    "model.vocab_size": (int,),
-    "model.norm": (str,),
-    "model.norm_eps": (float, int),
-    "model.activation": (str,),
-    "model.position_embedding": (str,),
-    "model.rope_base": (float, int),
-    "model.attention_scale": (float, int),
-    "model.tie_embeddings": (bool,),
-    "model.lm_head_bias": (bool,),
-    "model.dtype": (str,),
-    "moe.num_experts": (int,),
-    "moe.topk": (int,),
-    "moe.interval": (int,),
-    "moe.moe_layers": (dict,),
-    "moe.capacity_fraction": (float, int),
-    "moe.router.score_function": (str,),
-    "moe.router.pre_softmax": (bool,),
-    "moe.router.bias": (bool,),
-    "tokenizer.file": (str,),
-    "tokenizer.vocab_size": (int,),
-    "tokenizer.pad_id": (int,),
-    "tokenizer.unk_id": (int,),
-    "tokenizer.bos_id": (int,),
-    "tokenizer.eos_id": (int,),
-    "provenance": (dict,),
+    "format": _STR,
+    "format_version": _INT,
+    "architecture": _STR,
+    **{f"model.{n}": _INT for n in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "head_dim")},
+    **{f"model.{n}": _INT for n in ("num_layers", "encoder_layers", "max_positions", "vocab_size")},
+    "model.norm": _STR,
+    "model.norm_eps": _NUM,
+    "model.activation": _STR,
+    "model.position_embedding": _STR,
+    "model.rope_base": _NUM,
+    "model.attention_scale": _NUM,
+    **dict.fromkeys(("model.tie_embeddings", "model.lm_head_bias"), _BOOL),
+    "model.dtype": _STR,
+    **dict.fromkeys(("model.bias", "model.qk_norm"), _BOOL),
+    **dict.fromkeys(("moe.num_experts", "moe.topk", "moe.interval"), _INT),
+    "moe.moe_layers": _DICT,
+    "moe.capacity_fraction": _NUM,
+    "moe.router.score_function": _STR,
+    **dict.fromkeys(("moe.router.pre_softmax", "moe.router.bias"), _BOOL),
+    "tokenizer.file": _STR,
+    **{f"tokenizer.{n}": _INT for n in ("vocab_size", "pad_id", "unk_id", "bos_id", "eos_id")},
+    "provenance": _DICT,
 }
 _CHOICES = {
     "architecture": ARCHITECTURES,
@@ -284,8 +280,9 @@ def validate_config(config: Any, source: str = CONFIG_FILE) -> dict[str, Any]:
         raise ExportError(f"{source}: expected a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:
         raise fail("format", f"expected {FORMAT!r}, got {config.get('format')!r}: not a moe-pipeline export")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise fail("format_version", f"expected {FORMAT_VERSION}, got {config.get('format_version')!r}")
+    if config.get("format_version") not in READABLE_VERSIONS:
+        raise fail("format_version", f"expected one of {READABLE_VERSIONS}, got {config.get('format_version')!r}")
+    _upgrade(config)
     for path, types in _REQUIRED.items():
         try:
             value = _field(config, path)
@@ -302,6 +299,8 @@ def validate_config(config: Any, source: str = CONFIG_FILE) -> dict[str, Any]:
         raise fail("model.encoder_layers", f"{m['encoder_layers']} does not fit architecture {config['architecture']}")
     if config["tokenizer"]["vocab_size"] != m["vocab_size"]:
         raise fail("tokenizer.vocab_size", f"{config['tokenizer']['vocab_size']} != model.vocab_size")
+    if moe["router"]["bias"] and not m["bias"]:
+        raise fail("moe.router.bias", "is true but model.bias is false (no linear biases anywhere, router included)")
     if moe["num_experts"] and not 1 <= moe["topk"] <= moe["num_experts"]:
         raise fail("moe.topk", f"must be in [1, num_experts={moe['num_experts']}], got {moe['topk']}")
     for stack, num_layers in stacks(config):
@@ -309,6 +308,13 @@ def validate_config(config: Any, source: str = CONFIG_FILE) -> dict[str, Any]:
         if not isinstance(layers, list) or not all(isinstance(n, int) and 1 <= n <= num_layers for n in layers):
             raise fail(f"moe.moe_layers.{stack}", f"expected layer numbers in [1, {num_layers}], got {layers!r}")
     return config
+
+
+def _upgrade(config: dict[str, Any]) -> None:
+    """A version 1 config, in place, with the v2 fields that say what it is (format_version stays: what is on disk)."""
+    if config["format_version"] == 1 and isinstance(config.get("model"), dict):
+        config["model"].setdefault("bias", True)  # v1 models always had linear biases ...
+        config["model"].setdefault("qk_norm", False)  # ... and never q/k norms
 
 
 # ---- manifest and verified reads ------------------------------------------------------------------------------

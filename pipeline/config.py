@@ -51,6 +51,12 @@ class ModelConfig:
     activation: Literal["gelu", "swiglu"] = "gelu"
     position_embedding: Literal["learned", "rope"] = "learned"
     tie_embeddings: bool = True
+    bias: bool = (
+        True  # linear biases (attention, FFNs, experts, router); false: none anywhere (megatron add_bias_linear)
+    )
+    qk_norm: bool = (
+        False  # a per-head `norm` on queries and keys of self-attention, before RoPE (megatron qk_layernorm)
+    )
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -260,19 +266,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply `section.key=value` strings (values parsed as YAML) to a raw config mapping, in place."""
     for item in overrides:
         key, sep, text = item.partition("=")
+        where = f"--set {item}"
         if not sep or not key.strip():
-            raise ConfigError(item, "an override must look like section.key=value")
+            raise ConfigError(item, "an override must look like section.key=value", source="--set")
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(key, f"'{part}' is not a section")
+                raise ConfigError(key, f"'{part}' is not a section", source=where)
         try:
             node[parts[-1]] = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(key, f"the value {text!r} is not valid YAML ({err})") from None
+            raise ConfigError(key, f"the value {text!r} is not valid YAML ({err})", source=where) from None
     return raw
+
+
+def _source_of(err: ConfigError, path: Path, overrides: list[str]) -> str:
+    """Where a bad value came from: the `--set` that set the field (or one it contains), else the file, naming the
+    overrides the message mentions by full name or as `name=` in the field's section (a check across fields)."""
+    if err.source is not None:
+        return err.source
+    field, keys = err.field, {item: item.partition("=")[0].strip() for item in overrides}
+    for item, key in keys.items():
+        if key == field or field.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{field}."):
+            return f"--set {item}"
+    named = [
+        item
+        for item, key in keys.items()
+        if re.search(rf"\b{re.escape(key)}\b", err.reason)
+        or (key.partition(".")[0] == field.partition(".")[0] and f"{key.rpartition('.')[2]}=" in err.reason)
+    ]
+    return f"{path} with " + " ".join(f"--set {item}" for item in named) if named else str(path)
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
@@ -313,7 +338,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         cfg = _build(RunConfig, raw)
         cfg.validate()
     except ConfigError as err:
-        raise ConfigError(err.field, err.reason, source=str(path)) from None
+        raise ConfigError(err.field, err.reason, source=_source_of(err, path, overrides or [])) from None
     return cfg
 
 
@@ -325,16 +350,18 @@ def count_parameters(cfg: RunConfig) -> dict[str, int]:
     m, moe = cfg.model, cfg.moe
     d, f = m.hidden_size, m.ffn_hidden_size
     vocab = cfg.tokenizer.vocab_size
-    ffn_mats = 3 if m.activation == "swiglu" else 2
+    fc1_rows = 2 * f if m.activation == "swiglu" else f
     norm = 2 * d if m.norm == "layernorm" else d
-    attention = 4 * d * d + 4 * d
-    ffn = ffn_mats * d * f + (f + d)
-    router = moe.num_experts * d
+    head_norm = (2 if m.norm == "layernorm" else 1) * (d // m.num_attention_heads)
+    attention = 4 * d * d + 4 * d * m.bias
+    self_attention = attention + 2 * head_norm * m.qk_norm
+    ffn = (fc1_rows + f) * d + (fc1_rows + d) * m.bias
+    router = moe.num_experts * (d + m.bias)
 
     def stack(num_layers: int, cross_attention: bool) -> tuple[int, int, int]:
         total = expert = active = 0
         for layer in range(1, num_layers + 1):
-            base = attention + 2 * norm + (attention + norm if cross_attention else 0)
+            base = self_attention + 2 * norm + (attention + norm if cross_attention else 0)
             if moe.is_moe_layer(layer):
                 total += base + router + moe.num_experts * ffn
                 expert += moe.num_experts * ffn

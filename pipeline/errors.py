@@ -42,6 +42,10 @@ class CheckpointError(PipelineError):
     """A checkpoint is missing, incomplete, corrupt, or from a model other than the config describes."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged (unreadable, truncated, or not matching its manifest): an older one may work."""
+
+
 def exit_status(command: Callable[..., int], *args) -> int:
     """A command-line tool's exit status: `command(*args)`'s, or 2 with one `error: ...` line on stderr (and no stack
     trace) when it raises a PipelineError, the user's to fix."""

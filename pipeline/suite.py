@@ -16,6 +16,9 @@ stage (pipeline.config, pipeline.data), which moe_infer does not import; the ben
     buffering-mt launch/infer.py --mode bench-serving: MT translation with K device slots vs every expert resident
     placement-lm python -m moe_infer.placement evaluate (Max Load, Avg Max Load per algorithm and D), then
                  bench-serving of the fitted placements against contiguous on held-out prompts
+    transformers-lm  launch/infer.py --mode bench --policies transformers on the Qwen3-shaped LM (--hf-lm): our
+                 engine against transformers' Qwen3MoeForCausalLM, each experts implementation, one process,
+                 interleaved rounds (moe_infer.bench.hf_baseline)
     serving-*    python -m moe_infer.bench live: the HTTP server under the same live traffic of held-out prompts at
                  three offered loads (LM: dynamic vs static gating, expert buffering at half the local experts vs
                  all resident, greedy placement vs contiguous, the baseline twice as the noise control), and the
@@ -29,6 +32,7 @@ what ran (commands, seconds, exit status) is written to <out>/suite.json, atomic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -290,6 +294,7 @@ def plan(args: argparse.Namespace) -> Suite:
                 out / "placement-serving-lm",
             )
     serving_under_load(suite, args, lm_serve, mt_sources)
+    plan_transformers(suite, args)
     return suite
 
 
@@ -332,6 +337,39 @@ def serving_under_load(suite: Suite, args: argparse.Namespace, lm_prompts: Path,
         )
 
 
+def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
+    """transformers-lm: our engine and transformers on the same weights and prompts, in one process."""
+    export, quick = args.hf_lm, args.quick
+    if not (export / "config.json").is_file():
+        suite.skip("transformers-lm", f"no export at {export}: make train convert MODEL={export.name}")
+        return
+    if importlib.util.find_spec("transformers") is None:
+        suite.skip("transformers-lm", "transformers is not installed: pip install -e '.[hf]'")
+        return
+    suite.add(
+        "transformers-lm",
+        sys.executable,
+        "launch/infer.py",
+        "--quiet",
+        "--export",
+        export,
+        "--mode",
+        "bench",
+        "--policies",
+        "transformers",
+        "--max-batch",
+        "8" if quick else "32",
+        "--prompt-len",
+        "24",
+        "--decode-steps",
+        "8" if quick else "16",
+        "--hf-repeats",
+        "2" if quick else "5",
+        "--run-dir",
+        args.out / "transformers-lm",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.suite",
@@ -340,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lm", type=Path, default=REPO / "exports/lm-tiny", help="the trained LM export")
     parser.add_argument("--mt", type=Path, default=REPO / "exports/mt-tiny", help="the trained MT export")
+    parser.add_argument(
+        "--hf-lm",
+        type=Path,
+        default=REPO / "exports/lm-qwen3-tiny",
+        help="the Qwen3-shaped LM export for the transformers baseline",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench", help="where every experiment writes")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch sizes and requests (the demo's)")

@@ -86,6 +86,28 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+# Everything a Tracker writes into its run directory (with write_atomic's temporaries while it writes).
+TRACKER_ENTRIES = (METRICS_FILE, SUMMARY_FILE, ID_FILE, "wandb")
+_TRACKER_ENTRY = re.compile(rf"(\.)?(.+\.table\.(json|csv)|{'|'.join(map(re.escape, TRACKER_ENTRIES))})(?(1)\.tmp-.+|)")
+
+
+def is_tracker_entry(name: str) -> bool:
+    """Whether `name`, an entry at the top of a run directory, is one a Tracker writes."""
+    return bool(_TRACKER_ENTRY.fullmatch(name))
+
+
+def describe_tracked_dir(path: Path, own: tuple[str, ...] = ()) -> str | None:
+    """'a tracked run (metrics.jsonl, wandb, ...)' when `path` is a directory holding only what a Tracker writes plus
+    the caller's `own` entries (the other files that stage writes there); None otherwise. For
+    pipeline.outputs.check_output: a stage may replace (or add to) such a directory, never one holding anything else."""
+    if not path.is_dir() or path.is_symlink():
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    if not names or not all(is_tracker_entry(n) or n in own for n in names):
+        return None
+    return f"a tracked run ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+
+
 def _parse_metrics(path: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []

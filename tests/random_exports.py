@@ -18,10 +18,11 @@ def random_export_config(
     num_experts: int = 4,
     topk: int = 2,
     pre_softmax: bool = False,
-    router_bias: bool = True,
+    router_bias: bool | None = None,
     **model,
 ) -> dict:
-    """config.json of a small model; `model` overrides entries of its "model" section."""
+    """config.json of a small model; `model` overrides entries of its "model" section. The router has a bias when the
+    model has biases (model.bias, default true), unless `router_bias` says otherwise."""
     d, heads, layers, enc = 32, 4, 4, (2 if architecture == "encoder-decoder" else 0)
     interval = 2
     stacks = {"decoder": layers, **({"encoder": enc} if enc else {})}
@@ -47,6 +48,8 @@ def random_export_config(
             "tie_embeddings": True,
             "lm_head_bias": architecture == "encoder-decoder",
             "dtype": "float32",
+            "bias": True,
+            "qk_norm": False,
             **model,
         },
         "moe": {
@@ -55,7 +58,12 @@ def random_export_config(
             "interval": interval,
             "moe_layers": {s: fmt.moe_layers(n, num_experts, interval) for s, n in stacks.items()},
             "capacity_fraction": 1.0,
-            "router": {"score_function": "softmax", "pre_softmax": pre_softmax, "bias": router_bias, "dtype": "fp32"},
+            "router": {
+                "score_function": "softmax",
+                "pre_softmax": pre_softmax,
+                "bias": model.get("bias", True) if router_bias is None else router_bias,
+                "dtype": "fp32",
+            },
         },
         "tokenizer": {"file": "tokenizer.model", "vocab_size": 50, "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3},
         "provenance": {"source_checkpoint": "random", "step": 0},

@@ -71,8 +71,8 @@ def test_unknown_keys_and_wrong_types_name_the_field(tmp_path, edit, field, expe
         ({"train__warmup_steps": 300}, "train.warmup_steps", "must be in [0, steps=300)"),
         ({"tokenizer__vocab_size": 100}, "tokenizer.vocab_size", "must be >= 300"),
         ({"tokenizer__model_file": "/no/such/file.model"}, "tokenizer.model_file", "no tokenizer model"),
-        ({"data__valid_fraction": 0.9}, "data.valid_fraction", ""),
-        ({"data__corpus": "bible"}, "data.corpus", ""),
+        ({"data__valid_fraction": 0.9}, "data.valid_fraction", "expected a number in [0, 0.5), got 0.9"),
+        ({"data__corpus": "bible"}, "data.corpus", "'bible' is the built-in mt corpus; task is 'lm'"),
     ],
 )
 def test_impossible_values_name_the_field(tmp_path, edit, field, expected):
@@ -100,6 +100,28 @@ def test_overrides_are_checked_like_the_file():
         load_config("lm-tiny", ["moe.topk"])
     with pytest.raises(ConfigError, match="'name' is not a section"):
         load_config("lm-tiny", ["name.x=1"])
+
+
+def test_a_bad_override_says_it_came_from_the_command_line(tmp_path):
+    file = str(CONFIG_DIR / "lm-tiny.yaml")
+    cases = {
+        "moe.num_experts=abc": "--set moe.num_experts=abc: moe.num_experts: expected int, got str 'abc'",
+        "tracking.tags=5": "--set tracking.tags=5: tracking.tags: expected a list, got 5",
+        "foo.bar=1": "--set foo.bar=1: foo: unknown key",
+        "name.x=1": "--set name.x=1: name.x: 'name' is not a section",
+        "moe.topk": "--set: moe.topk: an override must look like section.key=value",
+        # A check across fields: the file's value with the override the message names.
+        "moe.num_experts=7": f"{file} with --set moe.num_experts=7: parallel.ep_size: must divide moe.num_experts=7",
+        "train.steps=5": f"{file} with --set train.steps=5: train.warmup_steps: must be in [0, steps=5)",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config("lm-tiny", ["train.lr=1.0e-3", override])
+        assert str(err.value).startswith(expected), str(err.value)
+    # A bad value in the file itself is the file's, whatever else was overridden.
+    path = write(tmp_path, base(model__hidden_size=0))
+    with pytest.raises(ConfigError, match=f"^{path}: model.hidden_size: must be >= 1"):
+        load_config(path, ["train.lr=1.0e-3"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -6,9 +6,12 @@ Workers (leading underscore) run inside spawned ranks (megatron's process state 
 that the test functions check.
 """
 
+import errno
 import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from pipeline.convert.__main__ import main
 from pipeline.convert.source import open_checkpoint
 from pipeline.convert.verify import LIMIT, parity_batch, relative_difference
 from pipeline.errors import CheckpointError, PipelineError
+from pipeline.outputs import OutputError, describe_os_error
 from pipeline.platform.testing import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,6 +98,7 @@ def _convert(run_dir: str, out: str, scratch: str) -> dict:
     """Convert (verified), convert again with --force, then try bad checkpoints; return what happened."""
     from pipeline.convert.names import export_tensors
     from pipeline.convert.source import load_megatron
+    from pipeline.train.checkpoint import write_manifest
 
     run_dir, out, scratch = Path(run_dir), Path(out), Path(scratch)
     first = convert(run_dir, out, log=lambda line: None)
@@ -111,6 +116,12 @@ def _convert(run_dir: str, out: str, scratch: str) -> dict:
     (other / "config.yaml").write_text(yaml.safe_dump(saved))
     swapped = Path(shutil.copytree(ckpt, scratch / "swapped" / ckpt.name))
     _claim_the_other_task(swapped)
+    for inconsistent in (other, swapped):  # consistent with their manifests: the checks behind them are the subject
+        write_manifest(inconsistent)
+
+    parity_refused = _error(_convert_with_swapped_experts, run_dir, scratch / "out-parity")
+    killed = _kill_a_conversion(run_dir, scratch / "killed")
+    convert(run_dir, scratch / "killed", log=lambda line: None)  # the next conversion to the same path
 
     source = open_checkpoint(run_dir)
     model = load_megatron(source)
@@ -125,8 +136,58 @@ def _convert(run_dir: str, out: str, scratch: str) -> dict:
         "other_model": _error(convert, other, scratch / "out-other", log=lambda line: None),
         "other_task": _error(convert, swapped, scratch / "out-swapped", log=lambda line: None),
         "wrong_shape": _error(export_tensors, state, config),
+        "parity_refused": parity_refused,
+        "left_by_the_killed_conversion": killed,
+        "after_the_next_conversion": sorted(p.name for p in scratch.iterdir() if "killed" in p.name),
         "outputs_left": sorted(p.name for p in scratch.iterdir() if p.name.startswith("out-") or "partial" in p.name),
     }
+
+
+def _convert_with_swapped_experts(run_dir: Path, out: Path) -> None:
+    """A name-mapping bug that shapes cannot catch: experts 0 and 1 of the first MoE layer trade places."""
+    import pipeline.convert as conversion
+
+    mapped = conversion.export_tensors
+
+    def swapped(state, config):
+        dense, experts = mapped(state, config)
+        first, second = sorted(experts)[:2]
+        experts[first], experts[second] = experts[second], experts[first]
+        return dense, experts
+
+    conversion.export_tensors = swapped
+    try:
+        convert(run_dir, out, log=lambda line: None)
+    finally:
+        conversion.export_tensors = mapped
+
+
+def _kill_a_conversion(run_dir: Path, out: Path) -> list[str]:
+    """`python -m pipeline.convert` SIGKILLed once every file is written, while it verifies; returns what it left
+    beside `out`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.platform.device import LAUNCHER_VARS
+
+    cmd = [sys.executable, "-m", "pipeline.convert", "--ckpt", str(run_dir), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}  # a process of its own, not this rank's
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(out.parent.glob(f".{out.name}.partial-*/{fmt.MANIFEST_FILE}")):
+            assert proc.poll() is None and time.monotonic() < deadline, f"it ended first:\n{log.read_text()[-2000:]}"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.unlink()
+    return sorted(p.name for p in out.parent.iterdir() if out.name in p.name)
 
 
 def _convert_all(jobs: list[tuple[str, str, str]], variants_root: str) -> dict:
@@ -209,23 +270,100 @@ def test_the_export_is_complete_checksummed_and_says_where_it_came_from(converte
 def test_converting_into_an_existing_export_refuses_without_force(converted, capsys):
     out = converted["out"]
     manifest = (out / fmt.MANIFEST_FILE).read_bytes()
-    with pytest.raises(fmt.ExportError, match=f"{out} already exists: pass --force to replace it"):
+    name = f"{converted['task']}-tiny"
+    with pytest.raises(OutputError, match=f"{out} already holds an export \\({name}, step 3\\): pass --force to"):
         convert(converted["run_dir"], out)
     assert (out / fmt.MANIFEST_FILE).read_bytes() == manifest
     if converted["task"] == "mt":
         return  # the command line once is enough
     assert main(["--ckpt", str(converted["run_dir"]), "--out", str(out)]) == 2
-    assert capsys.readouterr().err == f"error: {out} already exists: pass --force to replace it (nothing was written)\n"
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds an export ({name}, step 3): pass --force to replace it (nothing was written)\n"
+    )
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert "verified, EP-agnostic export" in help_text and "--no-verify" in help_text and "--force" in help_text
 
 
+def test_force_replaces_only_an_export_never_the_checkpoint_or_anything_else(converted, tmp_path, capsys):
+    run_dir = converted["run_dir"]
+    ckpt = open_checkpoint(run_dir).ckpt
+    before = sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*"))
+    for out, how in [
+        (run_dir, "is --ckpt"),
+        (run_dir / "checkpoints" / "export", "is inside --ckpt"),
+        (run_dir.parent, "contains --ckpt"),
+        (ckpt, "is inside --ckpt"),
+    ]:
+        with pytest.raises(OutputError, match=f"^{out} {how} .*: the output must be somewhere else"):
+            convert(run_dir, out, force=True)
+    with pytest.raises(OutputError, match=f"^{run_dir} contains --ckpt {ckpt}: the output must be somewhere else"):
+        convert(ckpt, run_dir, force=True)  # --ckpt names the checkpoint, --out its run directory
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "table.csv").write_text("a,b\n")
+    for force in (False, True):
+        assert main(["--ckpt", str(run_dir), "--out", str(user), *(["--force"] if force else [])]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: {user} exists and is not an export (a directory holding 1 entry (table.csv)): choose another "
+            "path; --force replaces only an export (nothing was written)\n"
+        )
+    export = Path(shutil.copytree(converted["out"], tmp_path / "export"))
+    (export / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is an export but also holds notes.txt, which no export holds"):
+        convert(run_dir, export, force=True)
+    assert (user / "table.csv").read_text() == "a,b\n" and (export / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(run_dir.parent) for p in run_dir.parent.rglob("*")) == before
+
+
+def test_an_unwritable_output_place_gives_one_line(converted, tmp_path, monkeypatch, capsys):
+    run_dir = converted["run_dir"]
+    # sysfs refuses new directories to everyone (EPERM), root included.
+    assert main(["--ckpt", str(run_dir), "--out", "/sys/moe-pipeline-test-export"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the export to /sys/moe-pipeline-test-export: Operation not permitted")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # A read-only mount (EROFS) or a directory we may not write (EACCES) cannot be made here without privileges: the
+    # directory tmp_path/ro answers as one would.
+    real_mkdtemp = tempfile.mkdtemp
+    for code, words in [(errno.EROFS, "Read-only file system [EROFS]"), (errno.EACCES, "Permission denied [EACCES]")]:
+
+        def refuse(suffix=None, prefix=None, dir=None, code=code):
+            if dir is not None and Path(dir).is_relative_to(tmp_path / "ro"):
+                raise OSError(code, os.strerror(code), str(tmp_path / "ro"))
+            return real_mkdtemp(suffix, prefix, dir)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+        assert main(["--ckpt", str(run_dir), "--out", str(tmp_path / "ro" / "export")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err == f"error: cannot write the export to {tmp_path / 'ro' / 'export'}: {words}: {tmp_path / 'ro'} "
+            "(nothing was written)\n"
+        )
+    busy = OSError(errno.EBUSY, os.strerror(errno.EBUSY), "/mnt/exports")
+    assert describe_os_error(busy).startswith("Device or resource busy [EBUSY]: /mnt/exports (a mount point")
+
+
+def test_the_parity_check_refuses_a_wrong_mapping_and_writes_nothing(converted):
+    assert converted["parity_refused"].startswith("parity: ")
+    assert converted["parity_refused"].endswith("above the limit, nothing was written")
+    assert converted["outputs_left"] == []  # no out-parity, no partial directory
+
+
+def test_a_killed_conversion_leaves_a_temporary_that_the_next_one_removes(converted):
+    (left,) = converted["left_by_the_killed_conversion"]
+    assert left.startswith(".killed.partial-")
+    assert converted["after_the_next_conversion"] == ["killed"]
+
+
 def test_bad_checkpoints_give_one_clear_error_and_write_nothing(converted, tmp_path):
     scratch = converted["scratch"]
-    assert "model: cannot load the model weights" in converted["truncated"]
-    assert "corrupt, incomplete or of another model" in converted["truncated"]
+    assert re.fullmatch(
+        r"corrupt checkpoint: .*/truncated/step_000003/model/__\d_\d\.distcp has \d+ bytes, manifest.json expects \d+",
+        converted["truncated"],
+    ), converted["truncated"]
     assert re.fullmatch(
         r".*/model: tensor (en|de)coder.layers.0.mlp.linear_fc1.weight has shape \[128, 64\], "
         r"the model described by config.yaml expects \[96, 64\]",
@@ -259,6 +397,10 @@ VARIANTS = {
     "mt": ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope", "moe.interval=1",
            "moe.topk=3", "model.tie_embeddings=false"],
     "mt-pre-softmax": ["moe.router_pre_softmax=true", "model.position_embedding=rope"],
+    # Qwen3-MoE's shape (configs/lm-qwen3-tiny): no linear biases, per-head RMSNorm on q and k
+    "lm-qwen3": ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope", "model.bias=false",
+                 "model.qk_norm=true", "model.tie_embeddings=false"],
+    "mt-qk-norm": ["model.bias=false", "model.qk_norm=true"],  # LayerNorm q/k norms (weight and bias)
 }  # fmt: skip
 
 
@@ -292,3 +434,11 @@ def test_every_model_variant_matches_megatron(runs):
     config = json.loads((runs["variants_root"] / "mt-export" / fmt.CONFIG_FILE).read_text())
     assert config["moe"]["moe_layers"] == {"decoder": [1, 2], "encoder": [1, 2]}
     assert config["model"]["lm_head_bias"] is False and "lm_head.weight" in fmt.dense_shapes(config)
+    qwen = json.loads((runs["variants_root"] / "lm-qwen3-export" / fmt.CONFIG_FILE).read_text())
+    assert qwen["format_version"] == fmt.FORMAT_VERSION == 2
+    assert (qwen["model"]["bias"], qwen["model"]["qk_norm"], qwen["moe"]["router"]["bias"]) == (False, True, False)
+    assert "decoder.layers.1.attn.q_norm.weight" in fmt.dense_shapes(qwen)
+    assert not [name for name in fmt.dense_shapes(qwen) if name.endswith(".bias")]
+    assert fmt.expert_shapes(qwen).keys() == {"fc1.weight", "fc2.weight"}
+    mt_qk = json.loads((runs["variants_root"] / "mt-qk-norm-export" / fmt.CONFIG_FILE).read_text())
+    assert "encoder.layers.1.attn.k_norm.bias" in fmt.dense_shapes(mt_qk)

@@ -4,7 +4,8 @@
   * no import circle among the modules of moe_infer, nor among those of pipeline;
   * moe_infer imports from pipeline only its utilities (errors, atomic, platform, tokenizer, tracking), never a stage;
   * each moe_infer package imports only its own layer or those below it (ARCHITECTURE.md, "moe_infer in layers"):
-        export_format, collectives  ->  model  ->  placement  ->  moe  ->  buffering  ->  runtime  ->  serve  ->  bench
+        export_format, collectives, hf_layout  ->  model  ->  placement  ->  moe  ->  buffering  ->  runtime  ->  serve
+        ->  bench
     A package's `__main__` is a command, not a layer: it may name any package (moe_infer.buffering's is the old name
     of two benchmarks), and no module may import a `__main__`.
 
@@ -22,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("moe_infer", "pipeline")
 LAYERS = [
-    ("export_format", "collectives"),
+    ("export_format", "collectives", "hf_layout"),
     ("model",),
     ("placement",),
     ("moe",),
@@ -199,3 +200,18 @@ def test_each_rule_catches_its_violation(tmp_path, module, source, problem):
     target.write_text(target.read_text() + "\n" + source)
     found = violations(import_graph(tmp_path))
     assert any(problem in line for line in found), found
+
+
+def test_moe_infer_imports_transformers_only_where_it_is_used():
+    """transformers is an optional extra: no moe_infer module imports it when the module itself is imported (only
+    inside the functions of the transformers baseline), so serving and every other benchmark run without it."""
+    offenders = []
+    for module, path in module_files().items():
+        if not module.startswith("moe_infer"):
+            continue
+        tree = ast.parse(path.read_text())
+        top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        names = [a.name for n in top_level if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in top_level if isinstance(n, ast.ImportFrom)]
+        offenders += [f"{module}: {name}" for name in names if name.split(".")[0] in ("transformers", "tokenizers")]
+    assert offenders == []

@@ -6,6 +6,7 @@ Parity with megatron-core on real checkpoints is tests/test_convert.py's job.
 
 import builtins
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from moe_infer.model import ExpertFFN, Export, ModelConfig, MoELayer, Router, lo
 from pipeline.convert.export import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
+QWEN = dict(
+    position_embedding="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False, bias=False, qk_norm=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,10 @@ def exports(tmp_path_factory):
             ),
         ),
         "mt": write_random_export(root / "mt", random_export_config("encoder-decoder")),
+        # Qwen3-MoE's shape: no linear biases, per-head RMSNorm on q and k
+        "lm-qwen": write_random_export(root / "lm-qwen", random_export_config("decoder", **QWEN)),
+        # q/k norms of the LayerNorm kind (weight and bias per head dim) in both stacks' self-attention
+        "mt-qk": write_random_export(root / "mt-qk", random_export_config("encoder-decoder", bias=False, qk_norm=True)),
     }
 
 
@@ -44,7 +52,7 @@ def _copy(export: Path, tmp_path: Path) -> Path:
 # ---- the model ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lm", "lm-rope"])
+@pytest.mark.parametrize("name", ["lm", "lm-rope", "lm-qwen"])
 def test_incremental_decoding_matches_the_full_forward(exports, name):
     model = load_model(exports[name])
     tokens = torch.randint(4, 50, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -55,8 +63,9 @@ def test_incremental_decoding_matches_the_full_forward(exports, name):
     assert cache.length == 12
 
 
-def test_mt_incremental_decoding_matches_teacher_forcing(exports):
-    model = load_model(exports["mt"])
+@pytest.mark.parametrize("name", ["mt", "mt-qk"])
+def test_mt_incremental_decoding_matches_teacher_forcing(exports, name):
+    model = load_model(exports[name])
     gen = torch.Generator().manual_seed(2)
     src, tgt = torch.randint(4, 50, (3, 9), generator=gen), torch.randint(4, 50, (3, 7), generator=gen)
     src_pad = torch.zeros_like(src, dtype=torch.bool)
@@ -101,11 +110,51 @@ def test_moe_layer_dispatch_and_combine_equal_a_per_token_loop(exports):
     torch.testing.assert_close(layer(x).reshape(-1, 32), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_expert_applies_its_probability_to_the_fc2_bias_too(exports):
-    expert: ExpertFFN = load_model(exports["lm"]).decoder.layers["2"].moe.experts["1"]
+@pytest.mark.parametrize("name", ["lm", "lm-qwen"])
+def test_an_expert_applies_its_probability_to_the_fc2_bias_too(exports, name):
+    expert: ExpertFFN = load_model(exports[name]).decoder.layers["2"].moe.experts["1"]
     x = torch.randn(5, 32)
     p = torch.rand(5)
     torch.testing.assert_close(expert(x, p), p[:, None] * expert(x, torch.ones(5)), rtol=1e-5, atol=1e-6)
+
+
+def test_without_biases_no_linear_layer_has_one_and_qk_norms_are_per_head(exports):
+    model = load_model(exports["lm-qwen"])
+    names = dict(model.named_parameters())
+    assert not [n for n in names if n.endswith(".bias")]  # attention, FFNs, router, experts (and RMSNorm has none)
+    assert names["decoder.layers.1.attn.q_norm.weight"].shape == (8,)  # head_dim, shared by the 4 heads
+    # The q/k norm is what makes q and k scale-free per head: scaling one head's projection rows changes nothing.
+    attn = model.decoder.layers["1"].attn
+    tokens = torch.randint(4, 50, (2, 7), generator=torch.Generator().manual_seed(4))
+    before = model(tokens)
+    with torch.no_grad():
+        attn.q.weight[8:16] *= 3.0  # head 1's query rows
+        attn.k.weight[:8] *= 0.5  # head 0's key rows
+    torch.testing.assert_close(model(tokens), before, rtol=1e-4, atol=1e-5)
+    mt = load_model(exports["mt-qk"])
+    mt_names = dict(mt.named_parameters())
+    assert {"encoder.layers.1.attn.k_norm.bias", "decoder.layers.1.attn.q_norm.weight"} <= mt_names.keys()
+    assert not [n for n in mt_names if "cross_attn" in n and "_norm" in n]  # megatron's cross-attention has none
+    assert not [n for n in mt_names if n.endswith(".bias") and "norm" not in n and n != "lm_head.bias"]
+
+
+def test_a_version_1_export_still_loads_as_what_it_is(exports, tmp_path):
+    """An export written before format version 2 (no model.bias, model.qk_norm): linear biases, no q/k norms."""
+    root = _copy(exports["lm"], tmp_path)
+
+    def as_version_1(config: dict) -> None:
+        config["format_version"] = 1
+        del config["model"]["bias"], config["model"]["qk_norm"]
+
+    _rewrite_config(root, as_version_1)
+    manifest = json.loads((root / fmt.MANIFEST_FILE).read_text())
+    (root / fmt.MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    export = Export.open(root)
+    assert export.config["format_version"] == 1
+    assert (export.model_config.bias, export.model_config.qk_norm) == (True, False)
+    tokens = torch.randint(4, 50, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(load_model(root)(tokens), load_model(exports["lm"])(tokens))
+    assert json.loads((root / fmt.CONFIG_FILE).read_text())["format_version"] == 1  # read, never rewritten
 
 
 # ---- loading --------------------------------------------------------------------------------------------------------
@@ -213,7 +262,7 @@ def test_an_incomplete_or_truncated_export_is_refused(exports, tmp_path):
         Export.open(tmp_path / "nothing")
 
 
-def _rewriterandom_export_config(root: Path, edit) -> None:
+def _rewrite_config(root: Path, edit) -> None:
     config = json.loads((root / fmt.CONFIG_FILE).read_text())
     edit(config)
     (root / fmt.CONFIG_FILE).write_text(json.dumps(config))
@@ -224,7 +273,9 @@ def _rewriterandom_export_config(root: Path, edit) -> None:
     "edit, message",
     [
         (lambda c: c["moe"].pop("topk"), "field moe.topk: is required"),
-        (lambda c: c.update(format_version=2), "field format_version: expected 1, got 2"),
+        (lambda c: c.update(format_version=3), "field format_version: expected one of (1, 2), got 3"),
+        (lambda c: c["model"].pop("qk_norm"), "field model.qk_norm: is required"),
+        (lambda c: c["model"].update(bias=False), "field moe.router.bias: is true but model.bias is false"),
         (lambda c: c["model"].update(norm="batchnorm"), "field model.norm: expected one of 'layernorm', 'rmsnorm'"),
         (lambda c: c["model"].update(hidden_size=True), "field model.hidden_size: expected int, got True"),
         (lambda c: c.update(format="other"), "field format: expected 'moe-pipeline-export'"),
@@ -232,14 +283,14 @@ def _rewriterandom_export_config(root: Path, edit) -> None:
 )
 def test_a_bad_config_names_the_field(exports, tmp_path, edit, message):
     root = _copy(exports["lm"], tmp_path)
-    _rewriterandom_export_config(root, edit)
-    with pytest.raises(fmt.ExportError, match=f"{root / fmt.CONFIG_FILE}: " + message.replace("(", r"\(")):
+    _rewrite_config(root, edit)
+    with pytest.raises(fmt.ExportError, match=f"{root / fmt.CONFIG_FILE}: " + re.escape(message)):
         Export.open(root)
 
 
 def test_a_tensor_of_the_wrong_shape_is_named(exports, tmp_path):
     root = _copy(exports["lm"], tmp_path)
-    _rewriterandom_export_config(root, lambda c: c["model"].update(ffn_hidden_size=40))  # the weights are for 48
+    _rewrite_config(root, lambda c: c["model"].update(ffn_hidden_size=40))  # the weights are for 48
     with pytest.raises(
         fmt.ExportError,
         match=r"dense.safetensors: tensor decoder.layers.1.mlp.fc1.weight has shape \[48, 32\], "

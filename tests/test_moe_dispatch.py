@@ -16,6 +16,7 @@ from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, r
 from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
 from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement, PlacementError
+from pipeline.errors import PipelineError
 from pipeline.platform.testing import run_distributed
 
 CASES = [(1, True), (1, False), (2, True), (2, False)]  # (topk, router pre_softmax)
@@ -158,7 +159,7 @@ def test_placement_errors_say_what_is_wrong(build, message):
 
 
 def test_a_two_rank_placement_needs_a_process_group():
-    with pytest.raises(Exception, match="spans 2 ranks but torch.distributed is not initialized"):
+    with pytest.raises(PipelineError, match="^dispatch: the placement spans 2 ranks but torch.distributed is not init"):
         DynamicDispatch(Placement.contiguous(8, 2))
-    with pytest.raises(Exception, match="capacity_fraction must be > 0"):
+    with pytest.raises(PipelineError, match=r"^static gating: capacity_fraction must be > 0, got 0\.0$"):
         StaticDispatch(Placement.contiguous(8, 1), 0.0)

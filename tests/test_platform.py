@@ -132,7 +132,7 @@ def _sleep_forever():
 
 def test_run_distributed_reports_a_failing_rank_with_its_traceback():
     with pytest.raises(DistributedTestFailure, match="rank 1 broke on purpose") as failure:
-        run_distributed(_rank1_raises_while_rank0_waits, world_size=2, timeout_s=20)
+        run_distributed(_rank1_raises_while_rank0_waits, world_size=2, timeout_s=60)  # spawning 2 ranks: seconds
     assert "--- rank 1 ---" in str(failure.value) and "ValueError" in str(failure.value)
 
 

@@ -348,6 +348,27 @@ def test_no_runs_at_all_still_writes_a_report(tmp_path, capsys):
     assert out.read_text().count("not run: <code>") == 6
 
 
+def test_a_previous_report_is_replaced_and_any_other_file_is_not(tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(out)]) == 0
+    first = out.read_text()
+    assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(out)]) == 0  # our own: replaced
+    assert out.read_text().startswith(first[:60])
+    capsys.readouterr()
+    page = tmp_path / "index.html"
+    page.write_text("<html>my page</html>")
+    assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(page)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {page} exists and is not a report (a file of 20 bytes): choose another path; only a previous report "
+        "is replaced (nothing was written)\n"
+    )
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.html"), "--markdown", str(notes)]) == 2
+    assert page.read_text() == "<html>my page</html>" and notes.read_text() == "# my notes\n"
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_a_corrupt_file_is_a_warning_naming_it_and_an_error_with_strict(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_placement(runs)
@@ -372,7 +393,8 @@ def test_a_corrupt_file_is_a_warning_naming_it_and_an_error_with_strict(tmp_path
 def test_a_failure_while_rendering_leaves_the_previous_report_whole(tmp_path, monkeypatch):
     write_placement(tmp_path / "runs")
     out = tmp_path / "report.html"
-    out.write_text("previous report")
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    previous = out.read_text()
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full, say")
@@ -380,8 +402,8 @@ def test_a_failure_while_rendering_leaves_the_previous_report_whole(tmp_path, mo
     monkeypatch.setattr("pipeline.report.__main__.render_markdown", broken)
     with pytest.raises(RuntimeError):
         main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
-    assert out.read_text() == "previous report"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "runs"]  # no temporary file left
+    assert out.read_text() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md", "runs"]  # no temporary left
 
 
 def test_headline_cells_from_tables(tmp_path):

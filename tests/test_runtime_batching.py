@@ -2,7 +2,8 @@
 arrive at any step, in any order, join a running batch and leave it, and no token changes: every output equals the
 batch generation's (greedy and seeded sampling, LM; greedy and beam search, MT), in one process and on two expert-
 parallel ranks behind rank 0's coordinator; cancelled requests free their rows at once; step hooks run on every rank
-at the same steps and may use collectives there.
+at the same steps and may use collectives there; the control plane's one exchange per step carries rank 0's plan and
+every rank's report, whatever their size (a message larger than a slot takes a second round).
 """
 
 import dataclasses
@@ -15,10 +16,10 @@ from random_exports import random_export_config, write_random_export
 
 from moe_infer.model import load_model
 from moe_infer.runtime.batching import Batcher
-from moe_infer.runtime.control import ControlPlane, Inbox, Mailbox
+from moe_infer.runtime.control import ControlPlane, Inbox, Mailbox, Plan, Report
 from moe_infer.runtime.engine import Engine, EngineOptions
 from moe_infer.runtime.generate import GenerationSettings, generate
-from moe_infer.runtime.sequences import Request
+from moe_infer.runtime.sequences import Decoding, Event, Request
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from moe_infer.runtime.translate import TranslationSettings, translate
 from pipeline.platform.testing import run_distributed
@@ -201,17 +202,52 @@ def _serve_behind_the_coordinator(jobs: list[tuple], gaps: list[int]):
     return results
 
 
-def test_two_ranks_behind_the_coordinator_serve_every_request_unchanged(exports, models):
+def _exchange_small_and_large():
+    """One control-plane exchange of small messages, then one far beyond a slot (the second round)."""
+    control, rank = ControlPlane(dist.get_world_size()), dist.get_rank()
+    report = Report([Event(i, [rank, i]) for i in range(3)], rows=rank + 1)
+    small = Plan(assign={1: [Request(0, [5, 6], Decoding(4))]}, cancel=[9]) if rank == 0 else None
+    plan, reports = control.exchange(small, report)
+    first = (plan.assign[1][0].tokens, plan.cancel, [r.rows for r in reports], reports[1].events[2].tokens)
+    # Far beyond a slot: 40 prompts of 1000 tokens from rank 0, and a large report from rank 1.
+    large = Plan(assign={1: [Request(i, list(range(1000)), Decoding(4)) for i in range(40)]}) if rank == 0 else None
+    big_report = Report([Event(i, list(range(500))) for i in range(40)] if rank == 1 else [])
+    plan, reports = control.exchange(large, big_report)
+    second = (
+        len(plan.assign[1]),
+        plan.assign[1][39].tokens[-1],
+        len(reports[1].events),
+        reports[1].events[0].tokens[-1],
+    )
+    return first, second
+
+
+def _on_two_ranks(jobs: list[tuple], gaps: list[int]):
+    return _serve_behind_the_coordinator(jobs, gaps), _exchange_small_and_large()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(exports, models):
+    """Both ranks' results of the serving loop (LM sampling, MT beam search) and of the control-plane exchanges."""
     lm, prompts, mt, sources = models
     gaps = [0, 0, 2, 0, 1, 5, 0, 0, 3, 1]
     jobs = [
         (exports["lm"], lm.cfg.eos_id, SAMPLED, prompts, 3),
         (exports["mt"], mt.cfg.eos_id, MT_BEAM, sources, 6),
     ]
-    rank0, rank1 = run_distributed(
-        _serve_behind_the_coordinator, world_size=2, args=(jobs, gaps), init_process_group=False
-    )
+    return run_distributed(_on_two_ranks, world_size=2, args=(jobs, gaps), init_process_group=False)
+
+
+def test_two_ranks_behind_the_coordinator_serve_every_request_unchanged(models, two_ranks):
+    lm, prompts, mt, sources = models
+    (rank0, _), (rank1, _) = two_ranks
     expected = [generate(lm, prompts, SAMPLED), translate(mt, sources, MT_BEAM)]
     for (outputs, finished, seen0), (_, _, seen1), want in zip(rank0, rank1, expected, strict=True):
         assert outputs == want and finished == list(range(len(LENGTHS)))
         assert seen0 == seen1 and len(seen0) >= 2 and all(total == 2 * step for step, total in seen0)
+
+
+def test_one_exchange_carries_the_plan_and_every_report_small_or_large(two_ranks):
+    for _, (first, second) in two_ranks:
+        assert first == ([5, 6], [9], [1, 2], [1, 2])
+        assert second == (40, 999, 40, 499)

@@ -13,11 +13,12 @@ from moe_infer.moe.layer import POLICIES, MoEOptions
 from moe_infer.runtime.engine import Engine, EngineError, EngineOptions
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.translate import TranslationSettings, translate
-from pipeline.platform.testing import run_distributed
+from pipeline.platform.testing import DistributedTestFailure, run_distributed
 
 # Large enough that no policy drops: static slots = 4 * tokens per rank, DeepSpeed pads to the largest count.
 NO_DROP = MoEOptions(capacity_fraction=4.0, capacity_factor=4.0, drop_tokens=False)
 TOKENS_PER_RANK = [(3, 7), (0, 7)]  # rank 0: 3 sequences of 7 tokens; rank 1: none (it still joins every exchange)
+QWEN = dict(position_embedding="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,8 @@ def exports(tmp_path_factory):
         "top1": write_random_export(root / "top1", random_export_config("decoder", topk=1, pre_softmax=True), seed=1),
         "top2": write_random_export(root / "top2", random_export_config("decoder", topk=2, pre_softmax=False), seed=2),
         "mt": write_random_export(root / "mt", random_export_config("encoder-decoder", num_experts=4), seed=3),
+        # Qwen3-MoE's shape: experts, router and attention without biases, q/k norms, RMSNorm, SwiGLU, RoPE
+        "qwen": write_random_export(root / "qwen", random_export_config("decoder", **QWEN), seed=5),
         "top2-e8": write_random_export(
             root / "top2-e8", random_export_config("decoder", num_experts=8, topk=2, pre_softmax=False), seed=4
         ),
@@ -49,8 +52,7 @@ def _serve_every_policy(export: str) -> dict[str, float]:
     return diffs
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("routing", ["top1", "top2"])
+@pytest.mark.parametrize(("ranks", "routing"), [(1, "top1"), (1, "top2"), (1, "qwen"), (2, "top1"), (2, "top2")])
 def test_every_policy_equals_the_reference_model(exports, ranks, routing):
     per_rank = run_distributed(
         _serve_every_policy, world_size=ranks, args=(str(exports[routing]),), init_process_group=False, timeout_s=180
@@ -203,7 +205,8 @@ def _start(export: str) -> None:
 
 def test_an_expert_count_the_ranks_do_not_divide_is_refused(tmp_path):
     export = write_random_export(tmp_path / "three", random_export_config("decoder", num_experts=3))
-    with pytest.raises(Exception, match=r"3 experts per MoE layer, which cannot be split evenly over 2 ranks"):
+    message = r"EngineError: .*three: the export has 3 experts per MoE layer, which cannot be split evenly over 2 ranks"
+    with pytest.raises(DistributedTestFailure, match=message):
         run_distributed(_start, world_size=2, args=(str(export),), init_process_group=False, timeout_s=60)
 
 

@@ -22,10 +22,13 @@ import openai
 import pytest
 from cli_exports import PROMPTS, SOURCES, TEXT, env, make_cli_exports
 
+from moe_infer.bench.cli import main as bench_main
 from moe_infer.bench.servers import ServerProcess, serve_command
 from moe_infer.model import load_model
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.translate import TranslationSettings, translate
+from moe_infer.serve.server import Server, build_parser
+from pipeline.outputs import OutputError
 
 MAX_TOKENS = 8
 # 32 different prompts of a few words each (they fit the 32 positions with MAX_TOKENS more).
@@ -41,10 +44,14 @@ def _serve(export: str, *flags: str, ranks: int = 2, timeout: str = "60") -> Ser
     return ServerProcess(serve_command([export, "--timeout", timeout, *flags], ranks), env())
 
 
+LM_TIMEOUT_S = 30
+
+
 @pytest.fixture(scope="module")
 def lm(setup):
-    """The LM server: 2 ranks, 4 rows each, at most 40 prompts waiting."""
-    with _serve(setup["lm"], "--batch-size", "4", "--max-queued-requests", "40") as server:
+    """The LM server: 2 ranks, 4 rows each, at most 40 prompts waiting; its last test kills a rank."""
+    flags = ("--batch-size", "4", "--max-queued-requests", "40")
+    with _serve(setup["lm"], *flags, timeout=str(LM_TIMEOUT_S)) as server:
         server.model = "lm"
         yield server
 
@@ -207,6 +214,17 @@ def test_a_full_queue_gets_503(setup, lm):
     )
 
 
+def test_the_server_run_dir_adds_only_to_a_tracked_run(setup, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    for run_dir, says in [(notes, "is not a tracked run"), (setup["lm"], "is --export")]:
+        args = build_parser().parse_args(["--export", setup["lm"], "--run-dir", str(run_dir)])
+        with pytest.raises(OutputError, match=says):
+            Server(args, rank=0, world=1)
+    assert (notes / "todo.txt").read_text() == "mine\n"
+
+
 def test_health_models_and_metrics(lm):
     assert httpx.get(f"{lm.url}/health").json() == {"status": "ready"}
     card = httpx.get(f"{lm.url}/v1/models").json()["data"][0]
@@ -228,6 +246,41 @@ def test_health_models_and_metrics(lm):
         'moe_layer_all_to_all_bytes_total{direction="sent",layer="decoder.layers.2"}',
     ):
         assert name in metrics, name
+
+
+def test_the_load_generator_drives_the_server(setup, lm, tmp_path):
+    out, run_dir = tmp_path / "load.json", tmp_path / "load-run"
+    argv = ["load", "--url", lm.url, "--input", str(setup["root"] / "prompts.txt"), "--num-prompts", "8"]
+    argv += ["--request-rate", "50,inf", "--max-concurrency", "4", "--max-tokens", "4", "--ignore-eos"]
+    argv += ["--goodput", "ttft:600000", "--out", str(out), "--run-dir", str(run_dir)]
+    assert bench_main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "lm" and [row["rate"] for row in doc["rows"]] == [50.0, "inf"]
+    for row in doc["rows"]:
+        assert (row["completed"], row["failed"], row["output_tokens"]) == (8, 0, 32)
+        assert row["goodput_req_s"] == row["req_s"] > 0 and 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["tpot_p50_ms"] > 0 and row["itl_p50_ms"] > 0 and row["e2el_p50_ms"] >= row["ttft_p50_ms"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(lm):
+    """The LM server's last test: rank 1 is killed while a stream is open."""
+    victim = lm.rank(1)
+    # 32 prompts of 24 tokens, 8 rows in all: the stream is still open when the rank dies.
+    body = {"model": "lm", "prompt": [PROMPTS[2]] * 32, "max_tokens": 24, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{lm.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        killed = time.monotonic()
+        victim.kill()
+        rest = [line for line in lines if line]
+    assert any('"error"' in line and "another rank stopped" in line for line in rest), rest
+    code = lm.wait(LM_TIMEOUT_S + 10)
+    assert time.monotonic() - killed < LM_TIMEOUT_S + 10
+    assert code != 0
+    assert "a collective failed" in lm.output and "exitcode: -9" in lm.output
+    time.sleep(1)
+    assert not lm.alive(), lm.alive()
 
 
 # ---- MT: translations, and the drain -------------------------------------------------------------------------------
@@ -277,30 +330,6 @@ def test_translations_equal_the_batch_cli_and_sigterm_drains(setup):
         assert mt.wait(40) == 0
         assert "draining" in mt.output and "Traceback" not in mt.output
         assert not mt.alive()
-
-
-# ---- a rank dies --------------------------------------------------------------------------------------------------
-
-
-def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(setup):
-    timeout_s = 20
-    with _serve(setup["lm"], "--batch-size", "1", timeout=str(timeout_s)) as server:
-        victim = server.rank(1)
-        # 8 prompts of 20 tokens, one row per rank: the stream is still open when the rank dies.
-        body = {"model": "lm", "prompt": [PROMPTS[2]] * 8, "max_tokens": 20, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            next(line for line in lines if line.startswith("data: {"))
-            killed = time.monotonic()
-            victim.kill()
-            rest = [line for line in lines if line]
-        assert any('"error"' in line and "another rank stopped" in line for line in rest), rest
-        code = server.wait(timeout_s + 10)
-        assert time.monotonic() - killed < timeout_s + 10
-        assert code != 0
-        assert "a collective failed" in server.output and "exitcode: -9" in server.output
-        time.sleep(1)
-        assert not server.alive(), server.alive()
 
 
 # ---- launchers and engine options (slow: a server start each) ------------------------------------------------------

@@ -12,11 +12,14 @@ def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text("{}")
-    args = argparse.Namespace(out=tmp_path / "bench", nproc=2, quick=True, lm=lm, mt=tmp_path / "no-mt")
+    args = argparse.Namespace(out=tmp_path / "bench", nproc=2, quick=True, lm=lm, mt=tmp_path / "no-mt", hf_lm=lm)
     suite = plan(args)
     experiments = [s.experiment for s in suite.steps]
     assert experiments[:2] == ["layer", "layer"]
-    assert {"policies-lm", "traces-lm", "replay-lm", "placement-lm"} <= set(experiments)
+    assert {"policies-lm", "traces-lm", "replay-lm", "placement-lm", "transformers-lm"} <= set(experiments)
+    transformers = next(s for s in suite.steps if s.experiment == "transformers-lm")
+    assert transformers.command[:2] == [sys.executable, "launch/infer.py"]  # one process
+    assert "--policies" in transformers.command and "transformers" in transformers.command
     skipped = [s for s in suite.steps if s.status.startswith("skipped")]
     assert [s.experiment for s in skipped] == ["policies-mt", "serving-mt"] and "no export at" in skipped[0].status
     fit = (args.out / "inputs" / "lm-prompts-fit.txt").read_text().splitlines()

@@ -3,6 +3,7 @@ a killed run resumes on the uninterrupted loss curve, SIGTERM checkpoints and ex
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 
 from pipeline.config import load_config
@@ -51,6 +53,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_loss_falls_with_ep2_for_top1_and_top2(task, tmp_path):
     base = LM_TINY if task == "lm" else MT_TINY
     steps = ["train.steps=40", "train.eval_interval=40", "train.save_interval=40", "train.lr=3e-3"]
+    steps += ["train.bleu_sentences=5"] if task == "mt" else []  # as many as the summary's examples: all recomputable
     runs = [
         (f"{task}-tiny", [*base, *steps, *topk], str(tmp_path / name)) for name, topk in (("top2", []), ("top1", TOP1))
     ]
@@ -65,8 +68,15 @@ def test_loss_falls_with_ep2_for_top1_and_top2(task, tmp_path):
         shares = [v for m in metrics for k, v in m.items() if k.startswith("experts/") and k.endswith("/max_share")]
         assert shares and all(0 < s <= 1 for s in shares)
         assert any(k.startswith("train/") and "aux" in k or "load_balancing" in k for m in metrics for k in m)
-        if task == "mt":
-            assert summary["bleu"] >= 0 and "copy_baseline_bleu" in summary
+        if task == "mt":  # the reported scores are sacrebleu's on these very translations and sources
+            examples = summary["examples"]
+            assert summary["bleu_sentences"] == len(examples) == 5
+            references = [[e["reference"] for e in examples]]
+            hypotheses = [e["hypothesis"] for e in examples]
+            assert summary["bleu"] == round(sacrebleu.corpus_bleu(hypotheses, references).score, 2)
+            copy = sacrebleu.corpus_bleu([e["source"] for e in examples], references).score
+            assert summary["copy_baseline_bleu"] == round(copy, 2)
+            assert any(hypotheses) and summary["bleu_signature"].startswith("BLEU = ")
 
 
 # ---- checkpoints: round trip, another EP degree, bad checkpoints --------------------------------------------------
@@ -94,9 +104,14 @@ def _logits_from_checkpoint(name: str, overrides: list[str], ckpt: str) -> torch
 
 
 def _train_then_logits(name: str, overrides: list[str], run_dir: str) -> dict:
+    import psutil
+
     summary = _train_runs([(name, overrides, run_dir)])[0]
+    # Two checkpoints were saved: any process a save started is still a child of this rank now.
+    children = [" ".join(p.cmdline())[:120] for p in psutil.Process().children(recursive=True)]
     ckpt = ckpt_io.latest_checkpoint(Path(run_dir))
-    return {"summary": summary, "ckpt": str(ckpt), "logits": _logits_from_checkpoint(name, overrides, str(ckpt))}
+    logits = _logits_from_checkpoint(name, overrides, str(ckpt))
+    return {"summary": summary, "ckpt": str(ckpt), "logits": logits, "children": children}
 
 
 CKPT_STEPS = ["train.steps=6", "train.eval_interval=6", "train.save_interval=3"]
@@ -109,7 +124,14 @@ def trained(request, tmp_path_factory):
     name, overrides = f"{task}-tiny", [*(LM_TINY if task == "lm" else MT_TINY), *CKPT_STEPS]
     run_dir = tmp_path_factory.mktemp(f"{task}-run")
     ranks = run_distributed(_train_then_logits, world_size=2, args=(name, overrides, str(run_dir)), timeout_s=300)
-    return {"name": name, "overrides": overrides, "run_dir": run_dir, **ranks[0], "rank1_logits": ranks[1]["logits"]}
+    return {
+        "name": name,
+        "overrides": overrides,
+        "run_dir": run_dir,
+        **ranks[0],
+        "rank1_logits": ranks[1]["logits"],
+        "rank1_children": ranks[1]["children"],
+    }
 
 
 def test_checkpoints_are_complete_and_atomic(trained):
@@ -121,6 +143,11 @@ def test_checkpoints_are_complete_and_atomic(trained):
     assert meta["step"] == 6 and meta["world_size"] == 2 and meta["ep_size"] == 2
     assert sorted(p.name for p in (ckpt / "train_state").iterdir()) == ["rank00000.pt", "rank00001.pt"]
     assert (ckpt / "tokenizer.model").is_file() and (ckpt / "config.yaml").is_file()
+
+
+def test_a_checkpoint_save_starts_no_process_that_could_outlive_the_rank(trained):
+    # megatron's default save strategy leaves a multiprocessing Manager (and forks writers) behind in every rank.
+    assert trained["children"] == [] and trained["rank1_children"] == []
 
 
 def test_an_ep2_checkpoint_loads_at_ep1_with_identical_logits(trained):
@@ -157,8 +184,15 @@ def test_corrupt_and_incomplete_checkpoints_give_one_clear_error(trained, tmp_pa
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     overrides = [*trained["overrides"], "parallel.ep_size=1"]
     (message,) = run_distributed(_load_corrupt, world_size=1, args=(trained["name"], overrides, str(broken)))
-    assert message.startswith(f"{broken / 'model'}: cannot load the model weights")
-    assert "corrupt, incomplete or of another model" in message
+    # Named by the checkpoint's own index (a checkpoint without a manifest gets no other check before loading).
+    match = re.fullmatch(
+        rf"corrupt checkpoint: {re.escape(str(shard))} has {shard.stat().st_size} bytes, the checkpoint's index "
+        r"\(\.metadata\) places (\d+) bytes in it",
+        message,
+    )
+    assert match and int(match[1]) > shard.stat().st_size, message
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint: {shard} has .* manifest.json expects"):
+        ckpt_io.verify_checkpoint(broken)
     (broken / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete: it has no meta.json"):
         ckpt_io.read_meta(broken)
@@ -222,7 +256,8 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 240) -> str:
     return out
 
 
-RESUME = [*LM_TINY, "train.steps=30", "train.save_interval=10", "train.eval_interval=1000"]
+# Dropout on: every step draws from the RNG, so a resume that lost the RNG state leaves the uninterrupted loss curve.
+RESUME = [*LM_TINY, "train.steps=30", "train.save_interval=10", "train.eval_interval=1000", "model.dropout=0.1"]
 
 
 def test_a_killed_run_resumes_on_the_uninterrupted_loss_curve(tmp_path):

@@ -39,6 +39,8 @@ TOP1 = [
     "model.activation=swiglu",
     "model.norm=rmsnorm",
     "model.tie_embeddings=false",
+    "model.bias=false",
+    "model.qk_norm=true",
 ]
 TRAIN_STEPS = 30
 
@@ -296,6 +298,16 @@ def _check_variants(ranks: list[dict]) -> None:
     assert top1["aux"]["z_loss"] > 0 and "z_loss" not in top2["aux"]
     assert "embedding.position_embeddings.weight" in top2["weights"]
     assert "embedding.position_embeddings.weight" not in top1["weights"]  # rope
+    # model.bias=false: no linear layer has a bias, the router included (RMSNorm has none either); T5's tied lm_head
+    # keeps its own (megatron's T5LMHead), untied here.
+    assert [n for n in top1["weights"] if n.endswith(".bias")] == []
+    assert {n for n in top2["weights"] if n.endswith("router.bias")}
+    # model.qk_norm=true: per-head norms (head_dim 8) in every self-attention, none in cross-attention
+    qk = {n: w.shape for n, w in top1["weights"].items() if "_layernorm" in n and ("q_" in n or "k_" in n)}
+    attentions = [n for n in top1["weights"] if n.endswith("linear_qkv.weight")]
+    assert len(qk) == 2 * len(attentions) and set(qk.values()) == {torch.Size([8])}
+    assert all(g > 0 for n, g in top1["grads"].items() if n in qk)
+    assert not [n for n in top2["weights"] if "q_layernorm" in n]
 
 
 def test_gpt_moe_builds_trains_and_shards_experts(lm_ranks):

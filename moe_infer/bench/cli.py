@@ -18,8 +18,10 @@ this command line only registers them (so no benchmark imports another's entry p
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moe_infer.bench import demo, layer, live, load, model, prefetch, replay, serving, shift
+from pipeline.errors import PipelineError
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
 BENCHMARKS = {
@@ -53,4 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benchmark_main = args.main
     del args.main, args.benchmark  # the benchmark's own flags are what it records
-    return benchmark_main(args)
+    try:
+        return benchmark_main(args)
+    except PipelineError as err:  # load, live and serve-demo run in one plain process: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2

@@ -42,12 +42,17 @@ from typing import Any
 import numpy as np
 
 from moe_infer.bench.load import add_load_arguments, read_prompts, request_extra, run_load, summarize
-from moe_infer.bench.results import Results
+from moe_infer.bench.results import Results, check_result_paths
 from moe_infer.bench.servers import REPO, ServerProcess, serve_command
 from pipeline.errors import ConfigError
 
 FIGURES = ("out_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2el_p50_ms")
 NOISE = "baseline again"
+# The --out JSON's (_document), by which a previous one is recognised and replaced.
+RESULT_KEYS = (
+    "export", "model", "ranks", "threads", "settings", "saturation_req_s", "rates", "variants", "rows", "summary",
+    "offline_tok_s", "saturation", "same_texts_as_baseline",
+)  # fmt: skip
 
 
 @dataclass
@@ -159,6 +164,8 @@ async def _warm_up(variants: list[Variant], model: str, prompts: list[str], args
 
 
 def main(args: argparse.Namespace) -> int:
+    inputs = {"--input": args.input, "--export": args.export}
+    check_result_paths(args.out, args.run_dir, "live-bench result", RESULT_KEYS, inputs)
     prompts = read_prompts(args.input, args.num_prompts)
     model = args.export.name
     variants = [Variant("baseline", []), Variant(NOISE, [])]

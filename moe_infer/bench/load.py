@@ -32,10 +32,12 @@ from typing import IO, Any
 import aiohttp
 import numpy as np
 
-from moe_infer.bench.results import Results
+from moe_infer.bench.results import Results, check_result_paths
+from moe_infer.serve.flags import positive_float, positive_int
 from pipeline.errors import ConfigError
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
+RESULT_KEYS = ("url", "model", "settings", "rows")  # the --out JSON's, by which a previous one is recognised
 COLUMNS = [
     "rate", "completed", "failed", "seconds", "req_s", "out_tok_s", "total_tok_s", "goodput_req_s", "ttft_p50_ms",
     "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2el_p50_ms", "e2el_p99_ms",
@@ -214,10 +216,10 @@ def read_prompts(path: Path, n: int | None) -> list[str]:
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The trace and the requests (shared with the live-traffic bench, moe_infer.bench.live)."""
     parser.add_argument("--input", type=Path, required=True, help="prompts, one per line (cycled to --num-prompts)")
-    parser.add_argument("--num-prompts", type=int, help="requests per rate (default: the lines of --input)")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
-    parser.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
+    parser.add_argument("--num-prompts", type=positive_int, help="requests per rate (default: the lines of --input)")
+    parser.add_argument("--burstiness", type=positive_float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
+    parser.add_argument("--max-concurrency", type=positive_int, help="requests in flight at most (default: no limit)")
+    parser.add_argument("--max-tokens", type=positive_int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request (default 0)")
     parser.add_argument("--ignore-eos", action="store_true", help="every request runs to --max-tokens")
     parser.add_argument("--seed", type=int, default=0, help="the arrival trace's seed (default 0)")
@@ -248,6 +250,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
+    check_result_paths(args.out, args.run_dir, "load-generator result", RESULT_KEYS, {"--input": args.input})
     slos = parse_goodput(args.goodput)
     prompts = read_prompts(args.input, args.num_prompts)
     model = args.model or served_model(args.url)

@@ -7,7 +7,9 @@ swept over batch sizes.
     torchrun --nproc-per-node 2 -m moe_infer.bench model --export exports/mt-tiny ...     the same, as a module
 
 `--policies` may also name `dense-equivalent`: the same model with every MoE layer replaced by a dense FFN of K*F
-hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense characterisation.
+hidden units (the same FLOPs per token; DenseEquivalent), the MoE-vs-dense characterisation; and `transformers`:
+the same weights in transformers' Qwen3MoeForCausalLM, each experts implementation it offers, interleaved with our
+engine in one process (moe_infer.bench.hf_baseline).
 
 For each policy of --policies (each served by its own Engine, freed before the next one starts), for batch sizes
 1, 2, 4, ... doubling up to --max-batch, each rank brings B synthetic requests of its own (random token ids, seeded by
@@ -44,6 +46,7 @@ from typing import Any
 
 import torch
 
+from moe_infer.bench import hf_baseline
 from moe_infer.bench.model_measure import BUFFER_COLUMNS, COLUMNS, Row, measure
 from moe_infer.bench.results import Results
 from moe_infer.bench.synthetic import DENSE, DenseEquivalent
@@ -158,7 +161,7 @@ def format_table(rows: list[Row], limits: dict[str, int | None], header: str) ->
 
 
 def _policies(text: str) -> list[str]:
-    known = (*POLICIES, DENSE)
+    known = (*POLICIES, DENSE, hf_baseline.POLICY)
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in known]
     if unknown or not names:
@@ -183,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-steps", type=positive_int, default=16, help="KV-cached decoding steps after the prefill"
     )
     bench.add_argument("--seed", type=int, default=0, help="the synthetic requests' seed (with the rank)")
+    hf_baseline.add_arguments(bench)
     bench.add_argument(
         "--run-dir", type=Path, help="bench.json, metrics and the W&B run here (default runs/bench-<export name>)"
     )
@@ -195,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
         placements = read_placements(args.placement, export, command.world)
         expert_placements(export, command.world, placements)  # the EP degree fits, before any collective
         check_bench(args, export.model_config)
+        hf_baseline.check(args, export, command.world)
         command.checked()
         sweep(args, export, placements, command)
     return command.status
@@ -215,6 +220,9 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             results.save({**meta, "limits": limits, "rows": [asdict(r) for r in rows]})
 
         for policy in args.policies:
+            if policy == hf_baseline.POLICY:  # its own interleaved comparison, in this one process
+                meta[policy] = hf_baseline.sweep(args, export, placements, batch_sizes(args.max_batch), on_row)
+                continue
             options = engine_options(args, "dynamic" if policy == DENSE else policy, placements)
             engine = Engine.start(export.path, options)
             if policy == DENSE:
@@ -238,4 +246,5 @@ def sweep(args: argparse.Namespace, export: Export, placements, command) -> None
             f"rank's; peak MB = {meta.get('memory')}; MoE MB = one prefill MoE layer call's activations; "
             f"phase ms summed over MoE layers, prefill + decode"
         )
-        results.print(format_table(rows, limits, header), command.out)
+        comparison = [hf_baseline.format_comparison(meta[hf_baseline.POLICY])] if hf_baseline.POLICY in meta else []
+        results.print("\n".join([format_table(rows, limits, header), *comparison]), command.out)

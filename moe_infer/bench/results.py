@@ -10,16 +10,50 @@ table as text on stdout.
 
 Only the main rank writes; on any other rank (and without a run directory, for the W&B part) every call does nothing,
 so callers need no rank checks. Nothing here runs inside a timed region: benchmarks write between measurements.
+
+What they may write over (pipeline.outputs.check_output, before any work): `check_result_paths` lets the JSON file
+replace only a previous result of the same benchmark (a JSON object with exactly its keys) and the run directory add
+only to a tracked run; neither may be, lie inside or contain an input.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from pipeline.atomic import write_atomic
-from pipeline.tracking import NamedRun, Tracker
+from pipeline.outputs import check_output
+from pipeline.tracking import NamedRun, Tracker, describe_tracked_dir
+
+
+def check_result_paths(
+    json_path: Path | None,
+    run_dir: Path | None,
+    kind: str,
+    keys: Collection[str],
+    inputs: Mapping[str, Path | None] | None = None,
+) -> None:
+    """`json_path` (--out) may replace only a previous `kind` (a JSON object with exactly `keys`), `run_dir`
+    (--run-dir) may add only to a tracked run, and neither may be, lie inside or contain one of `inputs` (or the
+    other). Raises pipeline.outputs.OutputError naming what is there; writes nothing."""
+    inputs = {name: path for name, path in (inputs or {}).items() if path is not None}
+
+    def recognise(path: Path) -> str | None:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+        return f"a previous {kind}" if isinstance(doc, dict) and set(doc) == set(keys) else None
+
+    if json_path is not None:
+        protected = {**inputs, **({"--run-dir": run_dir} if run_dir is not None else {})}
+        check_output(json_path, kind=kind, recognise=recognise, force=True, protected=protected,
+                     note=f"only a previous {kind} is replaced")  # fmt: skip
+    if run_dir is not None:
+        check_output(run_dir, kind="tracked run", recognise=describe_tracked_dir, force=True, protected=inputs,
+                     note="--run-dir adds only to a run directory of this command")  # fmt: skip
 
 
 class Results:

@@ -25,6 +25,8 @@ class ModelConfig:
     attention_scale: float
     tie_embeddings: bool
     lm_head_bias: bool
+    bias: bool  # every linear layer has a bias (attention, FFNs, experts); the router's is router_bias
+    qk_norm: bool  # self-attention: a per-head norm (norm's kind, over head_dim) on queries and keys before RoPE
     num_experts: int
     topk: int
     moe_layers: dict[str, tuple[int, ...]]  # stack -> MoE layer numbers (from 1)
@@ -55,6 +57,8 @@ class ModelConfig:
             attention_scale=float(m["attention_scale"]),
             tie_embeddings=m["tie_embeddings"],
             lm_head_bias=m["lm_head_bias"],
+            bias=m["bias"],
+            qk_norm=m["qk_norm"],
             num_experts=moe["num_experts"],
             topk=moe["topk"],
             moe_layers={stack: tuple(layers) for stack, layers in moe["moe_layers"].items()},
@@ -76,6 +80,7 @@ class ModelConfig:
         router_pre_softmax: bool,
         router_bias: bool,
         activation: str = "gelu",
+        bias: bool = True,
     ) -> ModelConfig:
         """What one MoE layer reads (router, experts), the rest of a one-layer model filled in: for benchmarks and
         tests that build a layer without an export."""
@@ -97,6 +102,8 @@ class ModelConfig:
             attention_scale=1.0,
             tie_embeddings=True,
             lm_head_bias=False,
+            bias=bias,
+            qk_norm=False,
             num_experts=num_experts,
             topk=topk,
             moe_layers={"decoder": (1,)},

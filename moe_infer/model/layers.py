@@ -1,8 +1,10 @@
 """The dense building blocks: norms, rotary positions, attention with a KV cache, the FFN activation and dense MLP.
 
 Numerics follow megatron-core 0.16.1's local (non-TransformerEngine) layers in fp32: torch LayerNorm / RMSNorm with
-the configured eps; scores = q k^T * attention_scale (1/sqrt(head_dim)), masked positions filled before a softmax over
-the keys; exact (erf) GELU; swiglu = silu(first half of fc1) * second half; rotate-half RoPE on every head dim.
+the configured eps; qk_norm: the same norm per head on q and k (over head_dim) before RoPE; scores = q k^T *
+attention_scale (1/sqrt(head_dim)), masked positions filled before a softmax over the keys; exact (erf) GELU;
+swiglu = silu(first half of fc1) * second half; rotate-half RoPE on every head dim. Linear layers have biases only
+with cfg.bias.
 
 Shape legend: B batch (may be 0: an idle rank's empty batch), S query positions, K key positions (cached + new),
 H heads, Dh head dim, D model dim, F ffn dim.
@@ -20,11 +22,11 @@ from moe_infer.model.config import ModelConfig
 
 
 class Norm(nn.Module):
-    """LayerNorm (weight, bias) or RMSNorm (weight only)."""
+    """LayerNorm (weight, bias) or RMSNorm (weight only), over the last dim: `size` (default the model dim)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int | None = None):
         super().__init__()
-        d = cfg.hidden_size
+        d = size or cfg.hidden_size
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         self.weight = nn.Parameter(torch.empty(d, device="meta"))
         self.bias = nn.Parameter(torch.empty(d, device="meta")) if cfg.norm == "layernorm" else None
@@ -78,21 +80,25 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention, self (q, k, v from x) or cross (k, v from the encoder output)."""
+    """Multi-head attention, self (q, k, v from x) or cross (k, v from the encoder output). `qk_norm`: q and k of every
+    head normalised (q_norm, k_norm) before RoPE."""
 
-    def __init__(self, cfg: ModelConfig, rope: bool):
+    def __init__(self, cfg: ModelConfig, rope: bool, qk_norm: bool = False):
         super().__init__()
         d = cfg.hidden_size
         self.heads, self.head_dim, self.scale = cfg.num_attention_heads, cfg.head_dim, cfg.attention_scale
         self.rope = rope
-        self.q, self.k, self.v, self.out = (nn.Linear(d, d, device="meta") for _ in range(4))
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d, bias=cfg.bias, device="meta") for _ in range(4))
+        self.q_norm = Norm(cfg, cfg.head_dim) if qk_norm else None
+        self.k_norm = Norm(cfg, cfg.head_dim) if qk_norm else None
 
     def _split(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         return x_BSD.view(b, s, self.heads, self.head_dim).transpose(1, 2)
 
     def keys_values(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._split(self.k(x_BSD)), self._split(self.v(x_BSD))
+        k_BHKD = self._split(self.k(x_BSD))
+        return k_BHKD if self.k_norm is None else self.k_norm(k_BHKD), self._split(self.v(x_BSD))
 
     def forward(
         self,
@@ -107,6 +113,8 @@ class Attention(nn.Module):
         keys. Cross-attention (`memory` given): keys and values come from `cache` when it holds them, else from
         `memory` (and are stored in `cache`)."""
         q_BHSD = self._split(self.q(x_BSD))
+        if self.q_norm is not None:
+            q_BHSD = self.q_norm(q_BHSD)
         if memory_BKD is None:  # self-attention
             k_BHKD, v_BHKD = self.keys_values(x_BSD)
             if self.rope:
@@ -144,8 +152,8 @@ class DenseMLP(nn.Module):
         super().__init__()
         rows = 2 * cfg.ffn_hidden_size if cfg.activation == "swiglu" else cfg.ffn_hidden_size
         self.activation = cfg.activation
-        self.fc1 = nn.Linear(cfg.hidden_size, rows, device="meta")
-        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, device="meta")
+        self.fc1 = nn.Linear(cfg.hidden_size, rows, bias=cfg.bias, device="meta")
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias, device="meta")
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return self.fc2(activation(self.activation, self.fc1(x_BSD)))

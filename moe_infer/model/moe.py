@@ -12,7 +12,8 @@ router and the experts as they are.
 megatron-core 0.16.1 numerics, matched in fp32: router logits in fp32 (`x @ W^T + b`); pre_softmax: softmax over all
 experts then top-k (the k probabilities do not sum to 1), else top-k of the logits then softmax over those k. The
 probability is applied inside the expert, to the activation and to fc2's bias (megatron's per_token_scale in MLP):
-y = fc2.weight @ (act(fc1(x)) * p) + fc2.bias * p. A token's outputs are added in ascending expert order.
+y = fc2.weight @ (act(fc1(x)) * p) + fc2.bias * p (no bias term without cfg.bias). A token's outputs are added in
+ascending expert order.
 
 Shape legend: T tokens, K experts per token (top-k), E experts, N (token, expert) pairs (T*K), D model dim, F ffn dim.
 """
@@ -55,6 +56,8 @@ class ExpertFFN(DenseMLP):
         h_NF = activation(self.activation, self.fc1(x_ND))
         h_NF = (h_NF * probs_N.unsqueeze(-1)).to(x_ND.dtype)
         y_ND = torch.nn.functional.linear(h_NF, self.fc2.weight)
+        if self.fc2.bias is None:
+            return y_ND
         return y_ND + self.fc2.bias * probs_N.unsqueeze(-1).to(y_ND.dtype)
 
 

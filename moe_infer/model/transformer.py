@@ -65,7 +65,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, stack: str, number: int, cross: bool):
         super().__init__()
         self.attn_norm = Norm(cfg)
-        self.attn = Attention(cfg, rope=cfg.position_embedding == "rope")
+        self.attn = Attention(cfg, rope=cfg.position_embedding == "rope", qk_norm=cfg.qk_norm)
         self.cross = cross
         if cross:
             self.cross_norm = Norm(cfg)

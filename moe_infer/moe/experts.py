@@ -81,8 +81,17 @@ def stack_experts(
         raise PipelineError("local experts: a rank must hold at least one expert of each MoE layer")
     first = experts[0]["fc1.weight"]
     device, dtype = device or first.device, dtype or first.dtype
+
+    def tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        # TEMPORARY (until the grouped-GEMM kernel takes experts without biases): an export with model.bias false has
+        # no fc1.bias / fc2.bias; a zero bias adds exactly nothing.
+        if name in tensors or not name.endswith(".bias"):
+            return tensors[name]
+        weight = tensors[name.replace(".bias", ".weight")]
+        return weight.new_zeros(weight.shape[0])
+
     return tuple(
-        torch.stack([tensors[name] for tensors in experts]).to(device=device, dtype=dtype).contiguous()
+        torch.stack([tensor(tensors, name) for tensors in experts]).to(device=device, dtype=dtype).contiguous()
         for name in EXPERT_TENSORS
     )
 

@@ -1,18 +1,15 @@
 """Write an export directory (layout: moe_infer.export_format): config.json, the tokenizer, safetensors weights with
 one file per expert, and the manifest last. Everything goes to a temporary directory next to the target, which is
-renamed into place only when complete; an existing export is replaced only when asked (--force).
+renamed into place only when complete (pipeline.atomic.staged_directory); `describe_export` recognises an existing
+export, the only thing --force replaces.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
+import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from safetensors.torch import save_file
 
 from moe_infer import export_format as fmt
 from pipeline.convert.source import Source
+from pipeline.outputs import OutputError
 from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from pipeline.train.checkpoint import git_revision
 
@@ -29,7 +27,7 @@ _UNSUPPORTED = {
     "num_query_groups": None,  # grouped-query attention (None or the head count is plain multi-head)
     "softmax_scale": None,
     "apply_query_key_layer_scaling": False,
-    "qk_layernorm": False,
+    "add_qkv_bias": False,  # a q/k/v bias without the other linear biases (model.bias covers all of them alike)
     "layernorm_zero_centered_gamma": False,
     "apply_residual_connection_post_layernorm": False,
     "rotary_interleaved": False,
@@ -86,6 +84,8 @@ def export_config(source: Source, megatron_model: torch.nn.Module) -> dict[str, 
             # T5's lm_head has a bias exactly when it shares the embedding (megatron T5LMHead); GPT's never.
             "lm_head_bias": not lm and m.tie_embeddings,
             "dtype": _DTYPES[dtype],
+            "bias": bool(mcfg.add_bias_linear),
+            "qk_norm": bool(mcfg.qk_layernorm),
         },
         "moe": {
             "num_experts": moe.num_experts,
@@ -155,49 +155,32 @@ def _metadata(**fields: Any) -> dict[str, str]:
     return {fmt.FORMAT: json.dumps(fields, sort_keys=True)}
 
 
-def refuse_existing(out: Path, force: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not force:
-        raise fmt.ExportError(f"{out} already exists: pass --force to replace it (nothing was written)")
-
-
-@contextlib.contextmanager
-def staged(out: Path, force: bool) -> Iterator[Path]:
-    """A fresh temporary directory next to `out`; it becomes `out` when the block ends without an error, else it is
-    removed. With `force`, an existing `out` is swapped out and removed only once the new one is in place."""
-    refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+def describe_export(path: Path) -> str | None:
+    """'an export (lm-tiny, step 300)' when `path` is an export directory (config.json carries the format tag) holding
+    nothing an export does not hold; None when it is not an export. An export with other files in it is refused
+    outright: --force would delete them."""
+    if not path.is_dir() or path.is_symlink():
+        return None
     try:
-        yield tmp
-        _readable(tmp)
-        _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        config = json.loads((path / fmt.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") != fmt.FORMAT:
+        return None
+    foreign = sorted(
+        rel
+        for rel in (p.relative_to(path).as_posix() for p in path.rglob("*"))
+        if rel not in _EXPORT_FILES and rel != fmt.EXPERTS_DIR and not _EXPERT_FILE.fullmatch(rel)
+    )
+    if foreign:
+        raise OutputError(
+            f"{path} is an export but also holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+            "which no export holds: move that out first (nothing was written)"
+        )
+    provenance = config.get("provenance") if isinstance(config.get("provenance"), dict) else {}
+    run_config = provenance.get("run_config") if isinstance(provenance.get("run_config"), dict) else {}
+    return f"an export ({run_config.get('name', '?')}, step {provenance.get('step', '?')})"
 
 
-def _readable(root: Path) -> None:
-    """mkdtemp makes the directory private (0700) and safetensors its files 0600: give them the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _, names in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for name in names:
-            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    refuse_existing(out, force)  # again: another conversion may have finished meanwhile
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+_EXPORT_FILES = {fmt.CONFIG_FILE, fmt.TOKENIZER_FILE, fmt.DENSE_FILE, fmt.MANIFEST_FILE}
+_EXPERT_FILE = re.compile(rf"{fmt.EXPERTS_DIR}/(encoder|decoder)\.layer\d+\.expert\d+\.safetensors")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from pipeline.tokenizer import MODEL_FILENAME, Tokenizer
 from pipeline.train import checkpoint as ckpt_io
 
@@ -34,6 +34,10 @@ class Source:
 def open_checkpoint(path: Path, config: str | None = None) -> Source:
     """Resolve and check a checkpoint (or a run directory's latest one) without loading weights."""
     ckpt = ckpt_io.resolve_checkpoint(Path(path))
+    try:
+        ckpt_io.verify_checkpoint(ckpt)  # every file against the checkpoint's manifest, before anything reads them
+    except CorruptCheckpointError as err:
+        raise _with_older(err, ckpt) from None
     meta = ckpt_io.read_meta(ckpt)
     saved = ckpt_io.saved_config(ckpt)
     if not isinstance(saved, dict):
@@ -77,8 +81,16 @@ def load_megatron(source: Source) -> torch.nn.Module:
         # torch deprecations inside dist_checkpointing's loader: nothing a user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)\..*")
         _check_stored_tensors(model, source.ckpt)
-        ckpt_io.load_model(model, source.ckpt)
+        try:
+            ckpt_io.load_model(model, source.ckpt)
+        except CorruptCheckpointError as err:
+            raise _with_older(err, source.ckpt) from None
     return model.eval()
+
+
+def _with_older(err: CorruptCheckpointError, ckpt: Path) -> CorruptCheckpointError:
+    """The damage, and the newest intact older checkpoint of the same run to convert instead."""
+    return ckpt_io.with_intact_hint(err, ckpt_io.run_dir_of(ckpt), ckpt, how="convert it with --ckpt {path}")
 
 
 def _check_stored_tensors(model: torch.nn.Module, ckpt: Path) -> None:
@@ -99,8 +111,11 @@ def _check_stored_tensors(model: torch.nn.Module, ckpt: Path) -> None:
     try:
         stored = dist_checkpointing.load_tensors_metadata(str(ckpt / "model"))
     except Exception as err:
-        raise CheckpointError(
-            f"{ckpt / 'model'}: cannot read the checkpoint's tensor index ({type(err).__name__}: {str(err)[:200]})"
+        raise _with_older(
+            CorruptCheckpointError(
+                f"corrupt checkpoint: cannot read the tensor index of {ckpt / 'model'} ({ckpt_io.one_line_cause(err)})"
+            ),
+            ckpt,
         ) from None
     wanted = {t.key: t for t in sharded_tensors(model.sharded_state_dict())}
     missing = sorted(set(wanted) - set(stored))

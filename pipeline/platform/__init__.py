@@ -6,7 +6,7 @@ Typical entry point:
     platform = detect_platform()                 # cuda+nccl when present, else cpu+gloo
     set_threads_per_rank()
     patch_megatron_for_cpu()                     # before building megatron models (training)
-    info = init_distributed(platform)            # or use_deepspeed=True for serving
+    info = init_distributed(platform)            # or use_deepspeed=True for serving; watches the launcher
 """
 
 from pipeline.platform.deepspeed_cpu import check_dtype_supported, deepspeed_config_for_cpu, patch_deepspeed_for_cpu
@@ -19,11 +19,13 @@ from pipeline.platform.device import (
     local_world_size,
     set_threads_per_rank,
 )
+from pipeline.platform.launcher import LauncherWatch, watch_launcher
 from pipeline.platform.megatron_cpu import patch_megatron_for_cpu
 from pipeline.platform.warnings import quiet_known_warnings
 
 __all__ = [
     "DistInfo",
+    "LauncherWatch",
     "Platform",
     "check_dtype_supported",
     "deepspeed_config_for_cpu",
@@ -35,4 +37,5 @@ __all__ = [
     "patch_megatron_for_cpu",
     "quiet_known_warnings",
     "set_threads_per_rank",
+    "watch_launcher",
 ]

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import PlatformError
+from pipeline.platform.launcher import watch_launcher
 
 BACKENDS = ("nccl", "gloo")
 PREFERENCES = ("auto", "cpu", "cuda")
@@ -104,6 +105,8 @@ def init_distributed(platform: Platform | None = None, timeout_s: float = 300, u
 
     `timeout_s` bounds rendezvous and every collective: a rank that dies makes the others fail after it, never hang.
     `use_deepspeed` starts DeepSpeed's comm layer (deepspeed.init_distributed) on top, with the CPU traps avoided.
+    A process started by a launcher (RANK/WORLD_SIZE/LOCAL_RANK set) also starts `watch_launcher()`: it stops when
+    its launcher is gone, whichever launcher it was.
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
         raise PlatformError(f"distributed timeout must be a positive number of seconds, got {timeout_s!r}")
@@ -114,7 +117,10 @@ def init_distributed(platform: Platform | None = None, timeout_s: float = 300, u
         raise PlatformError("backend 'nccl' was asked for but CUDA is not available: use 'gloo' on CPU")
 
     if not dist.is_initialized():
+        launched = any(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         rank, world_size, local_rank = _launcher_env()
+        if launched:  # torchrun starts ranks in sessions of their own: a rank must notice its launcher's death itself
+            watch_launcher()
         if platform.cuda:
             _check_local_gpu(local_rank)
             torch.cuda.set_device(local_rank)

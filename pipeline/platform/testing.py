@@ -25,6 +25,8 @@ from pipeline.errors import PlatformError
 
 # Time the other ranks get to report their own error once one rank failed (theirs is often the consequence).
 _ERROR_GRACE_S = 2.0
+# Time a rank that reported gets to exit by itself (its exit handlers run then) before it is stopped.
+_EXIT_GRACE_S = 30.0
 
 
 class DistributedTestFailure(AssertionError):
@@ -54,6 +56,7 @@ def run_distributed(
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
     ranks: dict[int, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
+    reported: set[int] = set()  # ranks that sent their result or error: they are exiting by themselves
     try:
         for rank in range(world_size):
             launcher_env = {
@@ -77,15 +80,10 @@ def run_distributed(
                 process.start()
             child_end.close()  # the parent keeps only the reading end, so a dead child shows up as EOF
             ranks[rank] = (process, parent_end)
-        return _collect(ranks, timeout_s)
+        return _collect(ranks, timeout_s, reported)
     finally:
-        for process, conn in ranks.values():
-            if process.is_alive():
-                process.terminate()
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        for rank, (process, conn) in ranks.items():
+            _end(process, exit_grace_s=_EXIT_GRACE_S if rank in reported else 0.0)
             conn.close()
 
 
@@ -103,7 +101,30 @@ def _environ(values: dict[str, str]):
                 os.environ[name] = value
 
 
-def _collect(ranks: dict, timeout_s: float) -> list[Any]:
+def _end(process: multiprocessing.process.BaseProcess, exit_grace_s: float) -> None:
+    """Let a rank that reported finish exiting (its exit handlers run then); stop one that did not, and every process
+    it started (a rank stopped by a signal runs no exit handlers, so its helpers would outlive it)."""
+    import psutil
+
+    process.join(timeout=exit_grace_s)
+    if not process.is_alive():
+        return
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    process.terminate()
+    process.join(timeout=5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(family, timeout=5)
+
+
+def _collect(ranks: dict, timeout_s: float, reported: set[int]) -> list[Any]:
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     pending = dict(ranks)
@@ -127,6 +148,7 @@ def _collect(ranks: dict, timeout_s: float) -> list[Any]:
                 process.join(timeout=5)
                 status, payload = "error", f"process exited with code {process.exitcode} without reporting"
             del pending[rank]
+            reported.add(rank)
             if status == "ok":
                 results[rank] = payload
             else:

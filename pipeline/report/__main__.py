@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from pipeline.atomic import write_atomic
+from pipeline.errors import PipelineError
+from pipeline.outputs import check_output
 from pipeline.report import context as report_context
 from pipeline.report.headline import headlines
 from pipeline.report.html_page import render_html
@@ -50,6 +52,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _starts_with(path: Path, text: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(len(text)) == text
+    except OSError:
+        return False
+
+
+def _html_report(path: Path) -> str | None:
+    head = '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>MoE inference report ('
+    return "a previous report" if path.is_file() and _starts_with(path, head) else None
+
+
+def _markdown_report(path: Path) -> str | None:
+    return (
+        "a previous report" if path.is_file() and _starts_with(path, "# MoE inference: experiment report\n") else None
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     found, problems = discover(args.runs)
@@ -63,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = headlines(found)
     sections = build_sections(found, problems)
     # Both pages are built in memory before either is written: a failure leaves the previous report as it was.
+    # A previous report is replaced; any other file at either path is not.
+    try:
+        for path, recognise in ((args.out, _html_report), (args.markdown, _markdown_report)):
+            check_output(
+                path, kind="report", recognise=recognise, force=True, note="only a previous report is replaced"
+            )
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     html = render_html(ctx, roots, rows, sections, problems)
     markdown = render_markdown(ctx, roots, rows, sections, problems, args.out.name)
     write_atomic(args.out, html)

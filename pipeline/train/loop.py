@@ -26,13 +26,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
-from pipeline.errors import PipelineError
 from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
 from pipeline.tokenizer import Tokenizer, tokenizer_for
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.batches import build_batches, unigram_baseline
 from pipeline.train.model import build_model, init_model_parallel, is_expert_param, model_loss, moe_aux_losses
+from pipeline.train.resume import check_checkpoint, load_checkpoint, prepare_run_dir
 from pipeline.train.routing import RoutingRecorder
 
 
@@ -143,21 +143,26 @@ def _prepare_tokenizer(cfg: RunConfig, is_main: bool) -> Tokenizer:
     return tok if is_main else tokenizer_for(cfg)
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str | None = None) -> dict:
-    """Train `cfg` (collective: every rank calls it). Returns the final summary (the same on every rank)."""
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    trace_split: str | None = None,
+    resume_from: str | None = None,
+) -> dict:
+    """Train `cfg` (collective: every rank calls it). Returns the final summary (the same on every rank).
+
+    `resume`: continue from the run directory's latest checkpoint; `resume_from`: from that checkpoint (`step_N`, N,
+    or a checkpoint path). Without either, `run_dir` must not hold a run (pipeline.train.run_dir)."""
     platform = detect_platform()
     set_threads_per_rank()
     info = init_distributed(platform)
     init_model_parallel(cfg)
     groups = _groups()
     device = platform.device
-    run_dir.mkdir(parents=True, exist_ok=True)
-    latest = ckpt_io.latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise PipelineError(
-            f"{run_dir} already holds a run (latest checkpoint {latest.name}): pass --resume to continue it, "
-            "or give another --run-dir (nothing there is overwritten)"
-        )
+    latest, run_lock = prepare_run_dir(run_dir, resume, resume_from)
+    if latest is not None:
+        check_checkpoint(latest, cfg)  # a damaged checkpoint stops every rank before anything is built
 
     tok = _prepare_tokenizer(cfg, info.is_main)
     train_data = build_batches(cfg, tok, "train", groups.dp_rank, groups.dp_size)
@@ -172,11 +177,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
     if resume and latest is None and info.is_main:
         print(f"no checkpoint in {run_dir} to resume from: starting a fresh run")
     if latest is not None:
-        ckpt_io.check_compatible(latest, cfg)
-        ckpt_io.load_model(model, latest)
-        start = ckpt_io.load_train_state(optimizer, latest)
+        start = load_checkpoint(model, optimizer, latest)
         if info.is_main:
             print(f"resuming from {latest} (step {start})")
+            if resume_from is not None and latest.parent == run_dir / "checkpoints":
+                ckpt_io.point_latest_at(latest)  # a later --resume continues from here, not from the newer ones
+    # Only now, with the checkpoint known good on every rank: nothing is written for a run that cannot start.
     tracker = Tracker(cfg, run_dir, "train", is_main=info.is_main, resume_step=start)
     baseline = unigram_baseline(cfg, tok)
     tracker.summary(unigram_baseline_loss=baseline)
@@ -253,6 +259,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, trace_split: str 
             summary["traces"] = str(record_routing_traces(cfg, model, tok, trace_split, run_dir, step, groups))
     tracker.summary(**summary)
     tracker.finish()
+    if run_lock is not None:
+        run_lock.release()
     return summary
 
 

@@ -70,6 +70,8 @@ def transformer_config(cfg: RunConfig, num_layers: int):
         attention_dropout=m.dropout,
         init_method_std=m.init_std,
         normalization="RMSNorm" if m.norm == "rmsnorm" else "LayerNorm",
+        add_bias_linear=m.bias,  # every linear layer: attention, FFNs, experts and the router
+        qk_layernorm=m.qk_norm,  # the norm modules themselves are put into the layer specs (_with_torch_norms)
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         # False: the expert weights come from the per-EP-rank RNG state (they differ across ranks), dense weights from
@@ -92,11 +94,13 @@ def transformer_config(cfg: RunConfig, num_layers: int):
     return megatron_transformer_config(activation=m.activation, **settings)
 
 
-def _with_torch_norms(layer_spec):
-    """The layer spec with every norm a torch LayerNorm/RMSNorm (per config.normalization).
+def _with_torch_norms(layer_spec, qk_norm: bool):
+    """The layer spec with every norm a torch LayerNorm/RMSNorm (per config.normalization), and with `qk_norm` the
+    self-attention's per-head query and key norms (megatron's cross-attention has none).
 
     megatron's local specs take apex's FusedLayerNorm when apex imports (no RMSNorm, no CPU) and its T5 block specs
-    take TENorm, which is None without TransformerEngine: the final norm is then silently dropped.
+    take TENorm, which is None without TransformerEngine: the final norm is then silently dropped. Neither T5 spec
+    takes a qk_layernorm argument, so the q/k norms are set here for both models alike.
     """
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -107,6 +111,10 @@ def _with_torch_norms(layer_spec):
         for name in ("input_layernorm", "pre_cross_attn_layernorm", "pre_mlp_layernorm")
         if getattr(sub, name) is not IdentityOp
     }
+    if qk_norm:
+        attention = sub.self_attention
+        qk = dataclasses.replace(attention.submodules, q_layernorm=WrappedTorchNorm, k_layernorm=WrappedTorchNorm)
+        norms["self_attention"] = dataclasses.replace(attention, submodules=qk)
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, **norms))
 
 
@@ -116,7 +124,7 @@ def _block_spec(cfg: RunConfig, base_layer_spec, num_layers: int):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    dense = _with_torch_norms(base_layer_spec)
+    dense = _with_torch_norms(base_layer_spec, cfg.model.qk_norm)
     specs = [dense] * num_layers
     if cfg.moe.num_experts:
         moe_mlp = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False).submodules.mlp

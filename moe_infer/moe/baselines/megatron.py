@@ -22,8 +22,8 @@ What we set, and why:
     moe_router_load_balancing_type "none", moe_aux_loss_coeff 0, moe_z_loss_coeff None: losses are meaningless at
         inference (megatron only computes them in training with grad anyway).
     moe_router_dtype "fp32", params fp32, every fusion off: the numerics our reference (moe_infer.model.moe) matches.
-    add_bias_linear True: in megatron one flag gives both the router and the experts their biases, and the export's
-        experts always have biases. An export without a router bias gets a zero one (adding 0 is exact).
+    add_bias_linear = the export's model.bias: in megatron one flag gives both the router and the experts their biases.
+        An export with expert biases but no router bias gets a zero one (adding 0 is exact).
     perform_initialization False: every weight is overwritten from the export, and skipping init keeps megatron's
         RNG tracker (and torch's global RNG) out of it.
 megatron puts local expert k of EP rank r at global id r * L + k: only the contiguous placement can be served, any
@@ -184,7 +184,7 @@ def _build_moe_layer(cfg: ModelConfig, ranks: int) -> nn.Module:
         ffn_hidden_size=cfg.ffn_hidden_size,
         moe_ffn_hidden_size=cfg.ffn_hidden_size,  # the experts are as wide as the dense FFN, as in training
         num_attention_heads=cfg.num_attention_heads,
-        add_bias_linear=True,
+        add_bias_linear=cfg.bias,
         params_dtype=DTYPE,
         perform_initialization=False,
         num_moe_experts=cfg.num_experts,
@@ -223,7 +223,7 @@ def _load(moe: nn.Module, cfg: ModelConfig, router: RouterTensors, experts: Expe
         raise PipelineError(
             f"megatron block: this rank holds experts {local}, but was given tensors for {sorted(experts)}"
         )
-    if not cfg.router_bias and "bias" not in router:
+    if cfg.bias and not cfg.router_bias and "bias" not in router:
         router = {**router, "bias": torch.zeros(cfg.num_experts)}  # see add_bias_linear in the module docstring
     # Every given tensor must find its megatron parameter: (kind, local slot, export key) not yet loaded.
     unused = {("router", None, key) for key in router} | {
