@@ -8,14 +8,15 @@ then those of --shift-to (phase 2), served by three variants, each from a fresh 
                  default every 8 steps from the last 32 calls)
 
     torchrun --nproc-per-node 2 -m moe_infer.bench shift --export exports/lm-tiny --input shakespeare.txt \\
-        --shift-to bible.txt --max-new-tokens 24 --repeats 5 --run-dir runs/bench-shift-lm-tiny
+        --shift-to bible.txt --max-new-tokens 24 --repeats 5
 
 Every variant's outputs must equal contiguous's token for token (a placement only moves experts). Per variant:
 balancedness over time, per window of --report-window MoE calls (mean / max of the rank loads summed over the window
 under the placement in force at each call; 1 is even; the mean over the MoE layers), and its means before and after
 the shift; output tokens/s per phase, the median of --repeats interleaved rounds with its min-max; the online
-variant's re-fits, moves, bytes moved and seconds spent moving. Output: a table, shift.json, shift.png (balancedness
-over time, the shift marked) and a W&B run in --run-dir (default runs/bench-shift-<export>).
+variant's re-fits, moves, bytes moved and seconds spent moving. Output: a table, --out (JSON) and beside it a .png
+(balancedness over time, the shift marked), and a W&B run in --run-dir (defaults: runs/bench-shift-<export>.json,
+runs/bench-shift-<export>/).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from moe_infer.bench.results import Results
+from moe_infer.bench.results import Results, check_result_paths
 from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.placement import Placement
 from moe_infer.placement.algorithms import greedy
@@ -50,6 +51,7 @@ from moe_infer.serve.requests import check_requests, encode_requests, read_reque
 from pipeline.errors import PipelineError
 
 VARIANTS = ("contiguous", "offline", "online")
+RESULT_KEYS = ("rows", "variants", "report_window", "settings", "ranks")  # --out's, by which a previous one is known
 DEFAULT_ONLINE = RebalanceOptions(interval=8, window=32)
 
 
@@ -191,15 +193,22 @@ def report(job: Job, per_variant: dict, out: IO[str]) -> None:
         row["bytes_moved"] = sum(x["bytes_moved"] for x in fig.get("layers", {}).values())
         row["move_seconds"] = fig.get("move_seconds", 0.0)
         rows.append(row)
-    out_dir = Path(args.run_dir or f"runs/bench-shift-{job.export.path.name}")
+    json_path, run_dir = result_paths(args, job.export.path.name)
     columns = list(rows[0])
     name = f"bench-shift-{job.export.path.name}"
-    with Results(name, flag_record(args), out_dir, "bench-shift", json_path=out_dir / "shift.json") as results:
+    with Results(name, flag_record(args), run_dir, "bench-shift", json_path=json_path) as results:
         results.save({"rows": rows, "variants": per_variant, "report_window": args.report_window,
                       "settings": flag_record(args), "ranks": job.world})  # fmt: skip
         results.table("shift", columns, [[str(row[c]) for c in columns] for row in rows])
-        plot(per_variant, args.report_window, out_dir / "shift.png")
+        plot(per_variant, args.report_window, json_path.with_suffix(".png"))
         results.print(_table(rows), out)
+
+
+def result_paths(args: argparse.Namespace, export_name: str) -> tuple[Path, Path]:
+    """(--out, its plot beside it as .png; --run-dir), by default runs/bench-shift-<export>.json and ...-<export>/."""
+    return Path(args.out or f"runs/bench-shift-{export_name}.json"), Path(
+        args.run_dir or f"runs/bench-shift-{export_name}"
+    )
 
 
 def _avg(values: list[float]) -> float:
@@ -249,10 +258,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shift.add_argument("--shift-to", required=True, help="phase 2: one prompt per line, served after --input's")
     shift.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds (default 5)")
     shift.add_argument("--report-window", type=positive_int, default=32, help="MoE calls per balancedness window")
+    shift.add_argument("--out", help="the result JSON (default runs/bench-shift-<export>.json; its plot beside it)")
 
 
 def main(args: argparse.Namespace) -> int:
+    json_path, run_dir = result_paths(args, Path(args.export).name)
+    inputs = {"--input": Path(args.input), "--shift-to": Path(args.shift_to), "--export": Path(args.export)}
     with launched(args.quiet) as command:
+        check_result_paths(json_path, run_dir, "shift-bench result", RESULT_KEYS, inputs)
         job = prepare(args, command.rank, command.world)
         lines = read_requests(args.shift_to, command.rank, command.world)
         phase2 = encode_requests(job.tokenizer, lines, job.mode)

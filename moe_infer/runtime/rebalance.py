@@ -178,13 +178,14 @@ class Rebalancer:
         order, so the pairs match); returns the arrivals as export tensors in host memory."""
         engine = self.engine
         sample = next(iter(host.values()))
-        shapes = {k: sample[k].shape for k in EXPERT_TENSORS}
+        # The export's tensors of an expert (an export without biases has only the weights), in one order everywhere.
+        shapes = {k: sample[k].shape for k in EXPERT_TENSORS if k in sample}
         numel, dtype = sum(s.numel() for s in shapes.values()), sample["fc1.weight"].dtype
         device = engine.device if engine.device.type == "cuda" else torch.device("cpu")  # NCCL moves device tensors
         ops, inbox = [], {}
         for move in moved:
             if move.src == engine.rank:
-                flat = torch.cat([host[move.expert][k].reshape(-1) for k in EXPERT_TENSORS]).to(device)
+                flat = torch.cat([host[move.expert][k].reshape(-1) for k in shapes]).to(device)
                 ops.append(dist.P2POp(dist.isend, flat, move.dst))
             elif move.dst == engine.rank:
                 inbox[move.expert] = torch.empty(numel, dtype=dtype, device=device)
