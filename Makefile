@@ -53,7 +53,11 @@ export-hf: setup ## export (EXPORT, default exports/MODEL) -> Hugging Face Qwen3
 	$(PY) -m pipeline.convert.hf $(EXPORT) $(or $(OUT),exports/$(MODEL)-hf) $(ARGS)
 
 infer: setup ## serve EXPORT (default exports/MODEL) on NPROC ranks with DeepSpeed; ARGS="--mode bench" etc.
-	$(DEEPSPEED) --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
+	@# stdout carries the results alone (not even this command line): the deepspeed launcher logs there; --quiet keeps
+	@# its INFO lines off, and naming the accelerator skips the warning deepspeed prints on import (before --quiet
+	@# applies) when it finds no GPU.
+	@DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(PY) -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')} \
+		$(DEEPSPEED) --quiet --num_gpus $(NPROC) launch/infer.py --export $(EXPORT) $(ARGS)
 
 bench: setup exports/lm-tiny/manifest.json exports/mt-tiny/manifest.json exports/lm-qwen3-tiny/manifest.json ## the paper's experiments on the trained lm-tiny and mt-tiny, and transformers vs our engine on lm-qwen3-tiny (trained and converted first if missing): runs/bench/, then `make report`
 	$(PY) -m pipeline.suite --out runs/bench --nproc $(NPROC) $(ARGS)

@@ -27,6 +27,11 @@ stage (pipeline.config, pipeline.data), which moe_infer does not import; the ben
 An experiment whose model is missing (no export) is skipped and says so; a command that fails is recorded and the
 suite goes on. Progress: one line per command with the elapsed time and an estimate of what is left. The record of
 what ran (commands, seconds, exit status) is written to <out>/suite.json, atomically after every command.
+
+--out must be new, empty, or a previous suite's output (it holds that suite's record, suite.json): a second suite
+adds to it, each command replacing its own results there (the suite passes --force to the commands that need it);
+any other directory, and one that is, lies inside or contains an export the suite reads, is refused before anything
+runs (pipeline.outputs.check_output).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.atomic import write_atomic
+from pipeline.errors import PipelineError
+from pipeline.outputs import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_FILE = "suite.json"
@@ -94,6 +101,18 @@ class Suite:
             f"min; record in {self.out / SUITE_FILE}"
         )
         return 1 if failed else 0
+
+
+def describe_suite_output(out: Path) -> str | None:
+    """'the output of an earlier suite (N commands)' when `out` holds a suite's record (SUITE_FILE), else None."""
+    try:
+        steps = json.loads((out / SUITE_FILE).read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fields = {"experiment", "command", "status"}
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and fields <= set(s) for s in steps):
+        return None
+    return f"the output of an earlier suite ({len(steps)} commands)"
 
 
 def held_out_inputs(out: Path, quick: bool) -> tuple[Path, Path, Path]:
@@ -203,6 +222,7 @@ def plan(args: argparse.Namespace) -> Suite:
             "100000",
             "--output",
             out / "traces" / f"{name}-out.txt",
+            "--force",  # a previous suite's trace and outputs, in the suite's own directory
         )
         suite.add(
             f"replay-{name}",
@@ -242,7 +262,8 @@ def plan(args: argparse.Namespace) -> Suite:
         else:
             # "contiguous" is the baseline again, as a file: the control that shows the bench's noise.
             algorithms = ("contiguous", "greedy", "anti-correlation")
-            placements = [out / "placement-lm" / f"{a}.json" for a in algorithms]
+            # Beside the evaluation's run directory, not in it: that holds only its tracked files.
+            placements = [out / "placements" / f"{a}.json" for a in algorithms]
             suite.add(
                 "placement-lm",
                 py,
@@ -271,6 +292,7 @@ def plan(args: argparse.Namespace) -> Suite:
                     algorithm,
                     "--out",
                     path,
+                    "--force",  # a previous suite's placement file (fit replaces nothing else)
                 )
             suite.add(
                 "placement-lm",
@@ -318,23 +340,10 @@ def serving_under_load(suite: Suite, args: argparse.Namespace, lm_prompts: Path,
             experts = json.loads((export / "config.json").read_text()).get("moe", {}).get("num_experts")
             if experts and experts // args.nproc >= 2:  # buffering: half the local experts on the device
                 variants += ["--variant", f"buffering=--expert-slots {experts // args.nproc // 2}"]
-            variants += ["--variant", f"greedy=--placement {args.out / 'placement-lm' / 'greedy.json'}"]
+            variants += ["--variant", f"greedy=--placement {args.out / 'placements' / 'greedy.json'}"]
         rates = ["--request-rates", "inf"] if name == "mt" else []  # MT: the saturation figure only
-        suite.add(
-            f"serving-{name}",
-            *live,
-            "--export",
-            export,
-            "--input",
-            inputs,
-            *load,
-            *rates,
-            *variants,
-            "--out",
-            args.out / f"live-{name}.json",
-            "--run-dir",
-            args.out / f"live-{name}",
-        )
+        outputs = ["--out", args.out / f"live-{name}.json", "--run-dir", args.out / f"live-{name}"]
+        suite.add(f"serving-{name}", *live, "--export", export, "--input", inputs, *load, *rates, *variants, *outputs)
 
 
 def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
@@ -346,28 +355,10 @@ def plan_transformers(suite: Suite, args: argparse.Namespace) -> None:
     if importlib.util.find_spec("transformers") is None:
         suite.skip("transformers-lm", "transformers is not installed: pip install -e '.[hf]'")
         return
-    suite.add(
-        "transformers-lm",
-        sys.executable,
-        "launch/infer.py",
-        "--quiet",
-        "--export",
-        export,
-        "--mode",
-        "bench",
-        "--policies",
-        "transformers",
-        "--max-batch",
-        "8" if quick else "32",
-        "--prompt-len",
-        "24",
-        "--decode-steps",
-        "8" if quick else "16",
-        "--hf-repeats",
-        "2" if quick else "5",
-        "--run-dir",
-        args.out / "transformers-lm",
-    )
+    command = [sys.executable, "launch/infer.py", "--quiet", "--export", export, "--mode", "bench"]
+    command += ["--policies", "transformers", "--max-batch", "8" if quick else "32", "--prompt-len", "24"]
+    command += ["--decode-steps", "8" if quick else "16", "--hf-repeats", "2" if quick else "5"]
+    suite.add("transformers-lm", *command, "--run-dir", args.out / "transformers-lm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the EP experiments (the EP degree)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch sizes and requests (the demo's)")
     args = parser.parse_args(argv)
+    exports = {"--lm": args.lm, "--mt": args.mt, "--hf-lm": args.hf_lm}
+    try:
+        check_output(args.out, kind="suite output", recognise=describe_suite_output, force=True, protected=exports,
+                     note="only a previous suite's output is added to")  # fmt: skip
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     suite = plan(args)
     suite.save()
     return suite.run()

@@ -25,12 +25,14 @@ import os
 import re
 import secrets
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputs import check_output
 
 MODES = ("offline", "online", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -106,6 +108,20 @@ def describe_tracked_dir(path: Path, own: tuple[str, ...] = ()) -> str | None:
     if not names or not all(is_tracker_entry(n) or n in own for n in names):
         return None
     return f"a tracked run ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+
+
+def check_run_dir(path: Path, own: tuple[str, ...] = (), protected: Mapping[str, Path] | None = None) -> None:
+    """A command's --run-dir may be written: it is absent or empty, or a tracked run of that command
+    (describe_tracked_dir with its `own` files), which it adds to. Anything else is refused (OutputError, from
+    pipeline.outputs.check_output), and so is a path equal to, inside or containing one of `protected` (its inputs)."""
+    check_output(
+        path,
+        kind="tracked run",
+        recognise=lambda p: describe_tracked_dir(p, own),
+        force=True,
+        protected=protected,
+        note="--run-dir adds only to a run directory of this command",
+    )
 
 
 def _parse_metrics(path: Path) -> list[dict]:

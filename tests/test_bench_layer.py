@@ -31,3 +31,17 @@ def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path
         assert set(by_name[name]["phases_ms"]) == {"gate", "dispatch", "experts", "combine"}
     assert by_name["static"]["activation_mb"] > by_name["dynamic"]["activation_mb"]
     assert 0 < by_name["dynamic"]["exchange_ms"] < sum(by_name["dynamic"]["phases_ms"].values())
+
+
+def test_the_layer_benchmark_replaces_only_its_own_result(tmp_path, capfd):
+    """--out: anything but a previous layer-bench result is refused before any work (one process, no launcher)."""
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    run = tmp_path / "run"
+    argv = ["layer", "--experts", "4", "--hidden", "8", "--ffn", "8", "--tokens", "8", "--repeats", "1"]
+    assert bench_main([*argv, "--slow-repeats", "1", "--out", str(notes)]) == 2
+    err = capfd.readouterr().err
+    assert f"error: {notes} exists and is not a layer-bench result (a file of 11 bytes)" in err, err
+    assert bench_main([*argv, "--out", str(run / "layer.json"), "--run-dir", str(run)]) == 2
+    assert f"is inside --run-dir {run}" in capfd.readouterr().err
+    assert notes.read_text() == '{"mine": 1}' and not run.exists()

@@ -97,3 +97,18 @@ def test_replay_keeps_its_old_command(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "misses / belady misses at K = L/2 = 2" in result.stdout
+
+
+def test_replay_and_prefetch_add_only_to_a_run_of_their_own(tmp_path, capsys):
+    """--run-dir: a directory that is not a tracked run is refused before any work, and left as it was."""
+    trace, notes = _trace(tmp_path), tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for study in ("replay", "prefetch"):
+        assert bench_cli([study, "--trace", str(trace), "--ranks", "2", "--run-dir", str(notes)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {notes} exists and is not a tracked run (a directory holding 1 entry"), err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    run = tmp_path / "run"
+    assert bench_cli(["replay", "--trace", str(trace), "--ranks", "2", "--run-dir", str(run)]) == 0
+    assert bench_cli(["replay", "--trace", str(trace), "--ranks", "2", "--run-dir", str(run)]) == 0  # its own: again

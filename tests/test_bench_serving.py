@@ -54,3 +54,15 @@ def test_bench_serving_compares_buffering_and_placements_on_the_same_requests(se
     assert rows["baseline"]["misses"] == 0 and rows["placement replicas"]["expert_mb_per_rank"] > 0
     assert all(0 < r["rank_balance"] <= 1 and r["tok_s"] > 0 for r in rows.values())
     assert "placement replicas" in result.stdout
+
+
+def test_bench_serving_adds_only_to_a_run_of_its_own(setup, capfd, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    bench = ["--export", setup["lm"], "--mode", "bench-serving", "--input", str(setup["root"] / "prompts.txt")]
+    code, err = _bench(capfd, *bench, *GENERATE, "--run-dir", str(notes))
+    assert code == 2 and err.startswith(f"error: {notes} exists and is not a tracked run"), err
+    code, err = _bench(capfd, *bench, *GENERATE, "--run-dir", setup["lm"])
+    assert code == 2 and f"is --export {setup['lm']}" in err, err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]

@@ -2,7 +2,8 @@
 `importlib.import_module("...")` calls included, since a hidden import is still an import):
 
   * no import circle among the modules of moe_infer, nor among those of pipeline;
-  * moe_infer imports from pipeline only its utilities (errors, atomic, platform, tokenizer, tracking), never a stage;
+  * moe_infer imports from pipeline only its utilities (errors, atomic, outputs, platform, tokenizer, tracking), never
+    a stage;
   * each moe_infer package imports only its own layer or those below it (ARCHITECTURE.md, "moe_infer in layers"):
         export_format, collectives, hf_layout  ->  model  ->  placement  ->  moe  ->  buffering  ->  runtime  ->  serve
         ->  bench
@@ -35,6 +36,7 @@ LAYERS = [
 PIPELINE_UTILITIES = (
     "pipeline.errors",
     "pipeline.atomic",
+    "pipeline.outputs",
     "pipeline.platform",
     "pipeline.tokenizer",
     "pipeline.tracking",

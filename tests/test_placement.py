@@ -254,7 +254,7 @@ def test_cli_fits_and_evaluates(tmp_path, capsys):
     assert placement_cli(fit) == 0
     pfile = read_placement_file(out, num_experts=4, layer_names=["decoder.layers.2"], ranks=2)
     assert pfile.algorithm == "greedy"
-    assert placement_cli([*fit[:-3], "eplb", "--replicas", "1", "--out", str(out)]) == 0
+    assert placement_cli([*fit[:-3], "eplb", "--replicas", "1", "--out", str(out), "--force"]) == 0
     pfile = read_placement_file(out, num_experts=4, layer_names=["decoder.layers.2"], ranks=2)
     assert pfile.algorithm == "eplb+1 replicas" and sum(map(len, pfile.layers["decoder.layers.2"])) == 5
     assert placement_cli(["evaluate", "--trace", str(trace), "--ranks", "2,4", "--run-dir", str(tmp_path / "run")]) == 0
@@ -263,6 +263,33 @@ def test_cli_fits_and_evaluates(tmp_path, capsys):
     table = json.loads((tmp_path / "run" / "placement.table.json").read_text())
     assert len(table["rows"]) == 1 * 2 * 5  # layers x rank counts x algorithms
     assert placement_cli(["evaluate", "--trace", str(trace), "--ranks", "3"]) == 2
+
+
+def test_fit_replaces_only_a_placement_file_and_only_with_force(tmp_path, capsys):
+    """fit --out: a placement file is replaced with --force only; any other file, and the trace itself, never."""
+    trace = _write_trace(tmp_path / "t.npz", num_experts=4)
+    out = tmp_path / "p.json"
+    fit = ["fit", "--trace", str(trace), "--ranks", "2", "--algorithm", "greedy", "--out"]
+    assert placement_cli([*fit, str(out)]) == 0
+    capsys.readouterr()
+    assert placement_cli([*fit, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already holds a placement file (greedy, 2 ranks): pass --force to replace it " \
+        "(nothing was written)\n"  # fmt: skip
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    for target in (notes, trace):
+        before = target.read_bytes()
+        assert placement_cli([*fit, str(target), "--force"]) == 2
+        assert target.read_bytes() == before
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"error: {notes} exists and is not a placement file (a file of 11 bytes)")
+    assert err[1] == f"error: {trace} is --trace {trace}: the output must be somewhere else (nothing was written)"
+    run = tmp_path / "notes"
+    run.mkdir()
+    (run / "todo.txt").write_text("mine")
+    assert placement_cli(["evaluate", "--trace", str(trace), "--ranks", "2", "--run-dir", str(run)]) == 2
+    assert "is not a tracked run" in capsys.readouterr().err and [p.name for p in run.iterdir()] == ["todo.txt"]
 
 
 def test_replicas_split_an_experts_pairs_evenly_and_keep_one_position_per_copy():

@@ -3,6 +3,8 @@ started through DeepSpeed's comm layer), gives the single-process reference mode
 drops nothing; generation and translation under EP=2 equal the single-process results; an idle rank keeps up.
 """
 
+from functools import partial
+
 import pytest
 import torch
 from random_exports import random_export_config, write_random_export
@@ -62,50 +64,134 @@ def test_every_policy_equals_the_reference_model(exports, ranks, routing):
         assert max(diffs.values()) < 1e-5, diffs
 
 
-def _serve_with_placements(export: str) -> float:
-    """Each MoE layer with its own shuffled placement (not contiguous): the logits do not change."""
+# Where experts live, per MoE layer of the top2 export (4 experts, 2 ranks), never the contiguous [[0, 1], [2, 3]]:
+SHUFFLED = [[[3, 0], [1, 2]], [[2, 1], [0, 3]]]  # every expert once, in a non-contiguous order
+REPLICATED = [[[0, 1], [2, 3, 1]], [[0, 1, 3], [2, 3, 0]]]  # expert 1 on both ranks in one layer, 0 and 3 in the other
+PLACED = [("dynamic", SHUFFLED), ("static", SHUFFLED), ("dynamic", REPLICATED)]
+
+
+def _where_experts_run(export: str) -> list[dict]:
+    """Each PLACED case served on this rank, observed from outside the engine: the expert files Engine.start opened,
+    the global expert each local slot holds (found by its weights), the real rows each slot computed (static's padding
+    has probability 0), the experts the router picked for this rank's tokens, and the largest difference from the
+    reference model's logits."""
+    from collections import Counter
+    from unittest import mock
+
+    from safetensors.torch import load_file
+
+    from moe_infer import export_format as fmt
     from moe_infer.model.loader import Export
+    from moe_infer.moe.experts import LocalExperts
     from moe_infer.placement import Placement
-    from moe_infer.runtime.engine import moe_layer_names
-
-    names = moe_layer_names(Export.open(export))
-    shuffles = [[[3, 0], [1, 2]], [[2, 1], [0, 3]]]
-    placements = {name: Placement.from_rank_lists(shuffles[i % 2], 4) for i, name in enumerate(names)}
-    engine = Engine.start(export, EngineOptions(policy="dynamic", placement=placements, timeout_s=60))
-    assert [engine.placements[n].local_experts(engine.rank) for n in names[:2]] == [s[engine.rank] for s in shuffles]
-    tokens = torch.randint(4, 50, (2 + engine.rank, 6), generator=torch.Generator().manual_seed(engine.rank))
-    with torch.inference_mode():
-        return float((engine.model(tokens) - load_model(export)(tokens)).abs().max())
-
-
-def _serve_with_replicas(export: str) -> float:
-    """Expert 1 copied onto both ranks in one layer, experts 0 and 3 in the other: logits unchanged."""
-    from moe_infer.model.loader import Export
     from moe_infer.placement.replicas import ReplicatedPlacement
     from moe_infer.runtime.engine import moe_layer_names
 
     names = moe_layer_names(Export.open(export))
-    lists = [[[0, 1], [2, 3, 1]], [[0, 1, 3], [2, 3, 0]]]
-    placements = {name: ReplicatedPlacement.from_rank_lists(lists[i % 2], 4) for i, name in enumerate(names)}
-    engine = Engine.start(export, EngineOptions(policy="dynamic", placement=placements, timeout_s=60))
-    tokens = torch.randint(4, 50, (3, 7), generator=torch.Generator().manual_seed(engine.rank))
-    with torch.inference_mode():
-        diff = float((engine.model(tokens) - load_model(export)(tokens)).abs().max())
+    bias_of = {(n, e): load_file(f"{export}/{_expert_file(n, e)}")["fc1.bias"] for n in names for e in range(4)}
+    read_tensors, forward = Export.read_tensors, LocalExperts.forward
+    opened: list[str] = []
+    rows: Counter = Counter()  # (layer name, local slot) -> rows computed
+    layer_of: dict[int, str] = {}  # id of a layer's expert store -> the layer's name
+
+    def spy_read(self, relpath):
+        opened.append(relpath)
+        return read_tensors(self, relpath)
+
+    def spy_forward(self, routed):
+        expert_inputs = routed.expert_inputs
+
+        def counted():
+            for slot, x_ND, probs_N, out_ND in expert_inputs():
+                rows[layer_of[id(self)], slot] += int((probs_N != 0).sum())
+                yield slot, x_ND, probs_N, out_ND
+
+        routed.expert_inputs = counted
+        return forward(self, routed)
+
+    seen = []
+    for policy, lists in PLACED:
+        placements = {}
+        for i, name in enumerate(names):
+            ranks = lists[i % 2]
+            kind = ReplicatedPlacement if sum(map(len, ranks)) > 4 else Placement
+            placements[name] = kind.from_rank_lists(ranks, 4)
+        opened.clear()
+        rows.clear()
+        with mock.patch.object(Export, "read_tensors", spy_read):
+            engine = Engine.start(export, EngineOptions(policy=policy, moe=NO_DROP, placement=placements, timeout_s=60))
+        slots, routing = {}, {}
+        for layer in engine.moe_layers:
+            store = layer.experts
+            layer_of[id(store)] = layer.name
+            biases = [store.b1_LF1[s] for s in range(store.num_local)]
+            slots[layer.name] = [e for b in biases for e in range(4) if torch.equal(b, bias_of[layer.name, e])]
+            routing[layer.name] = []
+            layer.router.register_forward_hook(partial(_record_routing, routing[layer.name]))
+        tokens = torch.randint(4, 50, (2 + engine.rank, 6), generator=torch.Generator().manual_seed(engine.rank))
+        with mock.patch.object(LocalExperts, "forward", spy_forward), torch.inference_mode():
+            logits = engine.model(tokens)
+        computed = {n: {slots[n][s]: count for (m, s), count in rows.items() if m == n and count} for n in names}
+        seen.append(
+            {
+                "opened": sorted(p for p in opened if p.startswith(fmt.EXPERTS_DIR)),
+                "slots": slots,
+                "rows": computed,
+                "routing": routing,
+                "diff": float((logits - load_model(export)(tokens)).abs().max()),
+            }
+        )
     with pytest.raises(EngineError, match=r"replicas, which only the dynamic policy serves"):
-        Engine.start(export, EngineOptions(policy="static", placement=placements, timeout_s=60))
-    return diff
+        Engine.start(export, EngineOptions(policy="static", placement=placements, timeout_s=60))  # the last: replicas
+    return seen
 
 
-def test_expert_replicas_change_where_tokens_go_not_the_outputs(exports):
-    diffs = run_distributed(_serve_with_replicas, world_size=2, args=(str(exports["top2"]),), init_process_group=False)
-    assert max(diffs) < 1e-5
+def _record_routing(picks: list, router, inputs, outputs) -> None:
+    """A forward hook on a router: the experts it picked for each token, appended to `picks`."""
+    picks.extend(outputs[1].tolist())
 
 
-def test_a_placement_per_layer_changes_where_experts_live_not_the_outputs(exports):
-    diffs = run_distributed(
-        _serve_with_placements, world_size=2, args=(str(exports["top2"]),), init_process_group=False
+def _expert_file(layer_name: str, expert: int) -> str:
+    """The export's file of one expert of a served MoE layer ("decoder.layers.2")."""
+    from moe_infer import export_format as fmt
+
+    stack, _, number = layer_name.split(".")
+    return fmt.expert_file(stack, int(number), expert)
+
+
+def test_a_placement_decides_which_rank_loads_and_computes_each_expert(exports):
+    """Non-contiguous placements (dynamic and static) and replicas (dynamic): each rank opens exactly the expert files
+    its placement names and holds them in its order (told apart by their weights, not by asking the engine); each
+    expert's rows, from both ranks' tokens, are computed where the placement sends them (a replicated expert's
+    token t by copy t mod copies); the logits are the reference model's."""
+    from collections import Counter
+
+    from moe_infer.model.loader import Export
+    from moe_infer.runtime.engine import moe_layer_names
+
+    export = str(exports["top2"])
+    names = moe_layer_names(Export.open(export))
+    per_rank = run_distributed(
+        _where_experts_run, world_size=2, args=(export,), init_process_group=False, timeout_s=180
     )
-    assert max(diffs) < 1e-5
+    for case, (policy, lists) in enumerate(PLACED):
+        results = [seen[case] for seen in per_rank]
+        for rank, result in enumerate(results):
+            held = {name: lists[i % 2][rank] for i, name in enumerate(names)}
+            files = [_expert_file(name, e) for name in names for e in held[name]]
+            assert result["opened"] == sorted(files), (policy, rank)
+            assert result["slots"] == held, (policy, rank)
+            assert result["diff"] < 1e-5, (policy, rank)
+        for i, name in enumerate(names):
+            ranks = lists[i % 2]
+            copies = {e: [r for r, experts in enumerate(ranks) if e in experts] for e in range(4)}
+            expected = [Counter() for _ in ranks]
+            for result in results:  # every rank's tokens, wherever they were computed
+                for t, experts in enumerate(result["routing"][name]):
+                    for e in experts:
+                        expected[copies[e][t % len(copies[e])]][e] += 1
+            assert sum(sum(c.values()) for c in expected) == 2 * (2 + 3) * 6  # top-2, both ranks' tokens
+            assert [r["rows"][name] for r in results] == [dict(c) for c in expected], (policy, name)
 
 
 CALLS = [[(2, 5), (1, 5)], [(0, 5), (3, 5)], [(0, 5), (0, 5)]]  # per model call, per rank: (sequences, length)

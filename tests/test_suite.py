@@ -36,10 +36,12 @@ def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
-    args = argparse.Namespace(out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt")
+    args = argparse.Namespace(
+        out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
+    )
     live = next(s for s in plan(args).steps if s.experiment == "serving-lm")
     variants = [live.command[i + 1] for i, arg in enumerate(live.command) if arg == "--variant"]
-    greedy = args.out / "placement-lm" / "greedy.json"
+    greedy = args.out / "placements" / "greedy.json"
     assert variants == ["static=--policy static", "buffering=--expert-slots 2", f"greedy=--placement {greedy}"]
     assert live.command[live.command.index("--request-rates") + 1] == "0.4x,0.8x,inf"
 
@@ -52,3 +54,25 @@ def test_a_failing_command_is_recorded_and_the_suite_goes_on(tmp_path):
     assert suite.run() == 1
     record = json.loads((tmp_path / SUITE_FILE).read_text())["steps"]
     assert [s["status"] for s in record] == ["failed (exit 3)", "ok", "skipped (no export)"]
+
+
+def test_the_suite_writes_only_into_its_own_output(tmp_path, capsys):
+    """--out: new, empty or an earlier suite's output; anything else, or an export it reads, refused before any work."""
+    from pipeline.suite import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert main(["--out", str(notes), "--quick"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {notes} exists and is not a suite output (a directory holding 1")
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    assert main(["--out", str(lm / "bench"), "--lm", str(lm), "--quick"]) == 2
+    assert f"is inside --lm {lm}" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and not (lm / "bench").exists()
+    earlier = Suite(tmp_path / "earlier")
+    earlier.skip("absent", "no export")
+    earlier.save()
+    from pipeline.suite import describe_suite_output
+
+    assert describe_suite_output(tmp_path / "earlier") == "the output of an earlier suite (1 commands)"

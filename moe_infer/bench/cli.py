@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from moe_infer.bench import demo, layer, live, load, model, prefetch, replay, serving, shift
+from moe_infer.serve.process import ArgumentParser
 from pipeline.errors import PipelineError
 
 # name -> (module, one line of help). The module has add_arguments(parser) and main(args) -> exit status.
@@ -38,7 +39,7 @@ BENCHMARKS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m moe_infer.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

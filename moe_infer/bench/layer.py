@@ -22,7 +22,8 @@ And the MoE-vs-dense characterisation: `dense-equivalent`, one dense FFN of K*F 
 rank (the same FLOPs per token as top-K routing, with the engine's kernel; no router, no exchange), with its time and
 activation memory.
 The table is printed and written to `--out` (JSON), and logged to W&B when `--run-dir` is given
-(moe_infer.bench.results).
+(moe_infer.bench.results). `--out` replaces only a previous result of this benchmark, and `--run-dir` adds only to a
+run of it: anything else already there is refused before any work.
 
 Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts per token, R ranks, L experts per rank.
 """
@@ -30,6 +31,7 @@ Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts pe
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +52,9 @@ from moe_infer.placement import Placement
 from moe_infer.serve.flags import positive_int
 from moe_infer.serve.process import launched
 from pipeline.errors import PipelineError
+from pipeline.outputs import check_output
 from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
+from pipeline.tracking import check_run_dir
 
 
 @dataclass
@@ -208,6 +212,7 @@ def format_table(results: list[Result], ranks: int) -> str:
 
 SLOW = ("static",)  # timed apart from the round robin (see run)
 EXCHANGE_TIMED = ("dynamic", "static")
+RESULT_KEYS = {"ranks", "args", "results"}  # the JSON `write` saves, by which --out recognises a previous one
 
 
 def _policies(text: str) -> list[str]:
@@ -243,8 +248,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and --run-dir may be written (pipeline.outputs.check_output): on every rank, before any collective."""
+    if args.out is not None:
+        protected = {"--run-dir": args.run_dir} if args.run_dir is not None else None
+        check_output(args.out, kind="layer-bench result", recognise=describe_result, force=True, protected=protected,
+                     note="only a previous layer-bench result is replaced")  # fmt: skip
+    if args.run_dir is not None:
+        check_run_dir(args.run_dir)
+
+
+def describe_result(path: Path) -> str | None:
+    """'a previous layer-bench result' for a JSON file `write` wrote (exactly its keys), else None."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return "a previous layer-bench result" if isinstance(doc, dict) and set(doc) == RESULT_KEYS else None
+
+
 def main(args: argparse.Namespace) -> int:
     with launched(quiet=False) as command:
+        check_outputs(args)
         platform = detect_platform()
         set_threads_per_rank()
         info = init_distributed(platform, use_deepspeed=True)

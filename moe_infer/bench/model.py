@@ -56,6 +56,7 @@ from moe_infer.runtime.engine import Engine, expert_placements
 from moe_infer.serve.flags import add_engine_arguments, engine_options, flag_record, positive_int, read_placements
 from moe_infer.serve.process import launched, progress
 from pipeline.errors import ConfigError
+from pipeline.tracking import check_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_FILE = "bench.json"
@@ -200,13 +201,19 @@ def main(args: argparse.Namespace) -> int:
         expert_placements(export, command.world, placements)  # the EP degree fits, before any collective
         check_bench(args, export.model_config)
         hf_baseline.check(args, export, command.world)
+        # Adds to a run of this benchmark only (its tracked files and bench.json), never to another directory.
+        check_run_dir(run_dir_of(args, export), own=(BENCH_FILE,), protected={"--export": export.path})
         command.checked()
         sweep(args, export, placements, command)
     return command.status
 
 
+def run_dir_of(args: argparse.Namespace, export: Export) -> Path:
+    return Path(args.run_dir or REPO / "runs" / f"bench-{export.path.name}")
+
+
 def sweep(args: argparse.Namespace, export: Export, placements, command) -> None:
-    run_dir = Path(args.run_dir or REPO / "runs" / f"bench-{export.path.name}")
+    run_dir = run_dir_of(args, export)
     rows: list[Row] = []
     limits: dict[str, int | None] = {}
     meta: dict[str, Any] = {"export": str(export.path), "ranks": command.world, "settings": flag_record(args)}

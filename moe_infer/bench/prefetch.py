@@ -54,7 +54,9 @@ from moe_infer.buffering.policies import POLICIES, CacheView, EvictionPolicy, ma
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.map import Placement
 from pipeline.errors import PipelineError, exit_status
+from pipeline.tracking import check_run_dir
 
+RESULT_FILE = "prefetch.json"
 COLUMNS = [
     "layer",
     "policy",
@@ -278,6 +280,8 @@ def format_tables(rows: list[list]) -> str:
 
 
 def study(args: argparse.Namespace) -> int:
+    if args.run_dir:  # a run of this study only (its tracked files and prefetch.json), checked before any work
+        check_run_dir(args.run_dir, own=(RESULT_FILE,))
     history = LoadHistory.read(args.trace)
     if args.ranks < 1 or history.num_experts % args.ranks:
         raise PipelineError(f"--ranks: {args.ranks} ranks do not split the {history.num_experts} experts evenly")
@@ -309,7 +313,7 @@ def study(args: argparse.Namespace) -> int:
         names = COLUMNS
         summary = {f"{r[0]}/{r[1]}/K{r[2]}/{names[i]}": r[i] for r in rows for i in (4, 5, 6, 8, 10)}
         doc = {**settings, "columns": names, "rows": rows}
-        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / "prefetch.json") as results:
+        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / RESULT_FILE) as results:
             results.table("prefetch", names, rows, **summary)
             results.save(doc)
     return 0

@@ -45,7 +45,9 @@ from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.map import Placement
 from moe_infer.placement.replicas import ReplicatedPlacement
 from pipeline.errors import PipelineError, exit_status
+from pipeline.tracking import check_run_dir
 
+RESULT_FILE = "replay.json"
 COLUMNS = ["layer", "policy", "slots", "hits", "misses", "accesses", "miss_rate"]
 TOTAL = "total"
 ORACLE = "belady"
@@ -162,6 +164,8 @@ def name_list(text: str) -> list[str]:
 
 
 def replay(args: argparse.Namespace) -> int:
+    if args.run_dir:  # a run of this study only (its tracked files and replay.json), checked before any work
+        check_run_dir(args.run_dir, own=(RESULT_FILE,))
     history = LoadHistory.read(args.trace)
     layers = name_list(args.layers) if args.layers else history.layer_names
     unknown = [layer for layer in layers if layer not in history.counts_BE]
@@ -217,7 +221,7 @@ def replay(args: argparse.Namespace) -> int:
             if ratio is not None
         }
         doc = {**settings, "columns": COLUMNS, "rows": rows, "half_slots": half, "misses_over_belady": ratios}
-        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / "replay.json") as results:
+        with Results("buffering", settings, args.run_dir, "buffering", args.run_dir / RESULT_FILE) as results:
             results.table("buffering", COLUMNS, rows, **summary)
             results.save(doc)
     return 0

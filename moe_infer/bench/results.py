@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from pipeline.atomic import write_atomic
 from pipeline.outputs import check_output
-from pipeline.tracking import NamedRun, Tracker, describe_tracked_dir
+from pipeline.tracking import NamedRun, Tracker, check_run_dir
 
 
 def check_result_paths(
@@ -52,8 +52,7 @@ def check_result_paths(
         check_output(json_path, kind=kind, recognise=recognise, force=True, protected=protected,
                      note=f"only a previous {kind} is replaced")  # fmt: skip
     if run_dir is not None:
-        check_output(run_dir, kind="tracked run", recognise=describe_tracked_dir, force=True, protected=inputs,
-                     note="--run-dir adds only to a run directory of this command")  # fmt: skip
+        check_run_dir(run_dir, protected=inputs)
 
 
 class Results:

@@ -42,6 +42,7 @@ from moe_infer.serve.flags import (
 )
 from moe_infer.serve.process import launched, progress
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.tracking import check_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,10 +149,14 @@ def _start_engines(job: Job, chosen: list[Variant]) -> dict[str, Any]:
     return engines
 
 
+def run_dir_of(job: Job) -> Path:
+    return Path(job.args.run_dir or REPO / "runs" / f"bench-serving-{job.export.path.name}")
+
+
 def run_variants(job: Job, chosen: list[Variant], out: IO[str]) -> None:
     """Serve `job`'s requests with every variant, round after round; the table, serving.json and the W&B run."""
     args = job.args
-    run_dir = Path(args.run_dir or REPO / "runs" / f"bench-serving-{job.export.path.name}")
+    run_dir = run_dir_of(job)
     engines = _start_engines(job, chosen)
     first = engines["baseline"]
     progress(args.quiet, job.rank, f"bench-serving: {len(chosen)} variants x {args.repeats} rounds, "
@@ -289,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
     with launched(args.quiet) as command:
         job = prepare(args, command.rank, command.world)
         chosen = plan_variants(job)
+        # Adds to a run of this benchmark only (its tracked files and serving.json, or buffering.json of old).
+        check_run_dir(run_dir_of(job), own=(RESULT_FILE, "buffering.json"), protected={"--export": job.export.path})
         command.checked()
         run_variants(job, chosen, command.out)
     return command.status

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from moe_infer.placement import algorithms
-from moe_infer.placement.files import write_placement_file
+from moe_infer.placement.files import describe_placement_file, write_placement_file
 from moe_infer.placement.history import LoadHistory
 from moe_infer.placement.metrics import placement_metrics
 from pipeline.errors import PipelineError, exit_status
+from pipeline.outputs import check_output
+from pipeline.tracking import check_run_dir
 
 ALGORITHMS = ("contiguous", "greedy", "anti-correlation", "eplb")
 EPLB_QUANTILE = 0.9
@@ -89,6 +91,9 @@ def _ranks_list(text: str, num_experts: int) -> list[int]:
 
 
 def cmd_fit(args) -> int:
+    # Only a placement file is replaced, and only with --force; never the trace being read (it is a file too).
+    inputs = {"--trace": args.trace}
+    check_output(args.out, kind="placement file", recognise=describe_placement_file, force=args.force, protected=inputs)
     history = LoadHistory.read(args.trace)
     (ranks,) = _ranks_list(str(args.ranks), history.num_experts)
     layers = {layer: fit_layer(history, layer, ranks, args.algorithm, args.replicas) for layer in history.layer_names}
@@ -101,6 +106,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.run_dir:
+        check_run_dir(args.run_dir, protected={"--trace": args.trace})
     history = LoadHistory.read(args.trace)
     ranks_list = _ranks_list(args.ranks, history.num_experts)
     rows = evaluate_rows(history, ranks_list)
@@ -146,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         "rounded down or up)",
     )
     fit.add_argument("--out", type=Path, required=True, help="placement file (JSON) to write")
+    fit.add_argument("--force", action="store_true", help="replace a placement file already at --out (nothing else)")
     ev = sub.add_parser("evaluate", help="compare the algorithms: fit on the first half, measure on the second")
     ev.add_argument("--trace", type=Path, required=True)
     ev.add_argument("--ranks", default="2,4,8", help="comma-separated rank counts (default 2,4,8)")
-    ev.add_argument("--run-dir", type=Path, help="also log the table here (metrics files + W&B offline)")
+    ev.add_argument(
+        "--run-dir", type=Path, help="also log the table here (metrics files + W&B offline): a new or earlier such run"
+    )
     args = parser.parse_args(argv)
     return exit_status(cmd_fit if args.command == "fit" else cmd_evaluate, args)
 

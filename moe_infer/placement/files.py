@@ -5,6 +5,7 @@
     pfile = read_placement_file("placement.json", num_experts=8, layer_names=[...], ranks=2)   checked
     placement_for_layer(pfile, "decoder.layers.1") -> Placement          (files without replicas)
     placements_for_export(pfile, layer_names) -> {layer: Placement or ReplicatedPlacement}   what the engine serves
+    describe_placement_file(path) -> "a placement file (greedy, 2 ranks)" or None     what `fit --force` may replace
 
 Layout (JSON):
 
@@ -29,6 +30,7 @@ from moe_infer.placement.replicas import ReplicatedPlacement
 from pipeline.atomic import write_atomic
 
 PLACEMENT_FORMAT, PLACEMENT_VERSION = "moe-placement", 1
+_MAX_PLACEMENT_BYTES = 64 << 20  # far beyond any real one (a few KB per layer): a larger file is not read to be sure
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,20 @@ def read_placement_file(
         if missing:
             raise PlacementError(f"{where}: no placement for layer(s) {missing}")
     return pfile
+
+
+def describe_placement_file(path: Path) -> str | None:
+    """What a placement file at `path` is, in words, when its JSON carries the placement format tag; None for anything
+    else (pipeline.outputs.check_output: `fit --out` replaces only a placement file)."""
+    if not path.is_file() or path.stat().st_size > _MAX_PLACEMENT_BYTES:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != PLACEMENT_FORMAT:
+        return None
+    return f"a placement file ({doc.get('algorithm') or 'no algorithm named'}, {doc.get('ranks')} ranks)"
 
 
 def placement_for_layer(pfile: PlacementFile, layer: str) -> Placement:

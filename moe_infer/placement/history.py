@@ -4,6 +4,7 @@
     history.counts_BE["decoder.layers.1"]       int64 [B, E]: tokens routed to each expert in each batch
     fit, held_out = history.split_halves()      the paper's protocol: fit on the first half, evaluate on the second
     history.save("load.npz"); LoadHistory.load("load.npz")
+    describe_load_history("load.npz")           "a load history of 2 MoE layers (...)", or None for any other file
 
 A token routed top-k counts once for each of its k experts, so a batch row sums to k * tokens. Batches in which no
 layer saw a token (the stand-in batches that keep data-parallel ranks in step) carry no traffic and are dropped.
@@ -139,6 +140,22 @@ class LoadHistory:
             raise PlacementError(f"{path}: arrays {missing} missing for {len(names)} layers")
         counts_BE = {name: arrays[f"layer{i}"].astype(np.int64) for i, name in enumerate(names)}
         return cls(counts_BE, int(meta["num_experts"]), source=meta.get("source", str(path)))
+
+
+def describe_load_history(path: Path) -> str | None:
+    """What a load history at `path` is, in words, when it is a file `LoadHistory.save` wrote (its metadata carries
+    the format tag); None for anything else (pipeline.outputs.check_output: --record-trace replaces only one)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # only the small metadata array is read
+            meta = json.loads(str(npz["meta"]))
+    except Exception:  # not an .npz, a damaged one, no metadata: not ours, whatever numpy or zipfile raised
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != HISTORY_FORMAT:
+        return None
+    layers = meta.get("layer_names") or []
+    return f"a load history of {len(layers)} MoE layer(s) ({meta.get('source') or 'no source recorded'})"
 
 
 def _count(experts_Nk: np.ndarray, batch_N: np.ndarray, num_batches: int, num_experts: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The serving loop every rank runs: continuous batching across the expert-parallel ranks, steered by rank 0.
 
-    loop = StepLoop(Batcher(model, max_rows), ControlPlane(...), rank, world, hooks=[meter])
-    loop.run(Coordinator(mailbox, world, max_rows, shutdown_timeout_s) if rank == 0 else None)
+    loop = StepLoop(Batcher(model, max_rows), ControlPlane(...), rank, hooks=[meter])
+    loop.run(Coordinator(mailbox, world, max_rows, shutdown_timeout_s, heartbeat_s) if rank == 0 else None)
 
 One iteration, on every rank:
   1. rank 0's Coordinator makes the plan: requests from the front end's mailbox queue at rank 0 and go, oldest first,

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from moe_infer.collectives import all_reduce, clock
 from moe_infer.model.loader import Export
-from moe_infer.placement.history import LoadHistory
+from moe_infer.placement.history import LoadHistory, describe_load_history
 from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.rebalance import Rebalancer
 from moe_infer.runtime.recorder import LoadRecorder
@@ -45,8 +45,9 @@ from moe_infer.serve.flags import (
     flag_record,
     serving_settings,
 )
-from moe_infer.serve.process import launched, progress
+from moe_infer.serve.process import ArgumentParser, launched, progress
 from moe_infer.serve.requests import (
+    check_lines,
     check_requests,
     encode_requests,
     format_output,
@@ -55,17 +56,18 @@ from moe_infer.serve.requests import (
     split_lines,
 )
 from pipeline.atomic import write_atomic
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputs import check_output, describe_os_error, describe_path
 from pipeline.platform import init_distributed
 from pipeline.tokenizer import Tokenizer
-from pipeline.tracking import NamedRun, Tracker
+from pipeline.tracking import NamedRun, Tracker, check_run_dir
 
 MODES = ("generate", "translate")
 TASK_MODE = {"decoder": "generate", "encoder-decoder": "translate"}  # the mode each architecture serves
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="launch/infer.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--record-calls", type=int, default=4096, help="--record-trace keeps the last N calls per layer"
     )
     add_request_arguments(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a file already at --output, and a load history already at --record-trace (nothing else)",
+    )
     return parser
 
 
@@ -141,6 +148,7 @@ def prepare(args: argparse.Namespace, rank: int, world: int) -> Job:
         init_distributed(timeout_s=args.timeout, use_deepspeed=True)  # for the broadcast of stdin
     where = "stdin" if args.input == "-" else str(args.input)
     job.lines = read_requests(args.input, rank, world)
+    check_lines(job.lines, mode, where)
     job.requests = encode_requests(job.tokenizer, job.lines, mode)
     check_requests(job.requests, cfg, mode, job.settings, where)
     if args.references is not None:
@@ -153,12 +161,38 @@ def prepare(args: argparse.Namespace, rank: int, world: int) -> Job:
     return job
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """What this command writes may be written (pipeline.outputs.check_output), checked on every rank before any
+    collective: --output and --record-trace replace only a previous one of theirs and only with --force, --run-dir
+    adds only to a tracked run of its own; none of them may be, lie inside or contain an input or each other."""
+    inputs = {"--export": args.export, "--references": args.references, "--placement": args.placement}
+    if args.input != "-":
+        inputs["--input"] = Path(args.input)
+    outputs = {"--output": args.output, "--record-trace": args.record_trace, "--run-dir": args.run_dir}
+    inputs, outputs = ({k: v for k, v in d.items() if v is not None} for d in (inputs, outputs))
+    others = {flag: {**inputs, **{k: v for k, v in outputs.items() if k != flag}} for flag in outputs}
+    if args.output is not None:
+        check_output(args.output, kind="file", recognise=_a_file, force=args.force, protected=others["--output"])
+    if args.record_trace is not None:
+        trace = args.record_trace
+        check_output(trace, kind="load history", recognise=describe_load_history, force=args.force,
+                     protected=others["--record-trace"])  # fmt: skip
+    if args.run_dir is not None:
+        check_run_dir(args.run_dir, protected=others["--run-dir"])
+
+
+def _a_file(path: Path) -> str | None:
+    """--output replaces a plain file (with --force): results have no mark of their own to be recognised by."""
+    return describe_path(path) if path.is_file() else None
+
+
 # ---- serving --------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # bad flags: argparse's message and exit status 2
     with launched(args.quiet) as command:
+        check_outputs(args)
         job = prepare(args, command.rank, command.world)
         command.checked()
         engine = Engine.start(job.export.path, engine_options(args, args.policy, job.placements))
@@ -246,8 +280,11 @@ def write_results(job: Job, texts: list[str], out: IO[str]) -> None:
     if job.args.output is None:
         out.write(body)
         out.flush()
-    else:
+        return
+    try:
         write_atomic(job.args.output, body)
+    except OSError as err:  # a read-only or full file system: one line, not a traceback
+        raise PipelineError(f"cannot write --output {job.args.output}: {describe_os_error(err)}") from None
 
 
 def track(job: Job, texts: list[str], metrics: dict[str, float], refits: list[dict] | None = None) -> None:

@@ -7,26 +7,62 @@ go, how it reports errors, and how it ends. The serving CLI and the benchmarks t
         ...                           command.out: stdout for results only
     return command.status
 
-Errors: a PipelineError met before `checked()` is met by every rank alike and printed once, by rank 0; after it, each
-rank that meets one prints it with its rank. Exit status 2 for bad input (requests, flag values: RequestError,
-ConfigError), 1 for any other known problem (a missing or broken export). An unexpected exception prints its
-traceback with the rank and exits 1; a collective that failed because another rank stopped (or --timeout passed)
-only says so, since the rank that caused it prints the cause. The process group is destroyed at the end either way.
+Errors: a PipelineError met before `checked()` is met by every rank alike: rank 0 prints it at once, any other rank
+after a short wait unless the launcher has stopped it by then (`say_once`), so it is shown at least once, usually
+once, whichever rank exits first. After `checked()`, each rank that meets one prints it with its rank. Exit status 2
+for bad input (requests, flag values: RequestError, ConfigError, OutputError), 1 for any other known problem (a
+missing or broken export). An unexpected exception prints its traceback with the rank and exits 1; a collective that
+failed because another rank stopped (or --timeout passed) only says so, since the rank that caused it prints the
+cause. The process group is destroyed at the end either way. A usage error (ArgumentParser) is one short line, shown
+once the same way. Every message is written in one write, newline included: the deepspeed launcher runs ranks with
+`python -u`, where print()'s separate newline let two ranks' messages run together on one line.
 
 Everything libraries print (DeepSpeed's logs, W&B's notes) goes to stderr: stdout carries the results only.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputs import OutputError
+
+# How long a rank other than 0 waits before printing an error every rank met alike: long enough for rank 0 to print
+# and exit and for the launcher to stop the others (torchrun and deepspeed do at once), so the line is usually shown
+# once; a rank still running after it prints the line itself (rank 0 was slower, or is gone).
+QUIET_RANK_DELAY_S = 3.0
+
+
+def say(line: str) -> None:
+    """`line` on stderr in one write, its newline included, so that two ranks' lines never run together."""
+    sys.stderr.write(line if line.endswith("\n") else line + "\n")
+    sys.stderr.flush()
+
+
+def say_once(line: str, rank: int, world: int) -> None:
+    """A message every rank has alike: shown at least once whichever rank the launcher sees exit first, and usually
+    once (module docstring). Rank 0 alone printing it lost it whenever another rank exited first: the launcher then
+    stopped rank 0 before it printed."""
+    if rank != 0 and world > 1:
+        time.sleep(QUIET_RANK_DELAY_S)
+    say(line)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage error in one short line (not the usage block), shown once per job (`say_once`): every
+    rank parses the same arguments."""
+
+    def error(self, message: str):
+        say_once(f"error: {message} ({self.prog} --help lists the options)", *launcher_rank())
+        sys.exit(2)
 
 
 def launcher_rank() -> tuple[int, int]:
@@ -71,7 +107,7 @@ def configure_process(quiet: bool) -> None:
 def progress(quiet: bool, rank: int, message: str) -> None:
     """A progress line on stderr, from rank 0, unless --quiet."""
     if not quiet and rank == 0:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
 
 
 @dataclass
@@ -105,13 +141,14 @@ def launched(quiet: bool) -> Iterator[Command]:
 
 
 def _fail(err: PipelineError, rank: int, world: int, same_everywhere: bool) -> int:
-    """Print one clear message: an error every rank meets alike is printed by rank 0 only."""
+    """One clear message: an error every rank meets alike without the rank (`say_once`), any other with it."""
     from moe_infer.runtime.generate import RequestError
 
-    if rank == 0 or not same_everywhere:
-        where = f" (rank {rank} of {world})" if world > 1 and not same_everywhere else ""
-        print(f"error{where}: {err}", file=sys.stderr, flush=True)
-    return 2 if isinstance(err, RequestError | ConfigError) else 1
+    if same_everywhere:
+        say_once(f"error: {err}", rank, world)
+    else:
+        say(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {err}")
+    return 2 if isinstance(err, RequestError | ConfigError | OutputError) else 1
 
 
 def is_collective_failure(err: BaseException, world: int) -> bool:
@@ -131,13 +168,9 @@ def _crash(err: BaseException, rank: int, world: int) -> int:
     if is_collective_failure(err, world):
         # The rank that caused it prints its own traceback; this one only says why it stopped.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(
-            f"error (rank {rank} of {world}): a collective failed: another rank stopped, or --timeout passed ({first})",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"error (rank {rank} of {world}): a collective failed: another rank stopped, or --timeout passed ({first})")
         return 1
-    print(f"rank {rank} of {world}: unexpected error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    say(f"rank {rank} of {world}: unexpected error\n{traceback.format_exc()}")
     return 1
 
 

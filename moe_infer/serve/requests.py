@@ -2,6 +2,7 @@
 read on every rank, encoded and checked before any model call; one output per line back.
 
     lines = read_requests("prompts.txt", rank, world)       a file is read by every rank; stdin by rank 0, then shared
+    check_lines(lines, mode, where)                          RequestError for a line that is not text (blank, NUL)
     requests = encode_requests(tokenizer, lines, mode)       prompts: the line's ids; sources: ids + EOS
     check_requests(requests, cfg, mode, settings, where)     RequestError naming the line (from 1) and the limit
     format_output(line, text, "text" | "jsonl")              one output per line, whatever the model wrote
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +41,63 @@ def read_text(path: str | Path, what: str) -> str:
         raise ConfigError(what, f"cannot read {path}: {err}") from None
 
 
+def read_stdin() -> str:
+    """stdin as UTF-8, strictly, as read_text reads a file: Python's own stdin decoding lets invalid bytes through as
+    surrogates (UTF-8 mode, the C locale), which the tokenizer then fails on deep inside."""
+    if sys.stdin is None:
+        raise ConfigError("--input", "cannot read stdin: it is closed (give the requests with --input FILE)")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("--input", f"cannot read stdin: {err}") from None
+
+
 def read_requests(source: str, rank: int, world: int) -> list[str]:
     """Every request, on every rank. A file is read by each rank; stdin by rank 0 alone (the launcher's ranks share
     it, and only one may consume it), whose lines (or its read error) are then broadcast to the others."""
     if source != "-":
         return split_lines(read_text(source, "--input"))
     if world == 1:
-        return split_lines(sys.stdin.read())
+        return split_lines(read_stdin())
     import torch.distributed as dist
 
     payload: list[Any] = [None]
     if rank == 0:
         try:
-            payload = [split_lines(sys.stdin.read())]
-        except (OSError, UnicodeDecodeError) as err:
-            payload = [f"cannot read stdin: {err}"]
+            payload = [split_lines(read_stdin())]
+        except ConfigError as err:
+            payload = [err.reason]
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], str):
         raise ConfigError("--input", payload[0])
     return payload[0]
+
+
+def check_text(text: str) -> str | None:
+    """Why `text` cannot be a request, or None. Refused on purpose, as almost surely not what the user meant:
+    - only whitespace: it encodes to word-start markers alone ("▁▁▁"), so the model would continue (or translate)
+      nothing; such a line is a blank line by mistake, in a file or at the end of stdin;
+    - a control character other than tab (NUL, escape, form feed, ...): requests are text, and these reach the model
+      only as byte pieces the training text never held: a binary or damaged input, not a prompt.
+    Empty is left to the token checks, which say so."""
+    if text and not text.strip():
+        return "holds only whitespace: a request needs text"
+    for column, char in enumerate(text, 1):
+        if char != "\t" and unicodedata.category(char) == "Cc":
+            return (
+                f"holds the control character {char!r} (U+{ord(char):04X}) at character {column}: requests are "
+                "text (tab is the only control character allowed)"
+            )
+    return None
+
+
+def check_lines(lines: list[str], mode: str, where: str) -> None:
+    """RequestError naming the first line (from 1) that is not a request's text (check_text)."""
+    what = "prompt" if mode == "generate" else "source"
+    for number, line in enumerate(lines, 1):
+        problem = check_text(line)
+        if problem:
+            raise RequestError(f"{what} on line {number} of {where} {problem}")
 
 
 def _name_the_line(err: PipelineError, what: str, where: str) -> str:

@@ -55,11 +55,10 @@ from moe_infer.serve.flags import (
 )
 from moe_infer.serve.frontend import FrontEnd, ServingLimits
 from moe_infer.serve.metrics import MetricsLogger, ServerMetrics
-from moe_infer.serve.process import is_collective_failure, launched, progress
+from moe_infer.serve.process import ArgumentParser, is_collective_failure, launched, progress
 from pipeline.errors import PipelineError
-from pipeline.outputs import check_output
 from pipeline.tokenizer import Tokenizer
-from pipeline.tracking import NamedRun, Tracker, describe_tracked_dir
+from pipeline.tracking import NamedRun, Tracker, check_run_dir
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -69,7 +68,7 @@ class Stopped(PipelineError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="launch/infer.py --mode serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mode", choices=("serve",), default="serve", help=argparse.SUPPRESS)
@@ -107,14 +106,7 @@ class Server:
         self.placements = check_engine_flags(args, self.export, world)
         self.name = args.served_model_name or self.export.path.name
         if args.run_dir is not None:  # adds only to a tracked run (an earlier server's), never to the export
-            check_output(
-                args.run_dir,
-                kind="tracked run",
-                recognise=describe_tracked_dir,
-                force=True,
-                protected={"--export": self.export.path},
-                note="--run-dir adds only to a run directory of this command",
-            )
+            check_run_dir(args.run_dir, protected={"--export": self.export.path})
         self.loop: StepLoop | None = None
         self.frontend: FrontEnd | None = None
         self.http: HttpServer | None = None
