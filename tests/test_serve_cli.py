@@ -93,6 +93,19 @@ def test_bad_requests_are_named_by_line_before_any_work(setup, capfd, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--rebalance-interval", "4", "--redundant-experts", "2"], "--redundant-experts: re-balancing: "),
+        (["--rebalance-interval", "4", "--policy", "deepspeed"], "needs --policy dynamic or static, not deepspeed"),
+        (["--redundant-experts", "2"], "--redundant-experts: only applies with --rebalance-interval"),
+    ],
+)
+def test_bad_rebalancing_flags_are_named(setup, capfd, flags, named):
+    code, err = _main(capfd, "--export", setup["lm"], "--input", str(setup["root"] / "prompts.txt"), *flags)
+    assert code == 2 and named in err and "Traceback" not in err
+
+
 def test_two_ranks_on_three_experts_fail_at_once_with_one_message(setup):
     args = ["--export", setup["lm3"], "--input", str(setup["root"] / "prompts.txt"), *GENERATE]
     result = run(args, launcher=deepspeed(2), timeout=90)

@@ -108,6 +108,21 @@ def test_32_concurrent_clients_plain_and_streamed_get_the_batch_generation(setup
     assert "moe_num_requests_running 0.0" in metrics and "moe_num_requests_waiting 0.0" in metrics
 
 
+@pytest.mark.slow
+def test_online_rebalancing_changes_no_completion_with_requests_in_flight(setup):
+    """Re-fits every 2 steps (min gain 0: experts move at most of them) while 32 clients' requests arrive and run."""
+    flags = ["--batch-size", "4", "--rebalance-interval", "2", "--rebalance-window", "4", "--rebalance-min-gain", "0"]
+    with _serve(setup["lm"], *flags) as server:
+        bodies = [{"model": "lm", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in MANY]
+        results = asyncio.run(_many(server, bodies, [i % 2 == 1 for i in range(len(bodies))]))
+        texts = [r if isinstance(r, str) else r.json()["choices"][0]["text"] for r in results]
+        assert texts == _expected(setup, MANY)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    moves = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("moe_placement_moves_total{")]
+    assert len(moves) == 2 and sum(moves) >= 2, metrics  # both MoE layers re-fitted, experts moved
+    assert "moe_placement_balancedness{layer=" in metrics and "moe_placement_moved_bytes_total{layer=" in metrics
+
+
 def test_the_openai_client_plain_and_streamed(setup, lm):
     client = openai.OpenAI(base_url=f"{lm.url}/v1", api_key="none")
     assert [m.id for m in client.models.list()] == ["lm"]

@@ -8,6 +8,7 @@ this command line only registers them (so no benchmark imports another's entry p
     prefetch   the cross-layer prefetch study, replayed against a base-rate control
     load       a load generator for the HTTP server (launch/infer.py --mode serve)
     live       the paper's techniques under live traffic: one server per variant, the same trace, interleaved
+    shift      placement under a shifting workload: contiguous, fitted offline, re-balanced online
     serve-demo the HTTP server end to end (make demo's last step)
 
 `model`, `serving` and `layer` serve under a launcher like the engine does (torchrun / deepspeed, or one process);
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_infer.bench import demo, layer, live, load, model, prefetch, replay, serving
+from moe_infer.bench import demo, layer, live, load, model, prefetch, replay, serving, shift
 from moe_infer.serve.process import ArgumentParser
 from pipeline.errors import PipelineError
 
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "prefetch": (prefetch, "the cross-layer prefetch study (replayed against a base-rate control)"),
     "load": (load, "a load generator for the HTTP server: Poisson arrivals, TTFT / TPOT / ITL, throughput, goodput"),
     "live": (live, "engine variants served under the same live traffic, against the batch CLI at saturation"),
+    "shift": (shift, "contiguous, offline-fitted and online re-balanced placement under a workload that shifts"),
     "serve-demo": (demo, "the HTTP server end to end: start it, a few requests, a completion, /metrics, SIGTERM"),
 }
 

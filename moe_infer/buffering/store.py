@@ -35,6 +35,7 @@ Shape legend: L local experts, K device slots, M rows (grouped by local expert),
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,7 +87,10 @@ class BufferedExperts(nn.Module):
         eviction: str = "paper",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        initial: Sequence[int] | None = None,
     ):
+        """`initial`: the local experts in the device slots at the start (default 0..slots-1); the online
+        re-balancer passes the ones that were resident before a move, so a moved expert starts in the host tier."""
         super().__init__()
         if eviction not in ENGINE_EVICTIONS:
             raise PipelineError(
@@ -111,9 +115,10 @@ class BufferedExperts(nn.Module):
         expert_bytes = self.host.expert_bytes()
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready_K: list[torch.cuda.Event | None] = [None] * slots
-        self.cache = ExpertCache(slots, eviction, initial=range(slots))
-        for slot in range(slots):
-            self._copy_in(slot, slot)
+        initial = list(range(slots) if initial is None else initial)
+        self.cache = ExpertCache(slots, eviction, initial=initial)
+        for slot, expert in enumerate(initial):
+            self._copy_in(expert, slot)
         self.totals = BufferStats(device_bytes=slots * expert_bytes, host_bytes=num_local * expert_bytes)
         self._expert_bytes, self.num_local, self.num_slots = expert_bytes, num_local, slots
         self._slot_of: dict[int, int] = {}  # this call: local expert -> device slot

@@ -87,11 +87,14 @@ class ServedMoELayer(ServedMoE):
 
     recording = False  # set by the runtime's LoadRecorder: keep each call's expert counts in `counts`
     counts: list[torch.Tensor]
+    # Each called with every call's expert counts (int64 [E], this rank's tokens): the online re-balancer's window.
+    count_observers: list
 
     def __init__(self, name: str, router: Router, dispatcher: DynamicDispatch | StaticDispatch, experts: ExpertStore):
         super().__init__(name)
         self.router, self.dispatcher, self.experts = router, dispatcher, experts
         self.num_experts, self.topk = router.weight.shape[0], router.topk
+        self.count_observers = []
 
     @property
     def buffer_stats(self):
@@ -116,8 +119,12 @@ class ServedMoELayer(ServedMoE):
         timer.lap("experts")
         y_TD = self.dispatcher.combine(routed)
         timer.lap("combine")
-        if self.recording:
-            self.counts.append(self.expert_counts(experts_TK).cpu())
+        if self.recording or self.count_observers:
+            counts_E = self.expert_counts(experts_TK).cpu()
+            if self.recording:
+                self.counts.append(counts_E)
+            for observe in self.count_observers:
+                observe(counts_E)
         self._count(stats)
         return y_TD.to(x_TD.dtype).view_as(x_BSD)
 

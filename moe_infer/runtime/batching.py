@@ -144,8 +144,10 @@ class Batcher:
 
 def run_in_lock_step(batcher: Batcher, requests: Sequence[Request], sync: LockStep) -> dict[int, list[int]]:
     """Serve every request to its end, in lock step with the other ranks (each with its own requests, possibly none);
-    returns each request's tokens by id. One all-reduce of two flags per step decides the step's calls on every rank."""
+    returns each request's tokens by id. One all-reduce of two flags per step decides the step's calls on every rank;
+    then `sync.hooks` run, as the serving loop's step hooks do."""
     outputs: dict[int, list[int]] = {r.id: [] for r in requests}
+    steps = 0
     for request in requests:
         batcher.submit(request)
     while True:
@@ -157,5 +159,8 @@ def run_in_lock_step(batcher: Batcher, requests: Sequence[Request], sync: LockSt
             batcher.prefill(admitted)
         if any_decode:
             batcher.decode()
+        steps += 1
+        for hook in sync.hooks:
+            hook.after_step(steps, True)
         for event in batcher.take_events():
             outputs[event.id] += event.tokens

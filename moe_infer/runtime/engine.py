@@ -30,6 +30,7 @@ from moe_infer.model.moe import MoELayer
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
 from moe_infer.moe.layer import POLICIES, MoEOptions, ServedMoE, build_moe_layer, share_token_counts
 from moe_infer.placement import Placement
+from moe_infer.placement.online import RebalanceOptions
 from moe_infer.placement.replicas import ReplicatedPlacement
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.lockstep import LockStep
@@ -57,6 +58,9 @@ class EngineOptions:
     placement: Placement | dict[str, Placement | ReplicatedPlacement] | None = None
     timeout_s: float = 300.0  # bounds every collective: a rank that fails makes the others fail, never hang
     deepspeed_inference: bool = True  # wrap with deepspeed.init_inference
+    # Online re-balancing (moe_infer.runtime.rebalance): the engine then keeps a host copy of its local experts in
+    # the export's layout, which is what moves between ranks.
+    rebalance: RebalanceOptions | None = None
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Engine:
     device: torch.device
     sync: LockStep
     ds_engine: Any = None
+    # With options.rebalance: MoE layer name -> this rank's experts by global id, each as the export's tensors in host
+    # memory (moe_infer.runtime.rebalance moves them and rebuilds the layer's store from them).
+    host_experts: dict[str, dict[int, dict[str, torch.Tensor]]] | None = None
 
     @classmethod
     def start(cls, export_dir: str | Path, options: EngineOptions = EngineOptions()) -> Engine:
@@ -81,6 +88,10 @@ class Engine:
             raise EngineError(f"unknown dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}")
         if options.expert_slots is not None and options.policy not in ("dynamic", "static"):
             raise EngineError(f"expert buffering needs the dynamic or static policy, not {options.policy!r}")
+        if options.rebalance is not None:
+            options.rebalance.check()
+            if options.policy not in ("dynamic", "static"):
+                raise EngineError(f"online re-balancing needs the dynamic or static policy, not {options.policy!r}")
         platform = detect_platform()
         if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) thread count wins; else share the cores
             set_threads_per_rank()
@@ -89,13 +100,20 @@ class Engine:
         export = Export.open(export_dir)
         placements = expert_placements(export, info.world_size, options.placement)
         replicated = [name for name, p in placements.items() if isinstance(p, ReplicatedPlacement)]
+        if replicated and options.rebalance is not None:
+            raise EngineError(
+                f"layers {replicated} have expert replicas, which online re-balancing does not move (one copy of "
+                "each expert): serve the placement file without --rebalance-interval"
+            )
         if replicated and options.policy != "dynamic":
             raise EngineError(
                 f"layers {replicated} have expert replicas, which only the dynamic policy serves "
                 f"(policy {options.policy!r} keeps one copy of each expert)"
             )
-        model = load_served_model(export, placements, info.rank, options, device)
+        host_experts = {} if options.rebalance is not None else None
+        model = load_served_model(export, placements, info.rank, options, device, host_experts)
         engine = cls(export, model, placements, options, info.rank, info.world_size, device, LockStep(device=device))
+        engine.host_experts = host_experts
         if options.deepspeed_inference:
             engine.ds_engine = _wrap_with_deepspeed(model, DTYPES[options.dtype])
         return engine
@@ -173,11 +191,17 @@ def expert_placements(
 
 
 def load_served_model(
-    export: Export, placements: dict[str, Placement], rank: int, options: EngineOptions, device: torch.device
+    export: Export,
+    placements: dict[str, Placement],
+    rank: int,
+    options: EngineOptions,
+    device: torch.device,
+    host_experts: dict | None = None,
 ) -> DecoderLM | EncoderDecoder:
     """The dense model (no experts loaded by the loader) with each MoE layer replaced by a served one holding this
     rank's experts, resident or buffered (options.expert_slots). Layers are built in the same order on every rank
-    (DeepSpeed's first one creates its groups)."""
+    (DeepSpeed's first one creates its groups). `host_experts`, when given, gets each layer's local experts as the
+    export's tensors in host memory (the stores keep their own stacked copies)."""
     dtype = DTYPES[options.dtype]
     model = load_model(export, experts=lambda stack, layer, expert: False, device=device, dtype=dtype)
     capacity_fraction = float(export.config["moe"]["capacity_fraction"])
@@ -190,6 +214,8 @@ def load_served_model(
         }
         router = {k: t.detach().float() for k, t in moe.router.state_dict().items()}
         tensors_L = [experts[e] for e in local]
+        if host_experts is not None:
+            host_experts[moe.name] = {e: {k: t.to("cpu") for k, t in ts.items()} for e, ts in experts.items()}
         store = expert_store(export.model_config, tensors_L, options.expert_slots, options.eviction, device)
         getattr(model, stack).layers[str(layer)].moe = build_moe_layer(
             options.policy, moe.name, export.model_config, router, experts, placement, options.moe, capacity_fraction,
@@ -200,13 +226,19 @@ def load_served_model(
 
 
 def expert_store(
-    cfg, tensors_L: list[dict[str, torch.Tensor]], slots: int | None, eviction: str, device: torch.device | str
+    cfg,
+    tensors_L: list[dict[str, torch.Tensor]],
+    slots: int | None,
+    eviction: str,
+    device: torch.device | str,
+    initial: list[int] | None = None,
 ) -> BufferedExperts | None:
     """The buffered store of a layer's local experts when `slots` device slots are fewer than them (expert
-    buffering); None (the layer keeps every expert resident, moe_infer.moe.experts.LocalExperts) otherwise."""
+    buffering; `initial`: the local experts resident at the start); None (the layer keeps every expert resident,
+    moe_infer.moe.experts.LocalExperts) otherwise."""
     if slots is None or slots >= len(tensors_L):
         return None
-    return BufferedExperts(cfg, tensors_L, slots, eviction, device)
+    return BufferedExperts(cfg, tensors_L, slots, eviction, device, initial=initial)
 
 
 def _moe_layers(model: DecoderLM | EncoderDecoder) -> list[tuple[str, int, MoELayer]]:

@@ -22,6 +22,9 @@ class LockStep:
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
         self.group = group
         self.device = torch.device(device)  # where the collectives' tensors live (moe_infer.collectives)
+        # Step hooks (moe_infer.runtime.steploop.StepHook) run after every step of the batch loops, on every rank at
+        # the same point, as in the serving loop: the online re-balancer (moe_infer.runtime.rebalance).
+        self.hooks: list = []
 
     def max(self, value: int) -> int:
         (largest,) = all_reduce([int(value)], "max", device=self.device, group=self.group)

@@ -34,6 +34,7 @@ from moe_infer.collectives import all_reduce, clock
 from moe_infer.model.loader import Export
 from moe_infer.placement.history import LoadHistory, describe_load_history
 from moe_infer.runtime.engine import Engine
+from moe_infer.runtime.rebalance import Rebalancer
 from moe_infer.runtime.recorder import LoadRecorder
 from moe_infer.runtime.translate import bleu
 from moe_infer.serve.flags import (
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         command.checked()
         engine = Engine.start(job.export.path, engine_options(args, args.policy, job.placements))
         recorder = LoadRecorder(engine, args.record_calls) if args.record_trace is not None else None
+        rebalancer = Rebalancer(engine) if engine.options.rebalance is not None else None
+        if rebalancer is not None:
+            engine.sync.hooks.append(rebalancer)  # after every step of the batch loop, on every rank
         progress(
             args.quiet,
             job.rank,
@@ -204,15 +208,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         start = clock(engine.device)
         outputs = engine.serve(job.requests, job.settings)
-        finish(job, engine, recorder, outputs, clock(engine.device) - start, command.out)
+        finish(job, engine, recorder, outputs, clock(engine.device) - start, command.out, rebalancer)
     return command.status
 
 
-def finish(job: Job, engine: Engine, recorder, outputs: list[list[int]], seconds: float, out: IO[str]) -> None:
-    """The load history and the MoE figures (collectives), then on rank 0: the outputs, BLEU, the tracked run."""
+def finish(
+    job: Job,
+    engine: Engine,
+    recorder,
+    outputs: list[list[int]],
+    seconds: float,
+    out: IO[str],
+    rebalancer: Rebalancer | None = None,
+) -> None:
+    """The load history and the MoE figures (collectives), then on rank 0: the outputs, BLEU, the tracked run (with
+    online re-balancing: its figures, and a table of every re-fit)."""
     if recorder is not None:
         save_load_history(recorder, job)
     metrics = moe_figures(engine)
+    if rebalancer is not None:
+        metrics.update(rebalancer.summary())
     if job.rank != 0:
         return
     texts = [job.tokenizer.decode(ids) for ids in outputs]
@@ -231,7 +246,7 @@ def finish(job: Job, engine: Engine, recorder, outputs: list[list[int]], seconds
         print(f"BLEU = {metrics['bleu']:.2f} (sacrebleu corpus BLEU, {len(texts)} sentences)", file=sys.stderr)
     progress(job.args.quiet, job.rank, f"{len(outputs)} requests, {new_tokens} tokens in {seconds:.2f}s")
     if job.args.run_dir is not None:
-        track(job, texts, metrics)
+        track(job, texts, metrics, rebalancer.history if rebalancer is not None else None)
 
 
 def save_load_history(recorder: LoadRecorder, job: Job) -> None:
@@ -272,7 +287,7 @@ def write_results(job: Job, texts: list[str], out: IO[str]) -> None:
         raise PipelineError(f"cannot write --output {job.args.output}: {describe_os_error(err)}") from None
 
 
-def track(job: Job, texts: list[str], metrics: dict[str, float]) -> None:
+def track(job: Job, texts: list[str], metrics: dict[str, float], refits: list[dict] | None = None) -> None:
     """Rank 0: the run's figures and a table of every request with its output, under --run-dir."""
     run = NamedRun(
         f"{job.export.path.name}-{job.args.policy}", {"export": str(job.export.path), **flag_record(job.args)}
@@ -285,6 +300,9 @@ def track(job: Job, texts: list[str], metrics: dict[str, float]) -> None:
             columns.append("reference")
             rows = [row + [ref] for row, ref in zip(rows, job.references, strict=True)]
         tracker.log_table("outputs", columns, rows)
+        if refits:
+            columns = ["step", "layer", "balancedness", "fitted_balancedness", "moves"]
+            tracker.log_table("placement_refits", columns, [[r[c] for c in columns] for r in refits])
         tracker.summary(**metrics)
 
 

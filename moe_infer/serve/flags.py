@@ -1,7 +1,8 @@
 """The command-line flags every command that serves an export shares (the serving CLI, and the benchmarks that run
 the engine), and what they turn into: EngineOptions, GenerationSettings / TranslationSettings, placement maps.
 
-    add_engine_arguments(parser)          --export, the MoE implementation and its settings, expert buffering, --timeout
+    add_engine_arguments(parser)          --export, the MoE implementation and its settings, buffering, --timeout,
+                                          online re-balancing (--rebalance-*)
     check_engine_flags(args, export, world)      the placement maps, every engine flag checked before any collective
     add_request_arguments(parser)         --input / --output / --run-dir ..., and the generate and translate settings
     engine_options(args, policy, placements), serving_settings(args, mode, cfg), read_placements(path, export, ranks)
@@ -15,7 +16,10 @@ from typing import Any
 
 from moe_infer.buffering.policies import ONLINE_POLICIES as ENGINE_EVICTIONS
 from moe_infer.moe.layer import POLICIES, MoEOptions
+from moe_infer.placement import Placement, PlacementError
 from moe_infer.placement.files import placements_for_export, read_placement_file
+from moe_infer.placement.online import ALGORITHMS as ONLINE_ALGORITHMS
+from moe_infer.placement.online import RebalanceOptions
 from moe_infer.runtime.engine import EngineOptions, expert_placements, moe_layer_names
 from moe_infer.runtime.generate import GenerationSettings
 from moe_infer.runtime.translate import TranslationSettings
@@ -79,6 +83,39 @@ def add_engine_arguments(parser: argparse.ArgumentParser, policy: bool = True) -
     serve.add_argument(
         "--timeout", type=positive_float, default=120.0, help="seconds any collective may wait (default 120)"
     )
+    online = parser.add_argument_group("online re-balancing (dynamic and static policies)")
+    online.add_argument(
+        "--rebalance-interval",
+        type=positive_int,
+        help="re-fit the expert placement every N serving steps from the recent loads and move the experts whose "
+        "rank changes (default: off, the placement stays as started)",
+    )
+    online.add_argument(
+        "--rebalance-window", type=positive_int, default=32, help="fit on each layer's last W MoE calls (default 32)"
+    )
+    online.add_argument(
+        "--rebalance-algorithm", choices=ONLINE_ALGORITHMS, default="greedy", help="the placement algorithm"
+    )
+    online.add_argument(
+        "--rebalance-layers-per-step",
+        type=positive_int,
+        default=1,
+        help="layers whose experts move after one step (default 1: no step waits for the whole model's moves)",
+    )
+    online.add_argument(
+        "--rebalance-min-gain",
+        type=float,
+        default=0.01,
+        help="move only when the fitted placement raises the window's balancedness (mean / max rank load) by at "
+        "least this much (default 0.01: a placement fitted on noise moves nothing)",
+    )
+    online.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="extra expert copies online: not supported (refused with a message); replicas are served from a "
+        "fitted --placement file",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no library logs on stderr")
     # The deepspeed launcher passes --local_rank=N; the rank comes from the environment (LOCAL_RANK) either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -126,6 +163,23 @@ def engine_options(args: argparse.Namespace, policy: str, placements=None) -> En
         dtype=args.dtype,
         timeout_s=args.timeout,
         placement=placements,
+        rebalance=rebalance_options(args),
+    )
+
+
+def rebalance_options(args: argparse.Namespace) -> RebalanceOptions | None:
+    """--rebalance-* as RebalanceOptions (None without --rebalance-interval)."""
+    if getattr(args, "rebalance_interval", None) is None:
+        if getattr(args, "redundant_experts", 0):
+            raise ConfigError("--redundant-experts", "only applies with --rebalance-interval")
+        return None
+    return RebalanceOptions(
+        interval=args.rebalance_interval,
+        window=args.rebalance_window,
+        algorithm=args.rebalance_algorithm,
+        redundant_experts=args.redundant_experts,
+        layers_per_step=args.rebalance_layers_per_step,
+        min_gain=args.rebalance_min_gain,
     )
 
 
@@ -156,6 +210,24 @@ def check_engine_flags(args: argparse.Namespace, export, world: int):
     expert_placements(export, world, placements)
     if args.expert_slots is not None and args.policy not in ("dynamic", "static"):
         raise ConfigError("--expert-slots", f"expert buffering needs --policy dynamic or static, not {args.policy}")
+    rebalance = rebalance_options(args)
+    if rebalance is not None:
+        try:
+            rebalance.check()
+        except PlacementError as err:
+            raise ConfigError(
+                "--redundant-experts" if rebalance.redundant_experts else "--rebalance-algorithm", str(err)
+            ) from err
+        if args.policy not in ("dynamic", "static"):
+            raise ConfigError(
+                "--rebalance-interval", f"online re-balancing needs --policy dynamic or static, not {args.policy}"
+            )
+        if placements is not None and any(not isinstance(p, Placement) for p in placements.values()):
+            raise ConfigError(
+                "--rebalance-interval",
+                f"{args.placement} has expert replicas, which online re-balancing does not move: serve it without "
+                "--rebalance-interval",
+            )
     return placements
 
 

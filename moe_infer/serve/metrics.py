@@ -14,6 +14,10 @@ MoE layers (every rank's figures added up: the group's; runtime.metering):
     moe_layer_routed_pairs_total{layer}, moe_layer_dropped_pairs_total{layer}
     moe_layer_all_to_all_bytes_total{layer,direction}
     moe_buffer_hits_total, _misses_total, _copied_bytes_total, _stall_seconds_total {layer}   (expert buffering)
+Online re-balancing (runtime.rebalance; every rank computes the same, rank 0's are taken):
+    moe_placement_balancedness{layer}     gauge: the last re-fit window's mean / max rank load under the placement
+                                          then in force (1 is even)
+    moe_placement_moves_total{layer}, moe_placement_moved_bytes_total{layer}, moe_placement_refits_total
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class ServerMetrics:
         self.misses = Counter("moe_buffer_misses", "Expert cache misses", ["layer"], registry=r)
         self.copied = Counter("moe_buffer_copied_bytes", "Expert bytes copied to the device", ["layer"], registry=r)
         self.stall = Counter("moe_buffer_stall_seconds", "Experts waiting for their weights", ["layer"], registry=r)
+        self.balancedness = Gauge(
+            "moe_placement_balancedness", "Mean / max rank load over the last re-fit window", ["layer"], registry=r
+        )
+        self.moves = Counter("moe_placement_moves", "Experts moved by online re-balancing", ["layer"], registry=r)
+        self.moved_bytes = Counter(
+            "moe_placement_moved_bytes", "Expert bytes moved by online re-balancing", ["layer"], registry=r
+        )
+        self.refits = Gauge("moe_placement_refits_total", "Online re-balancing re-fits", registry=r)
         self.steps = Gauge("moe_engine_steps", "Serving loop steps with model calls (every rank alike)", registry=r)
         self.prefills = Gauge("moe_engine_prefill_steps", "Of them, steps with a prefill call", registry=r)
 
@@ -66,6 +78,12 @@ class ServerMetrics:
         if rank == 0 and "loop" in figures:
             self.steps.set(figures["loop"]["steps"])
             self.prefills.set(figures["loop"]["prefills"])
+        if rank == 0 and "placement" in figures:
+            self.refits.set(figures["placement"]["refits"])
+            for layer, f in figures["placement"]["layers"].items():
+                self.balancedness.labels(layer).set(f["balancedness"])
+                self.moves.labels(layer).inc(f["moves"])
+                self.moved_bytes.labels(layer).inc(f["bytes_moved"])
         for layer, f in figures.get("moe", {}).items():  # (prometheus_client's metrics are thread-safe)
             for expert, pairs in enumerate(f["tokens_per_expert"]):
                 if pairs:

@@ -41,6 +41,7 @@ from moe_infer.runtime.batching import Batcher
 from moe_infer.runtime.control import ControlPlane, Mailbox
 from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.metering import MoEMeter
+from moe_infer.runtime.rebalance import Rebalancer
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from moe_infer.serve.app import HttpServer, build_app
 from moe_infer.serve.flags import (
@@ -135,7 +136,10 @@ class Server:
         engine = Engine.start(self.export.path, engine_options(args, args.policy, self.placements))
         batcher = Batcher(engine.model, args.batch_size)
         control = ControlPlane(engine.world_size, cuda=engine.device.type == "cuda", timeout_s=args.timeout)
-        self.loop = StepLoop(batcher, control, self.rank, hooks=[MoEMeter(engine.moe_layers)])
+        hooks = [MoEMeter(engine.moe_layers)]
+        if engine.options.rebalance is not None:
+            hooks.append(Rebalancer(engine))  # its placement figures reach /metrics like the meter's
+        self.loop = StepLoop(batcher, control, self.rank, hooks=hooks)
         self.loop.draining = self.signals > 0
         # Everything loaded so far (modules, the model) lives as long as the server: out of the collector's sight,
         # the full collections while serving (pauses in the step loop) and the one at exit skip it (that one took
