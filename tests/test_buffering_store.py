@@ -11,6 +11,7 @@ from moe_layers import D, E, layer_config, random_layer
 
 from moe_infer.buffering.cache import simulate
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
+from moe_infer.moe import crossover
 from moe_infer.moe.experts import LocalExperts
 from moe_infer.moe.layer import MoEOptions, build_moe_layer
 from moe_infer.placement import Placement
@@ -75,6 +76,60 @@ def test_store_hits_and_misses_are_the_replayed_cache_figures():
         assert stats.misses > 0  # the calls are chosen so that buffering has work to do
 
 
+def _poison(weights, places) -> None:
+    """NaN into places `places` of one tier's stacked weights (the host tier's experts or the device slots)."""
+    for tensor in weights.tensors:
+        tensor[list(places)] = float("nan")
+
+
+def _token_on_resident_experts(cfg, router, experts, placement, options, resident_experts):
+    """One token whose top-k experts all sit in the store's slots at the start, and the resident layer's output."""
+    resident = _layer("dynamic", cfg, router, experts, placement, options)
+    resident.recording, resident.counts = True, []
+    for x_TD in _calls(seed=2):
+        for t in range(x_TD.shape[0]):
+            y_TD = resident(x_TD[t : t + 1])
+            active = set(torch.nonzero(resident.counts[-1]).flatten().tolist())
+            if active <= resident_experts:
+                return x_TD[t : t + 1], y_TD, sorted(active)
+    raise AssertionError("no token of the test calls routes to the initial slots' experts only")
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "per-expert"])
+def test_experts_run_from_their_device_slots_not_the_host_tier(kernel, monkeypatch):
+    """Which tier the experts compute from: a store that computed from the host copy would pass every output test
+    above. Here the host tier is poisoned after the slots are filled (hits must not notice), and then a slot is
+    poisoned (its expert's rows must change), on both kernels' paths (one grouped call over the slots, one expert at
+    a time); and each slot holds the expert the cache says it holds, after calls with misses."""
+    monkeypatch.setenv(crossover.ENV, kernel)
+    cfg = layer_config(topk=2, pre_softmax=False)
+    router, experts = _tensors(cfg)
+    placement, options, slots = Placement.contiguous(E, 1), MoEOptions(capacity_fraction=4.0), E - 1
+    x_TD, expected_TD, active = _token_on_resident_experts(cfg, router, experts, placement, options, set(range(slots)))
+
+    layer = _layer("dynamic", cfg, router, experts, placement, options, slots)
+    store = layer.experts
+    _poison(store.host, range(E))  # every expert's host copy: a hit that read it would give NaN
+    assert torch.equal(layer(x_TD), expected_TD)
+    assert store.stats.misses == 0 and store.stats.hits == len(active)
+
+    layer = _layer("dynamic", cfg, router, experts, placement, options, slots)
+    store = layer.experts
+    _poison(store.slots, [store.cache.resident[active[0]]])  # the slot of one expert this token uses
+    assert torch.isnan(layer(x_TD)).all()
+
+    layer = _layer("dynamic", cfg, router, experts, placement, options, slots=2)
+    store = layer.experts
+    for x_TD in _calls():
+        layer(x_TD)
+    assert store.stats.misses > 0
+    for expert, slot in store.cache.resident.items():
+        for slot_weight, name in zip(
+            store.slots.tensors, ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), strict=True
+        ):
+            assert torch.equal(slot_weight[slot], experts[expert][name]), (expert, slot, name)
+
+
 def test_slots_at_least_the_local_experts_mean_buffering_off():
     """The runtime keeps every expert resident when the slots would hold them all (moe_infer.runtime.engine)."""
     from moe_infer.runtime.engine import expert_store
@@ -106,7 +161,7 @@ def test_cuda_copy_path_matches_resident():
     placement = Placement.contiguous(E, 1)
     resident = _layer("dynamic", cfg, router, experts, placement)
     layer = _layer("dynamic", cfg, router, experts, placement, slots=2)
-    assert layer.experts.host_L[0][0].is_pinned()
+    assert layer.experts.host.w1_GFD.is_pinned()
     for x_TD in _calls():
         x_TD = x_TD.cuda()
         torch.testing.assert_close(layer(x_TD), resident(x_TD), rtol=0, atol=0)
