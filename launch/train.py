@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 launch/train.py --config lm-tiny
     deepspeed --num_gpus 2 launch/train.py --config mt-tiny --set train.steps=100
     torchrun --standalone --nproc_per_node 2 launch/train.py --config lm-tiny --set parallel.tp_size=2
-    python launch/train.py --config lm-tiny --set parallel.ep_size=1      (one process)
+    python launch/train.py --config lm-qwen3-tiny --set parallel.ep_size=1      (one process; no expert biases)
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 launch/train.py
         --config lm-tiny        (and --node-rank 1 on a second machine: README "More than one machine")
 

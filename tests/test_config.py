@@ -192,3 +192,14 @@ def test_tensor_parallelism_is_refused_for_mt_and_for_a_world_it_does_not_divide
     with pytest.raises(ConfigError, match=r"must divide the number of ranks \(3\), got 2") as err:
         layout.check_world(3)
     assert err.value.field == "parallel.tp_size"
+
+
+def test_experts_with_biases_train_only_with_expert_parallelism():
+    """megatron-core 0.16.1 fails on the first step there (an in-place bias add on a view): refused before any work,
+    while conversion (which builds any config at EP=1, forward only) still loads such a config."""
+    biased = load_config("lm-tiny", ["parallel.ep_size=1"])
+    with pytest.raises(ConfigError, match="parallel.ep_size: must be >= 2 to train experts with biases"):
+        biased.parallel.check_trainable(biased.model, biased.moe.num_experts)
+    load_config("lm-tiny").parallel.check_trainable(load_config("lm-tiny").model, 8)
+    unbiased = load_config("lm-qwen3-tiny", ["parallel.ep_size=1"])
+    unbiased.parallel.check_trainable(unbiased.model, unbiased.moe.num_experts)

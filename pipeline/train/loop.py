@@ -98,6 +98,7 @@ def train(
 
     `resume`: continue from the run directory's latest checkpoint; `resume_from`: from that checkpoint (`step_N`, N,
     or a checkpoint path). Without either, `run_dir` must not hold a run (pipeline.train.run_dir)."""
+    cfg.parallel.check_trainable(cfg.model, cfg.moe.num_experts)
     if trace_split and cfg.parallel.tp_size > 1:
         # Under sequence parallelism each TP rank routes a slice of every sequence: traces would need re-assembly.
         raise ConfigError(

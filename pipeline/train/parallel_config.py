@@ -59,6 +59,17 @@ class ParallelConfig:
             if value % self.tp_size:
                 raise ConfigError("parallel.tp_size", f"must divide model.{name}={value}, got {self.tp_size}")
 
+    def check_trainable(self, model, num_experts: int) -> None:
+        """What megatron-core 0.16.1 can train, beyond what it can load (conversion builds any config at EP=1)."""
+        if num_experts and self.ep_size == 1 and model.bias:
+            # An expert's linear_fc2 output comes back from a one-rank reduce as its input, and MLP.forward adds the
+            # expert bias to it in place: "RuntimeError: Output 0 of _ReduceFromModelParallelRegion is a view".
+            raise ConfigError(
+                "parallel.ep_size",
+                "must be >= 2 to train experts with biases (model.bias=true): megatron-core 0.16.1 cannot add expert "
+                "biases at ep_size 1; run on 2 ranks, or train a config with model.bias=false (lm-qwen3-tiny)",
+            )
+
     def check_world(self, world_size: int) -> None:
         """`world_size` ranks can hold this layout (dense: tp x dp; experts: ep x edp)."""
         for name in ("tp_size", "ep_size"):
