@@ -98,15 +98,11 @@ def _where_experts_run(export: str) -> list[dict]:
         opened.append(relpath)
         return read_tensors(self, relpath)
 
-    def spy_forward(self, routed):
-        expert_inputs = routed.expert_inputs
-
-        def counted():
-            for slot, x_ND, probs_N, out_ND in expert_inputs():
-                rows[layer_of[id(self)], slot] += int((probs_N != 0).sum())
-                yield slot, x_ND, probs_N, out_ND
-
-        routed.expert_inputs = counted
+    def spy_forward(self, routed):  # routed: moe_infer.moe.experts.Rows, grouped by local slot
+        start = 0
+        for slot, n in enumerate(routed.rows_L):
+            rows[layer_of[id(self)], slot] += int((routed.probs_M[start : start + n] != 0).sum())
+            start += n
         return forward(self, routed)
 
     seen = []
@@ -124,7 +120,7 @@ def _where_experts_run(export: str) -> list[dict]:
         for layer in engine.moe_layers:
             store = layer.experts
             layer_of[id(store)] = layer.name
-            biases = [store.b1_LF1[s] for s in range(store.num_local)]
+            biases = [store.weights.b1_GF[s] for s in range(store.num_local)]
             slots[layer.name] = [e for b in biases for e in range(4) if torch.equal(b, bias_of[layer.name, e])]
             routing[layer.name] = []
             layer.router.register_forward_hook(partial(_record_routing, routing[layer.name]))
