@@ -217,6 +217,7 @@ def _megatron_expert_parallel_groups():
 
 
 @needs_cpu_only_torch
+@pytest.mark.slow  # every EP=2 training test initializes model parallelism the same way
 def test_megatron_initialize_model_parallel_with_ep2_on_cpu():
     ranks = run_distributed(_megatron_expert_parallel_groups, world_size=2, timeout_s=120)
     for rank, got in enumerate(ranks):

@@ -54,7 +54,16 @@ def _serve_every_policy(export: str) -> dict[str, float]:
     return diffs
 
 
-@pytest.mark.parametrize(("ranks", "routing"), [(1, "top1"), (1, "top2"), (1, "qwen"), (2, "top1"), (2, "top2")])
+@pytest.mark.parametrize(
+    ("ranks", "routing"),
+    [
+        pytest.param(1, "top1", marks=pytest.mark.slow),
+        pytest.param(1, "top2", marks=pytest.mark.slow),
+        (1, "qwen"),
+        pytest.param(2, "top1", marks=pytest.mark.slow),
+        (2, "top2"),
+    ],
+)
 def test_every_policy_equals_the_reference_model(exports, ranks, routing):
     per_rank = run_distributed(
         _serve_every_policy, world_size=ranks, args=(str(exports[routing]),), init_process_group=False, timeout_s=180

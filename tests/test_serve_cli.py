@@ -106,6 +106,9 @@ def test_bad_rebalancing_flags_are_named(setup, capfd, flags, named):
     assert code == 2 and named in err and "Traceback" not in err
 
 
+# Slow: the default suite launches the same refusal under torchrun (test_every_failing_launch_shows_the_error_line)
+# and the deepspeed launcher in test_a_failure_on_one_rank_ends_every_rank_with_the_cause.
+@pytest.mark.slow
 def test_two_ranks_on_three_experts_fail_at_once_with_one_message(setup):
     args = ["--export", setup["lm3"], "--input", str(setup["root"] / "prompts.txt"), *GENERATE]
     result = run(args, launcher=deepspeed(2), timeout=90)

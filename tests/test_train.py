@@ -117,7 +117,9 @@ def _train_then_logits(name: str, overrides: list[str], run_dir: str) -> dict:
 CKPT_STEPS = ["train.steps=6", "train.eval_interval=6", "train.save_interval=3"]
 
 
-@pytest.fixture(scope="module", params=["lm", "mt"])
+# The MT variants of the checkpoint tests run in `make test-all` (the default suite trains MT in
+# test_loss_falls_with_ep2_for_top1_and_top2 and test_train_model; CI time).
+@pytest.fixture(scope="module", params=["lm", pytest.param("mt", marks=pytest.mark.slow)])
 def trained(request, tmp_path_factory):
     """A short EP=2 run, and the logits its checkpoint gives when reloaded at EP=2."""
     task = request.param

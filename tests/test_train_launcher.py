@@ -99,7 +99,14 @@ def test_killing_the_launcher_stops_its_ranks_within_seconds(tmp_path):
         assert ckpt_io.verify_checkpoint(ckpt), ckpt
 
 
-@pytest.mark.parametrize("case", ["bad config file", "bad --set value", "missing config"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("bad config file", marks=pytest.mark.slow),
+        "bad --set value",
+        pytest.param("missing config", marks=pytest.mark.slow),
+    ],
+)
 def test_a_bad_config_shows_the_error_line_on_every_launch(tmp_path, case):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs/lm-tiny.yaml").read_text().replace("hidden_size:", "hidden_sise:", 1))
@@ -160,6 +167,7 @@ def test_one_damaged_rank_state_stops_every_rank_before_any_step(run, tmp_path):
     assert _snapshot(run_dir) == before and not (run_dir / "wandb").exists()
 
 
+@pytest.mark.slow  # the default suite has the damaged state every rank finds (same agreement, same message)
 def test_a_damaged_state_found_by_one_rank_only_stops_them_all(run, tmp_path):
     run_dir, state, _ = _damaged_copy(run, tmp_path, keep_manifest=False)
     before = _snapshot(run_dir)
