@@ -337,7 +337,7 @@ def test_missing_experiments_say_not_run_with_the_command(tmp_path):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
     html = out.read_text()
-    assert html.count("not run: <code>") == 5
+    assert html.count("not run: <code>") == 6
     assert "python -m moe_infer.bench replay" in html and "--mode bench-serving" in html
     assert "not measured" in html and "make bench" in html
     assert "not run: `make bench" in (tmp_path / "report.md").read_text()
@@ -347,7 +347,7 @@ def test_no_runs_at_all_still_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(out)]) == 0
     assert "no such directory" in capsys.readouterr().err
-    assert out.read_text().count("not run: <code>") == 6
+    assert out.read_text().count("not run: <code>") == 7
 
 
 def test_a_previous_report_is_replaced_and_any_other_file_is_not(tmp_path, capsys):
