@@ -33,13 +33,18 @@ def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
     assert str(args.out / "live-lm.json") in live.command
 
 
-def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
+def full_plan_args(tmp_path):
+    """The full (not quick) plan's arguments with an 8-expert LM export and no MT or transformers one."""
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
-    args = argparse.Namespace(
+    return argparse.Namespace(
         out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
     )
+
+
+def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
+    args = full_plan_args(tmp_path)
     live = next(s for s in plan(args).steps if s.experiment == "serving-lm")
     variants = [live.command[i + 1] for i, arg in enumerate(live.command) if arg == "--variant"]
     greedy = args.out / "placements" / "greedy.json"
@@ -48,12 +53,7 @@ def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
 
 
 def test_the_full_plan_serves_the_shifting_workload_with_three_placements(tmp_path):
-    lm = tmp_path / "lm"
-    lm.mkdir()
-    (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
-    args = argparse.Namespace(
-        out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
-    )
+    args = full_plan_args(tmp_path)
     steps = plan(args).steps
     experiments = [s.experiment for s in steps]
     # The live run's offline variant reads the greedy placement that placement-lm fits: it must come later.

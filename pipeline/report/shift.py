@@ -8,12 +8,10 @@ fitted offline on the first, and online re-balancing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from matplotlib.figure import Figure
 
 from pipeline.report.plots import _png, _style
+from pipeline.report.serving_load import LiveParts as ShiftParts  # the same parts: caption, table, notes
 from pipeline.report.sources import Source
 
 
@@ -38,15 +36,6 @@ def balancedness_plot(source: Source) -> bytes:
 def _span(row: dict, key: str) -> str:
     low, high = row[f"{key}_range"]
     return f"{row[key]:.1f} ({low:.1f}-{high:.1f})"
-
-
-@dataclass
-class ShiftParts:
-    caption: str
-    columns: list[str]
-    rows: list[list[Any]]
-    table_caption: str
-    notes: list[str] = field(default_factory=list)
 
 
 def shift_parts(source: Source) -> ShiftParts:
