@@ -28,6 +28,7 @@ stage (pipeline.config, pipeline.data), which moe_infer does not import; the ben
                  three offered loads (LM: dynamic vs static gating, expert buffering at half the local experts vs
                  all resident, greedy placement vs contiguous, the baseline twice as the noise control), and the
                  server at saturation against the batch CLI on the same prompts (LM and MT)
+    *shift-lm    placement when the traffic shifts (plays, then Bible verses): pipeline.suite_shift
 
 An experiment whose model is missing (no export) is skipped and says so; a command that fails is recorded and the
 suite goes on. Progress: one line per command with the elapsed time and an estimate of what is left. The record of
@@ -54,6 +55,7 @@ from pathlib import Path
 from pipeline.atomic import write_atomic
 from pipeline.errors import PipelineError
 from pipeline.outputs import check_output
+from pipeline.suite_shift import plan_shift
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_FILE = "suite.json"
@@ -307,6 +309,7 @@ def plan(args: argparse.Namespace) -> Suite:
                 out / "placement-serving-lm",
             )
     serving_under_load(suite, args, lm_serve, mt_sources)
+    plan_shift(suite, args, lm_serve, mt_sources)  # after placement-lm: it fits the greedy placement
     plan_transformers(suite, args)
     return suite
 

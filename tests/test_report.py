@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from test_report_shift import per_variant, write_shift
 
 from moe_infer.bench import live
 from moe_infer.bench.load import RequestResult, summarize
@@ -283,6 +284,7 @@ def full(tmp_path_factory):
     write_replay(root)
     write_placement(root)
     write_live(root)
+    write_shift(root, per_variant())
     out = tmp_path_factory.mktemp("reports") / "report.html"
     assert main(["--runs", str(root), "--out", str(out)]) == 0
     return root, out
@@ -317,7 +319,8 @@ def test_the_report_is_one_html_file_with_every_section_and_the_headline_table(f
     assert str(root / "bench" / "layer-ep2.json") in html
     # W&B runs linked, settings collapsed, provenance; a bench's extra column shown as it comes.
     assert "layer001" in html and "place001" in html and "wandb sync" in html
-    assert html.count("<details>") == 8 and "capacity_fraction" in html  # one per result file
+    assert "Placement under a shifting workload" in html and "45.0 (40.0-50.0)" in html
+    assert html.count("<details>") == 9 and "capacity_fraction" in html  # one per result file
     assert "git revision" in html and "torch" in html
     assert "<th>placement</th>" in html and "<th>rank_balance</th>" in html and "greedy.json" in html
     markdown = (out.parent / "report.md").read_text()
@@ -337,7 +340,7 @@ def test_missing_experiments_say_not_run_with_the_command(tmp_path):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
     html = out.read_text()
-    assert html.count("not run: <code>") == 5
+    assert html.count("not run: <code>") == 6
     assert "python -m moe_infer.bench replay" in html and "--mode bench-serving" in html
     assert "not measured" in html and "make bench" in html
     assert "not run: `make bench" in (tmp_path / "report.md").read_text()
@@ -347,7 +350,7 @@ def test_no_runs_at_all_still_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report.html"
     assert main(["--runs", str(tmp_path / "nowhere"), "--out", str(out)]) == 0
     assert "no such directory" in capsys.readouterr().err
-    assert out.read_text().count("not run: <code>") == 6
+    assert out.read_text().count("not run: <code>") == 7
 
 
 def test_a_previous_report_is_replaced_and_any_other_file_is_not(tmp_path, capsys):

@@ -50,15 +50,18 @@ def lm(tmp_path_factory):
 
 
 class PlacementLog:
-    """A step hook after the re-balancer: every layer's rank lists whenever they changed."""
+    """A step hook after the re-balancer: every layer's rank lists whenever they changed; and whether the MoE layers
+    of the (one) stack still share one token-count agreement per forward pass (share_token_counts) after every step:
+    a layer rebuilt by a move that left its stack's link would read a stale count, or agree on its own."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.seen = engine, []
+        self.engine, self.seen, self.linked = engine, [], True
 
     def snapshot(self):
         return {n: [p.local_experts(r) for r in range(p.ranks)] for n, p in sorted(self.engine.placements.items())}
 
     def after_step(self, step, worked):
+        self.linked &= len({id(m.dispatcher.tokens.counts) for m in self.engine.moe_layers}) == 1
         now = self.snapshot()
         if not self.seen or self.seen[-1][1] != now:
             self.seen.append((step, now))
@@ -79,7 +82,7 @@ def _batch_and_loop(export, prompts, settings, batch_variants, serving_loop):
         engine, rebalancer, log = _start(export, policy, slots)
         engine.sync.hooks += [rebalancer, log]
         outputs = engine.serve(prompts, settings)
-        results[f"batch {policy} slots={slots}"] = (outputs, log.seen, rebalancer.figures())
+        results[f"batch {policy} slots={slots}"] = (outputs, log.seen, rebalancer.figures(), log.linked)
     if serving_loop:
         results["serving loop"] = _serving_loop(export, prompts, settings)
     return results
@@ -99,7 +102,7 @@ def _serving_loop(
         coordinator = Coordinator(mailbox, 2, 3, shutdown_timeout_s=60, heartbeat_s=1)
     loop.run(coordinator)
     outputs = [mailbox.outputs.get(r.id) for r in requests] if engine.rank == 0 else None
-    return outputs, log.seen, rebalancer.figures()
+    return outputs, log.seen, rebalancer.figures(), log.linked
 
 
 @pytest.mark.parametrize(
@@ -115,9 +118,10 @@ def test_rebalancing_changes_no_token_and_every_rank_holds_the_same_placement(lm
     export, prompts, settings, expected = lm
     args = (export, prompts, settings, batch_variants, serving_loop)
     rank0, rank1 = run_distributed(_batch_and_loop, world_size=2, args=args, init_process_group=False, timeout_s=240)
-    for variant, (outputs, log0, figures) in rank0.items():
+    for variant, (outputs, log0, figures, linked) in rank0.items():
         assert outputs == expected, variant
-        _, log1, _ = rank1[variant]
+        _, log1, _, _ = rank1[variant]
+        assert linked and rank1[variant][3], variant  # the moved layers' new dispatchers kept the stack's agreement
         assert log0 == log1, variant  # the same placement on both ranks after every re-fit, at the same steps
         moved = sum(layer["moves"] for layer in figures["layers"].values())
         assert figures["refits"] >= 3 and moved >= 2 and len(log0) >= 3, (variant, figures)

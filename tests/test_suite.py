@@ -4,6 +4,7 @@ they live (layer bench, bench, bench-serving, replay, placement)."""
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.suite import SUITE_FILE, Suite, build_parser, plan
 
@@ -32,18 +33,46 @@ def test_the_plan_skips_a_missing_model_and_serves_held_out_inputs(tmp_path):
     assert str(args.out / "live-lm.json") in live.command
 
 
-def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
+def full_plan_args(tmp_path):
+    """The full (not quick) plan's arguments with an 8-expert LM export and no MT or transformers one."""
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"moe": {"num_experts": 8}}))
-    args = argparse.Namespace(
+    return argparse.Namespace(
         out=tmp_path / "bench", nproc=2, quick=False, lm=lm, mt=tmp_path / "no-mt", hf_lm=tmp_path / "no-hf"
     )
+
+
+def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
+    args = full_plan_args(tmp_path)
     live = next(s for s in plan(args).steps if s.experiment == "serving-lm")
     variants = [live.command[i + 1] for i, arg in enumerate(live.command) if arg == "--variant"]
     greedy = args.out / "placements" / "greedy.json"
     assert variants == ["static=--policy static", "buffering=--expert-slots 2", f"greedy=--placement {greedy}"]
     assert live.command[live.command.index("--request-rates") + 1] == "0.4x,0.8x,inf"
+
+
+def test_the_full_plan_serves_the_shifting_workload_with_three_placements(tmp_path):
+    args = full_plan_args(tmp_path)
+    steps = plan(args).steps
+    experiments = [s.experiment for s in steps]
+    # The live run's offline variant reads the greedy placement that placement-lm fits: it must come later.
+    assert experiments.index("serving-shift-lm") > max(i for i, e in enumerate(experiments) if e == "placement-lm")
+    phase1, phase2 = args.out / "inputs" / "lm-prompts-serve.txt", args.out / "inputs" / "mt-sources.txt"
+    bench = next(s.command for s in steps if s.experiment == "shift-lm")
+    assert bench[bench.index("--input") + 1] == str(phase1) and bench[bench.index("--shift-to") + 1] == str(phase2)
+    assert bench[bench.index("--repeats") + 1] == "5" and "--rebalance-interval" in bench
+    live = next(s.command for s in steps if s.experiment == "serving-shift-lm")
+    trace = live[live.index("--input") + 1]
+    assert trace.endswith("lm-shift-trace.txt")
+    lines = phase1.read_text().splitlines() + phase2.read_text().splitlines()
+    assert Path(trace).read_text().splitlines() == lines  # phase 1's prompts, then phase 2's: the shift at len(phase 1)
+    variants = [live[i + 1] for i, arg in enumerate(live) if arg == "--variant"]
+    greedy = args.out / "placements" / "greedy.json"
+    assert variants == [f"offline-greedy=--placement {greedy}", "online=--rebalance-interval 8 --rebalance-window 32"]
+    assert live[live.index("--request-rates") + 1] == "0.7x"  # one fixed offered load
+    args.quick = True
+    assert [s.experiment for s in plan(args).steps if "shift" in s.experiment] == ["shift-lm"]
 
 
 def test_the_default_plan_measures_the_paper_shaped_models_with_spreads(tmp_path):

@@ -46,7 +46,9 @@ from moe_infer.bench.results import Results, check_result_paths
 from moe_infer.bench.servers import REPO, ServerProcess, serve_command
 from pipeline.errors import ConfigError
 
-FIGURES = ("out_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2el_p50_ms")
+FIGURES = (
+    "out_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2el_p50_ms", "e2el_p99_ms",
+)  # fmt: skip
 NOISE = "baseline again"
 # The --out JSON's (_document), by which a previous one is recognised and replaced.
 RESULT_KEYS = (

@@ -177,13 +177,14 @@ def _over_time(counts: dict[str, np.ndarray], timelines: dict, shift: dict[str, 
     return {"per_layer": per_layer, "mean": mean, "shift_calls": shift}
 
 
-def report(job: Job, per_variant: dict, out: IO[str]) -> None:
-    args = job.args
+def summary_rows(per_variant: dict) -> list[dict[str, Any]]:
+    """One row per variant: mean balancedness before and after the shift (the window across it in neither),
+    tokens/s per phase (median and min-max over the rounds), the online variant's re-fits, moves, bytes and seconds."""
     rows = []
     for variant, r in per_variant.items():
         mean, cut = r["balancedness"]["mean"], r["shift_window"]
-        row = {"variant": variant, "before": _avg(mean[:cut]), "after": _avg(mean[cut + 1 :])}  # the window across
-        for phase in (0, 1):  # the shift is in neither
+        row = {"variant": variant, "before": _avg(mean[:cut]), "after": _avg(mean[cut + 1 :])}
+        for phase in (0, 1):
             rates = [r["tokens"][phase] / s[phase] for s in r["seconds"]]
             row[f"phase{phase + 1}_tok_s"] = statistics.median(rates)
             row[f"phase{phase + 1}_tok_s_range"] = [min(rates), max(rates)]
@@ -193,6 +194,12 @@ def report(job: Job, per_variant: dict, out: IO[str]) -> None:
         row["bytes_moved"] = sum(x["bytes_moved"] for x in fig.get("layers", {}).values())
         row["move_seconds"] = fig.get("move_seconds", 0.0)
         rows.append(row)
+    return rows
+
+
+def report(job: Job, per_variant: dict, out: IO[str]) -> None:
+    args = job.args
+    rows = summary_rows(per_variant)
     json_path, run_dir = result_paths(args, job.export.path.name)
     columns = list(rows[0])
     name = f"bench-shift-{job.export.path.name}"

@@ -161,10 +161,15 @@ class Rebalancer:
         host.update(received)
         placement = Placement.from_rank_lists(new_D, layer.num_experts)
         layer.experts = self._store(layer, new_D[engine.rank], host)
-        if isinstance(layer.dispatcher, StaticDispatch):
-            layer.dispatcher = StaticDispatch(placement, layer.dispatcher.capacity_fraction)
+        old = layer.dispatcher
+        if isinstance(old, StaticDispatch):
+            layer.dispatcher = StaticDispatch(placement, old.capacity_fraction)
         else:
             layer.dispatcher = DynamicDispatch(placement)
+        # The stack's one token-count agreement per forward pass (moe.layer.share_token_counts) goes on: a new leader
+        # of its own would leave the stack's later layers reading the old one's stale counts (a failed pass as soon
+        # as a pass's token count changes: every step of the serving loop), a new follower would agree on its own.
+        layer.dispatcher.tokens = old.tokens
         engine.placements[name] = placement
         totals = self.totals[name]
         totals["moves"] += len(moved)

@@ -155,7 +155,7 @@ def _rebalance_table(lm: cm.MoEShape) -> Table:
 def projection_section(replays: list[Source]) -> Section:
     section = Section(
         "projection",
-        "6. GPU projection (a cost model, not a measurement)",
+        "8. GPU projection (a cost model, not a measurement)",
         "The paper's deployments costed by a roofline model at named GPU and link figures (moe_infer.cost_model), "
         "at the paper's shapes, with the project's own expert traces. Every figure in this section is projected.",
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import plots, serving_load
+from pipeline.report import plots, serving_load, shift
 from pipeline.report.headline import bench_waste, ratio_cell, spread_of
 from pipeline.report.sources import COMMANDS, Problem, RunInfo, Source, display_path, kind_of
 
@@ -281,6 +281,15 @@ def _live(s: Source) -> list[Block]:
     return blocks + [Text(note) for note in parts.notes]
 
 
+def _shift(s: Source) -> list[Block]:
+    parts = shift.shift_parts(s)
+    return [
+        Heading(f"{s.label}: {display_path(s.path)}"),
+        Image(shift.balancedness_plot(s), parts.caption),
+        Table(parts.columns, parts.rows, parts.table_caption),
+    ]
+
+
 BUILDERS = {
     "layer": _layer,
     "bench": _bench,
@@ -288,6 +297,7 @@ BUILDERS = {
     "replay": _replay,
     "placement": _placement,
     "live": _live,
+    "shift": _shift,
 }
 TITLES = {
     "layer": ("1. One MoE layer: every implementation", "Dynamic vs static gating and the peers on one layer."),
@@ -302,6 +312,10 @@ TITLES = {
         "6. Serving under load",
         "The HTTP server under the same live traffic: gating, buffering and placement variants at several offered "
         "loads, and the server against the batch CLI at saturation.",
+    ),
+    "shift": (
+        "7. Placement under a shifting workload",
+        "One workload, then another: contiguous placement, greedy fitted on the first, and online re-balancing.",
     ),
 }
 

@@ -80,13 +80,13 @@ def live_parts(source: Source) -> LiveParts:
         + " ".join(f'--variant {v["name"]}="{v["flags"]}"' for v in d.get("variants", [])[2:])
     )
     columns = ["variant", "rate", "out tok/s", "x baseline", "within noise", "TTFT p50 ms", "TTFT p99 ms"]
-    columns += ["TPOT p50 ms", "TPOT p99 ms", "TPOT p50 x baseline"]
+    columns += ["TPOT p50 ms", "TPOT p99 ms", "TPOT p50 x baseline", "E2E p99 ms"]
     rows = [
         [
             r["variant"], r["rate"], _cell(r.get("out_tok_s")), r.get("out_tok_s_x_baseline"),
             "yes" if r.get("out_tok_s_within_noise") else "no", _cell(r.get("ttft_p50_ms")),
             _cell(r.get("ttft_p99_ms")), _cell(r.get("tpot_p50_ms")), _cell(r.get("tpot_p99_ms")),
-            r.get("tpot_p50_ms_x_baseline"),
+            r.get("tpot_p50_ms_x_baseline"), _cell(r.get("e2el_p99_ms")),
         ]
         for r in d["summary"]
     ]  # fmt: skip

@@ -10,6 +10,7 @@ report reads them and never the protobuf `.wandb` log. One result file per exper
     replay.json              moe_infer.bench.replay         (python -m moe_infer.bench replay)
     placement.table.json     moe_infer.placement evaluate   (the Tracker's table; that command writes no other file)
     live-*.json              moe_infer.bench.live           (serving under load; its section: report.serving_load)
+    shift-*.json             moe_infer.bench.shift          (placement under a shifting workload: report.shift)
 
 A file that cannot be read, or lacks a field the report needs, does not stop the report: `discover` returns it as a
 problem (the path and what is wrong), the report shows it as a warning line, and `--strict` turns it into an error.
@@ -27,7 +28,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
-KINDS = ("layer", "bench", "buffering", "replay", "placement", "live")
+KINDS = ("layer", "bench", "buffering", "replay", "placement", "live", "shift")
 PATTERNS = {
     "layer": ("layer-ep*.json",),
     "bench": ("bench.json",),
@@ -35,6 +36,7 @@ PATTERNS = {
     "replay": ("replay.json",),
     "placement": ("placement.table.json",),
     "live": ("live-*.json",),
+    "shift": ("shift-*.json", "bench-shift-*.json"),
 }
 # What produces each kind, for the report's "not run" lines.
 COMMANDS = {
@@ -49,6 +51,8 @@ COMMANDS = {
     "--ranks 2,4,8,16 --run-dir runs/lm-tiny-placement",
     "live": "make bench  (python -m moe_infer.bench live --export exports/lm-tiny --input PROMPTS --offline "
     "--out runs/bench/live-lm.json)",
+    "shift": "make bench  (torchrun --nproc-per-node 2 -m moe_infer.bench shift --export exports/lm-tiny-e64 "
+    "--input PROMPTS --shift-to OTHER_PROMPTS --out runs/bench/shift-lm.json)",
 }
 SKIP_DIRS = {"wandb", "checkpoints", "__pycache__"}  # W&B's own copies and checkpoint shards hold no results
 
@@ -248,6 +252,27 @@ def _read_live(path: Path) -> tuple[dict, RunInfo | None, str]:
     return data, run, f"{Path(export).name}, EP={data.get('ranks', '?')}"
 
 
+def _read_shift(path: Path) -> tuple[dict, RunInfo | None, str]:
+    """shift-*.json (python -m moe_infer.bench shift): a row per variant, each variant's balancedness over time; the
+    section is pipeline.report.shift's."""
+    data = _load_json(path)
+    rows, variants = _need(path, data, "rows", list), _need(path, data, "variants", dict)
+    _need(path, data, "report_window", int)
+    if not rows or not variants:
+        raise ReportInputError(f"{path}: 'rows' and 'variants' should not be empty")
+    for i, row in enumerate(rows):
+        for key in ("variant", "before", "after", "phase1_tok_s", "phase2_tok_s", "moves", "bytes_moved"):
+            _need(path, row, key, str if key == "variant" else NUM, f"rows[{i}].")
+    for name, record in variants.items():
+        balancedness = _need(path, record, "balancedness", dict, f"variants.{name}.")
+        _need(path, balancedness, "mean", list, f"variants.{name}.balancedness.")
+        _need(path, balancedness, "shift_calls", dict, f"variants.{name}.balancedness.")
+    run_dir = data.get("settings", {}).get("run_dir")
+    run = read_run_info(path.parent / Path(run_dir).name) if run_dir else None
+    export = data.get("settings", {}).get("export", "?")
+    return data, run, f"{Path(export).name}, EP={data.get('ranks', '?')}"
+
+
 READERS = {
     "layer": _read_layer,
     "bench": _read_bench,
@@ -255,6 +280,7 @@ READERS = {
     "replay": _read_replay,
     "placement": _read_placement,
     "live": _read_live,
+    "shift": _read_shift,
 }
 
 
