@@ -90,6 +90,7 @@ def _check_ep_size_mismatch(params: tuple) -> None:
         MegatronBlock(cfg, router.state_dict(), {e: experts[e].state_dict() for e in local}, Placement.contiguous(E, 2))
 
 
+@pytest.mark.slow  # CI time: the two-rank test runs the same block with expert parallelism
 def test_megatron_block_equals_the_reference_on_one_rank():
     [stats] = run_distributed(_check_megatron, world_size=1, args=([[13], [0]], CASES + EXTRA_CASES), timeout_s=60)
     assert len(stats) == 2 * len(CASES + EXTRA_CASES)

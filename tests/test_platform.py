@@ -291,6 +291,7 @@ def _moe_gpt_forward_backward():
     return result
 
 
+@pytest.mark.slow  # CI time: every EP=2 training test runs the same forward and backward
 @needs_cpu_only_torch
 def test_moe_gpt_forward_backward_with_ep2_on_cpu():
     ranks = run_distributed(_moe_gpt_forward_backward, world_size=2, timeout_s=180)

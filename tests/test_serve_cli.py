@@ -269,7 +269,8 @@ def test_a_rank_other_than_0_shows_an_error_every_rank_met_too(monkeypatch, capf
     assert command.status == 2 and capfd.readouterr().err == "error: --batch-size: must be at least 1, got 0\n"
 
 
-@pytest.mark.parametrize("case", ["3 experts on 2 ranks", "usage"])
+# "3 experts on 2 ranks" in make test-all: the deterministic rank-1 test above catches the lost line every time.
+@pytest.mark.parametrize("case", [pytest.param("3 experts on 2 ranks", marks=pytest.mark.slow), "usage"])
 def test_every_failing_launch_shows_the_error_line(setup, tmp_path, case):
     for _ in range(2):
         _failing_launch(setup, tmp_path, case)

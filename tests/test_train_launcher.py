@@ -181,6 +181,7 @@ def test_a_damaged_state_found_by_one_rank_only_stops_them_all(run, tmp_path):
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # CI time: the damaged-state tests check the message naming --resume-from
 def test_resume_from_an_older_checkpoint(run, tmp_path):
     run_dir, _, _ = _damaged_copy(run, tmp_path, keep_manifest=True)
     stale = run_dir / "checkpoints" / ".step_000012.partial"  # a save of a run killed mid-way
