@@ -35,7 +35,6 @@ Shape legend: T tokens per rank, D model dim, F ffn dim, E experts, K experts pe
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_infer.bench.memory import peak_activation_bytes
-from moe_infer.bench.results import Results, Spread
+from moe_infer.bench.results import Results, Spread, check_result_paths
 from moe_infer.bench.synthetic import DENSE, DenseEquivalent, layer_config, random_layer
 from moe_infer.collectives import all_reduce, barrier, clock
 from moe_infer.model.config import ModelConfig
@@ -57,9 +56,7 @@ from moe_infer.placement import Placement
 from moe_infer.serve.flags import positive_int
 from moe_infer.serve.process import launched
 from pipeline.errors import PipelineError
-from pipeline.outputs import check_output
 from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
-from pipeline.tracking import check_run_dir
 
 
 @dataclass
@@ -286,28 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """--out and --run-dir may be written (pipeline.outputs.check_output): on every rank, before any collective."""
-    if args.out is not None:
-        protected = {"--run-dir": args.run_dir} if args.run_dir is not None else None
-        check_output(args.out, kind="layer-bench result", recognise=describe_result, force=True, protected=protected,
-                     note="only a previous layer-bench result is replaced")  # fmt: skip
-    if args.run_dir is not None:
-        check_run_dir(args.run_dir)
-
-
-def describe_result(path: Path) -> str | None:
-    """'a previous layer-bench result' for a JSON file `write` wrote (exactly its keys), else None."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return "a previous layer-bench result" if isinstance(doc, dict) and set(doc) == RESULT_KEYS else None
-
-
 def main(args: argparse.Namespace) -> int:
     with launched(quiet=False) as command:
-        check_outputs(args)
+        # --out replaces only a previous layer-bench result; on every rank, before any collective
+        check_result_paths(args.out, args.run_dir, "layer-bench result", RESULT_KEYS)
         platform = detect_platform()
         set_threads_per_rank(args.threads)
         info = init_distributed(platform, use_deepspeed=True)
