@@ -132,7 +132,9 @@ class FrontEnd:
         now, requests = time.monotonic(), []
         for index, (ids, decoding) in enumerate(zip(prompts, decodings, strict=True)):
             request = Request(next(self._ids), ids, decoding)
-            choice = Choice(completion, index, request.id, len(ids), ChoiceText(self.tokenizer, body.stops), now)
+            choice = Choice(
+                completion, index, request.id, len(ids), ChoiceText(self.tokenizer, body.stops, body.stream), now
+            )
             completion.choices.append(choice)
             self.open[request.id] = choice
             requests.append(request)
@@ -298,18 +300,32 @@ class FrontEnd:
     async def stream(self, completion: Completion) -> AsyncIterator[str]:
         """Server-sent events: each choice's new text as it comes, its finish reason, the usage (stream_options),
         then `data: [DONE]`; an error event instead if the server fails it. A client that leaves cancels it."""
-        body, chunks = completion.body, ChunkWriter(completion.id, self.model_name)
+        body, chunks, updates = completion.body, ChunkWriter(completion.id, self.model_name), completion.updates
         try:
-            while (item := await completion.updates.get()) is not None:
-                if isinstance(item, ApiError):
-                    yield error_event(item)
-                    return
-                index, text, finish = item
-                if text or finish:
-                    yield chunks.choice(index, text, finish)
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunks.usage(completion.usage())
-            yield DONE_EVENT
+            ended = False
+            while not ended:
+                # Everything queued since the last write goes out in one write: when the event loop falls behind
+                # the steps (a busy server), a choice's tokens leave as several events in one send, not one send
+                # (and one pass through the ASGI stack) per token. A quiet server still sends each token at once.
+                items, events = [await updates.get()], []
+                while not updates.empty():
+                    items.append(updates.get_nowait())
+                for item in items:
+                    if isinstance(item, ApiError):
+                        yield "".join(events) + error_event(item)
+                        return
+                    if item is None:
+                        ended = True
+                        break
+                    index, text, finish = item
+                    if text or finish:
+                        events.append(chunks.choice(index, text, finish))
+                if ended:
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        events.append(chunks.usage(completion.usage()))
+                    events.append(DONE_EVENT)
+                if events:
+                    yield "".join(events)
         finally:
             if not completion.done.is_set():  # the client went away (the response task was cancelled)
                 self._fail(completion, ApiError(400, "the client went away"), CLIENT_GONE)

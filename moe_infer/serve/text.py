@@ -2,13 +2,15 @@
 
     text = ChoiceText(tokenizer, stops=["\\n\\n"])
     delta = text.add(new_ids)      the text that is safe to send now ("" if none yet)
+    ChoiceText(tokenizer, stream=False)      no stops and nobody reading along: decoded once, at finish()
     text.stopped                   a stop sequence appeared: the text ends before it (the request is cancelled)
     rest = text.finish()           whatever was held back, at the end
 
 The whole text is always `tokenizer.decode(all ids)` (the batch CLI's output for the same tokens), cut before the
 first stop sequence. While streaming, text is held back when it could still change: a trailing replacement character
 (an incomplete byte sequence of byte-fallback pieces) and, with stop sequences, the last (longest stop - 1)
-characters, which could be the start of one.
+characters, which could be the start of one. A choice that is neither streamed nor has stop sequences is decoded only
+once, when it ends: decoding every prefix of it would cost the server's front end O(length) per token for nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ REPLACEMENT = "\ufffd"
 
 
 class ChoiceText:
-    def __init__(self, tokenizer, stops: list[str] | None = None):
+    def __init__(self, tokenizer, stops: list[str] | None = None, stream: bool = True):
         self.tokenizer = tokenizer
         self.stops = list(stops or [])
+        self.deferred = not (stream or self.stops)
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
@@ -30,6 +33,8 @@ class ChoiceText:
         if self.stopped or not ids:
             return ""
         self.ids += ids
+        if self.deferred:
+            return ""
         self.text = self.tokenizer.decode(self.ids)
         cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=None)
         if cut is not None:
@@ -41,6 +46,8 @@ class ChoiceText:
         return self._take(safe)
 
     def finish(self) -> str:
+        if self.deferred:
+            self.text = self.tokenizer.decode(self.ids)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
