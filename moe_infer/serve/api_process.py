@@ -149,7 +149,7 @@ class ApiProcess:
             except subprocess.TimeoutExpired:
                 code = None
             self.failure = f"the HTTP front end (process {self.process.pid}) stopped unexpectedly (exit status {code})"
-            say(f"error: {self.failure}: the server drains and stops")
+            say(f"{self.failure}: the server drains and stops")
             mailbox.drain()
 
     def wait_up(self, timeout_s: float = 120.0) -> None:
