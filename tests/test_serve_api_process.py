@@ -4,11 +4,13 @@
 Plain and streamed completions come through the bridge equal to the batch generation; the API process is no rank and
 holds no launcher variables; rank 0 killed with SIGKILL takes the API process with it (the bridge's end and
 PR_SET_PDEATHSIG), and the stream open at that moment ends with an error event rather than a dropped connection.
+Slow: rank 0's W&B logger (--run-dir) gets the API process's figures over the bridge, and its last ones at the end.
 The 2-rank server over the bridge (torchrun: concurrency, disconnects, the SIGTERM drain, a rank killed) is
 test_serve_http.py's.
 """
 
 import json
+import signal
 import time
 
 import httpx
@@ -67,3 +69,21 @@ def test_the_api_process_serves_through_the_bridge_and_dies_with_rank_0(setup):
             assert time.monotonic() - killed < 10, "the API process outlived rank 0"
             time.sleep(0.05)
         assert not server.alive(), server.alive()
+
+
+@pytest.mark.slow
+def test_the_w_and_b_logger_on_rank_0_gets_the_api_process_figures(setup, tmp_path):
+    """The figures live in the API process (its /metrics); rank 0's logger gets them over the bridge, at the interval
+    and once more at the end."""
+    run_dir = tmp_path / "run"
+    flags = ["--run-dir", str(run_dir), "--metrics-interval", "0.5"]
+    with ServerProcess(serve_command([setup["lm"], *flags], ranks=1), env()) as server:
+        body = {"model": "lm", "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+        time.sleep(1.5)  # a few intervals
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["moe_generation_tokens_total"] == len(PROMPTS) * MAX_TOKENS
+        server.signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["moe_generation_tokens_total"] == len(PROMPTS) * MAX_TOKENS

@@ -156,7 +156,7 @@ class Server:
         if self.rank == 0:
             heartbeat = min(5.0, args.timeout / 4)  # well inside the collective timeout
             coordinator = Coordinator(self.mailbox, self.world, args.batch_size, args.shutdown_timeout, heartbeat)
-            self.api.wait_up()
+            self.api.wait_up(args.timeout / 2)  # (the other ranks wait in the loop's first collective meanwhile)
             if self.api.state == "loading":
                 self.api.state = "ready"
             print(
