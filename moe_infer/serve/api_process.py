@@ -22,8 +22,10 @@ once at the end, when rank 0 logs to W&B). Rank 0 posts from its loop thread and
 sender thread does the writing (a SimpleQueue is safe to put to from a signal handler; a socket write is not).
 
 Lifetimes: the child is started with subprocess (fork + exec: nothing of rank 0's threads or gloo state comes
-along) and imports only the front end. It ignores SIGINT and SIGTERM (rank 0 handles them and tells it the state).
-It never outlives rank 0: the end of the bridge (EOF), or SIGHUP from the kernel when rank 0 dies
+along) and imports only the front end (which includes torch, through the request types of runtime.sequences and
+runtime.control: ~3 s of CPU here, while rank 0 loads the engine; rank 0 binds the port before it starts the child,
+so connections wait in the backlog meanwhile). It ignores SIGINT and SIGTERM (rank 0 handles them and tells it the
+state). It never outlives rank 0: the end of the bridge (EOF), or SIGHUP from the kernel when rank 0 dies
 (PR_SET_PDEATHSIG), answers every open request with an error and exits, with a watchdog's os._exit behind it.
 If the child dies, rank 0 says so and drains the server, and its exit status is non-zero.
 """
