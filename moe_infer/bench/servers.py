@@ -81,15 +81,18 @@ class ServerProcess:
 
     @property
     def ranks(self) -> list[psutil.Process]:
-        """The ranks: the processes a launcher started with RANK set (the one process, without a launcher)."""
-        if len(self.tree) == 1:
-            return list(self.tree)
+        """The ranks: the processes a launcher started with RANK set (the one process, without a launcher; the HTTP
+        front end's process has no RANK)."""
         ranks = []
         for p in self.tree:
             with contextlib.suppress(psutil.Error):
                 if "RANK" in p.environ() and p.pid != self.process.pid:
                     ranks.append(p)
-        return ranks
+        return ranks or self.tree[:1]
+
+    def api_process(self) -> psutil.Process:
+        """The HTTP front end's process (moe_infer.serve.api_process), a child of rank 0."""
+        return next(p for p in self.tree if "moe_infer.serve.api_process" in p.cmdline())
 
     def rank(self, rank: int) -> psutil.Process:
         return next(p for p in self.ranks if p.environ().get("RANK", "0") == str(rank))

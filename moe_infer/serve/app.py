@@ -1,12 +1,13 @@
-"""The HTTP front end on rank 0: a FastAPI app served by uvicorn in a thread of its own, with its own event loop (the
-main thread runs the serving loop).
+"""The HTTP front end: a FastAPI app served by uvicorn in a thread of its own, with its own event loop (in the API
+process, moe_infer.serve.api_process, whose main thread talks to rank 0's serving loop).
 
     POST /v1/completions   OpenAI completions (moe_infer.serve.protocol), plain or streamed (server-sent events)
     GET  /v1/models        the one model served
     GET  /health           200 when serving; 503 while loading, draining or after a failure
     GET  /metrics          Prometheus text (moe_infer.serve.metrics)
 
-    http = HttpServer(build_app(frontend), "127.0.0.1", 8000)     binds the port now (port 0: any free port)
+    sock = listen_socket("127.0.0.1", 8000)    bound and listening now (port 0: any free one; in use: ConfigError)
+    http = HttpServer(build_app(frontend), sock)
     http.start(); ...; http.stop()
 
 Errors are OpenAI-style JSON bodies ({"error": {"message", "type", "param", "code"}}): 400 for a request that fails
@@ -88,19 +89,31 @@ def build_app(frontend: FrontEnd) -> FastAPI:
     return app
 
 
-class HttpServer:
-    """uvicorn on a socket bound here (so a port in use is one clear error), in a daemon thread."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening, so a port in use is one clear error at once, and connections
+    wait in its backlog until the HTTP server (perhaps in another process: the socket can be passed on) runs."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # (uvicorn's backlog)
+    except OSError as err:
+        sock.close()
+        raise ConfigError("--port", f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
 
-    def __init__(self, app: FastAPI, host: str, port: int, graceful_s: float = 5.0):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as err:
-            self.sock.close()
-            raise ConfigError("--port", f"cannot listen on {host}:{port}: {err.strerror}") from None
-        self.host, self.port = host, self.sock.getsockname()[1]
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class HttpServer:
+    """uvicorn on a listening socket (`listen_socket`), in a daemon thread."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, graceful_s: float = 5.0):
+        self.sock = sock
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful_s)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -109,8 +122,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return socket_url(self.sock)
 
     def start(self, timeout_s: float = 30.0) -> None:
         self.thread.start()

@@ -116,9 +116,11 @@ class ServerMetrics:
 
 
 class MetricsLogger:
-    """A thread that logs the metrics to a W&B run (pipeline.tracking) every `interval_s` seconds, and at the end."""
+    """A thread that logs the metrics to a W&B run (pipeline.tracking) every `interval_s` seconds, and at the end.
+    `metrics` is anything with ServerMetrics' `snapshot()`: on rank 0, the API process's bridge, which holds the last
+    figures that process sent (moe_infer.serve.api_process)."""
 
-    def __init__(self, metrics: ServerMetrics, tracker, interval_s: float):
+    def __init__(self, metrics, tracker, interval_s: float):
         self.metrics, self.tracker, self.interval_s = metrics, tracker, interval_s
         self._stop = threading.Event()
         self._step = 0

@@ -8,11 +8,11 @@
         -d '{"model": "lm-tiny", "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0}'
 
 Processes and threads: every rank loads its experts (dense layers replicated, as the batch CLI) and runs the
-serving loop (moe_infer.runtime.steploop) on its main thread. Rank 0 also runs the HTTP front end (FastAPI +
-uvicorn, moe_infer.serve.app) in a thread with its own event loop, and hands each request to the rank with the
-least outstanding work; the ranks meet once per step (a small all-gather of plans, tokens and counts) and in the
-MoE layers' all-to-alls. With no work anywhere every rank waits, blocked, using no CPU; rank 0 sends a heartbeat
-well inside --timeout.
+serving loop (moe_infer.runtime.steploop) on its main thread. Rank 0 also starts the HTTP front end (FastAPI +
+uvicorn, moe_infer.serve.app, tokenizing and detokenizing) in a process of its own (moe_infer.serve.api_process), so
+that it never holds the serving loop's GIL, and hands each request to the rank with the least outstanding work; the
+ranks meet once per step (a small all-gather of plans, tokens and counts) and in the MoE layers' all-to-alls. With
+no work anywhere every rank waits, blocked, using no CPU; rank 0 sends a heartbeat well inside --timeout.
 
 Every engine flag of the batch CLI works here (policy, placement, expert buffering, dtype, --timeout). The model
 served is named after the export directory (--served-model-name). A request's completion is the same, token for
@@ -33,7 +33,6 @@ import argparse
 import gc
 import signal
 import sys
-import time
 from pathlib import Path
 
 from moe_infer.model.loader import Export
@@ -43,7 +42,7 @@ from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.metering import MoEMeter
 from moe_infer.runtime.rebalance import Rebalancer
 from moe_infer.runtime.steploop import Coordinator, StepLoop
-from moe_infer.serve.app import HttpServer, build_app
+from moe_infer.serve.api_process import ApiProcess, ApiThread, FrontEndSpec
 from moe_infer.serve.flags import (
     DEFAULT_MAX_LEN,
     add_engine_arguments,
@@ -53,11 +52,10 @@ from moe_infer.serve.flags import (
     positive_float,
     positive_int,
 )
-from moe_infer.serve.frontend import FrontEnd, ServingLimits
-from moe_infer.serve.metrics import MetricsLogger, ServerMetrics
+from moe_infer.serve.frontend import ServingLimits
+from moe_infer.serve.metrics import MetricsLogger
 from moe_infer.serve.process import ArgumentParser, is_collective_failure, launched, progress
 from pipeline.errors import PipelineError
-from pipeline.tokenizer import Tokenizer
 from pipeline.tracking import NamedRun, Tracker, check_run_dir
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -94,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--metrics-interval", type=positive_float, default=10.0, help="seconds between W&B logs (default 10)"
     )
+    srv.add_argument(
+        "--frontend-in-thread",
+        action="store_true",
+        help="run the HTTP front end in a thread of rank 0 rather than a process of its own (it then shares rank 0's "
+        "GIL with the serving loop: slower under load; for comparison)",
+    )
     return parser
 
 
@@ -108,8 +112,7 @@ class Server:
         if args.run_dir is not None:  # adds only to a tracked run (an earlier server's), never to the export
             check_run_dir(args.run_dir, protected={"--export": self.export.path})
         self.loop: StepLoop | None = None
-        self.frontend: FrontEnd | None = None
-        self.http: HttpServer | None = None
+        self.api: ApiProcess | ApiThread | None = None  # rank 0: the HTTP front end
         self.mailbox = Mailbox()
         self.signals = 0
 
@@ -119,15 +122,19 @@ class Server:
         return ServingLimits(cfg.max_positions, default, self.args.batch_size, self.args.max_queued_requests, translate)
 
     def open_front_end(self) -> None:
-        """Rank 0: the HTTP server, up (503 "loading") before the engine starts."""
+        """Rank 0: the HTTP server's port bound and its front end starting (503 "loading") before the engine does."""
         export, args = self.export, self.args
-        tokenizer = Tokenizer(export.tokenizer_bytes(), export.path / export.config["tokenizer"]["file"])
-        self.frontend = FrontEnd(
-            tokenizer, export.model_config, self.name, self.mailbox, ServerMetrics(), self.limits()
+        spec = FrontEndSpec(
+            export.tokenizer_bytes(),
+            export.path / export.config["tokenizer"]["file"],
+            export.model_config,
+            self.name,
+            self.limits(),
+            min(1.0, args.metrics_interval) if args.run_dir is not None else None,
         )
-        self.http = HttpServer(build_app(self.frontend), args.host, args.port)
-        self.http.start()
-        progress(args.quiet, 0, f"listening on {self.http.url} (loading {export.path})")
+        start = ApiThread if args.frontend_in_thread else ApiProcess
+        self.api = start(spec, args.host, args.port, self.mailbox)
+        progress(args.quiet, 0, f"listening on {self.api.url} (loading {export.path})")
 
     def run(self) -> None:
         args = self.args
@@ -149,15 +156,18 @@ class Server:
         if self.rank == 0:
             heartbeat = min(5.0, args.timeout / 4)  # well inside the collective timeout
             coordinator = Coordinator(self.mailbox, self.world, args.batch_size, args.shutdown_timeout, heartbeat)
-            if self.frontend.state == "loading":
-                self.frontend.state = "ready"
+            self.api.wait_up(args.timeout / 2)  # (the other ranks wait in the loop's first collective meanwhile)
+            if self.api.state == "loading":
+                self.api.state = "ready"
             print(
-                f"serving {self.name} on {self.http.url}: {self.world} rank(s), {engine.device}, policy "
+                f"serving {self.name} on {self.api.url}: {self.world} rank(s), {engine.device}, policy "
                 f"{args.policy}, {args.dtype}, {args.batch_size} rows per rank",
                 file=sys.stderr,
                 flush=True,
             )
         self.loop.run(coordinator)
+        if self.api is not None and self.api.failure is not None:
+            raise PipelineError(self.api.failure)
         progress(args.quiet, self.rank, "stopped")
 
     def on_signal(self, signum: int, frame) -> None:
@@ -170,30 +180,29 @@ class Server:
             f"{signal.Signals(signum).name}: draining (requests in flight get up to {self.args.shutdown_timeout:g} s)",
         )
         if self.rank == 0:
-            if self.frontend is not None:
-                self.frontend.state = "draining"
+            if self.api is not None:
+                self.api.state = "draining"
             self.mailbox.drain()
         elif self.loop is not None:
             self.loop.draining = True  # rank 0 hears of it in the next step and drains the server
 
     def close(self, failure: BaseException | None) -> None:
         """Rank 0: answer every open request (an error: the server failed, or stopped before it finished), then stop
-        the HTTP server."""
-        if self.frontend is None:
+        the HTTP front end."""
+        if self.api is None:
             return
         if failure is not None:
-            self.frontend.state = "failed"
+            self.api.state = "failed"
             why = (
                 "another rank stopped or did not answer within --timeout"
                 if is_collective_failure(failure, self.world)
                 else ""
             )
-            self.frontend.fail_all(f"the server failed and is stopping: {why or _first_line(failure)}")
+            self.api.fail_all(f"the server failed and is stopping: {why or _first_line(failure)}")
         else:
-            self.frontend.state = "stopped"
-            self.frontend.fail_all("the server shut down before this request finished", status=503)
-        time.sleep(0.2)  # the event loop sends those answers before the HTTP server closes
-        self.http.stop()
+            self.api.state = "stopped"
+            self.api.fail_all("the server shut down before this request finished", status=503)
+        self.api.close()
 
 
 def _first_line(err: BaseException) -> str:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         logger = None
         if command.rank == 0 and args.run_dir is not None:
             tracker = Tracker(NamedRun(f"{server.name}-serve", flag_record(args)), args.run_dir, "serve")
-            logger = MetricsLogger(server.frontend.metrics, tracker, args.metrics_interval)
+            logger = MetricsLogger(server.api, tracker, args.metrics_interval)  # the front end's figures
         failure = None
         try:
             server.run()
