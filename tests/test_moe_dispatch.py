@@ -165,7 +165,9 @@ def _stack_of_two_layers(token_counts: list[int], exchange: str) -> int:
     tokens.all_reduce = lambda *a, **k: reductions.append(a) or real(*a, **k)
     ExpertGroup.start_all_gather = lambda *a, **k: gathers.append(a) or real_gather(*a, **k)
     try:
-        for step, counts in enumerate((token_counts, token_counts, [c + 1 for c in token_counts], [0, 0])):
+        # Pass 3: only the second rank outgrows the guessed block; the first, whose tokens fit, must gather again too.
+        grown = [token_counts[0], token_counts[1] + 1]
+        for step, counts in enumerate((token_counts, token_counts, grown, [0, 0])):
             x_TD = torch.randn(counts[rank], D, generator=torch.Generator().manual_seed(step * 10 + rank))
             for layer in layers:
                 layer.dispatcher.exchange = exchange
@@ -182,8 +184,8 @@ def _stack_of_two_layers(token_counts: list[int], exchange: str) -> int:
     "exchange, calls",
     [
         ("all-to-all", (4, 0)),  # one agreement per pass
-        # Pass 1 agrees (no counts yet), 2 gathers; pass 2 (same counts) 2 gathers; pass 3 (one token more per rank:
-        # the guessed block is too small) 3 gathers; pass 4 (no tokens: the second layer has nothing to gather) 1.
+        # Pass 1 agrees (no counts yet), 2 gathers; pass 2 (same counts) 2 gathers; pass 3 (one rank brings one
+        # token more than the guessed block) 3 gathers; pass 4 (no tokens: the second layer has nothing to gather) 1.
         ("all-gather", (1, 8)),
     ],
 )
