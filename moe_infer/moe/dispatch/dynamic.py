@@ -1,8 +1,9 @@
 """Dynamic dispatch (the paper's dynamic gating): sort the (token, expert) pairs, count them per expert, and move
 exactly the routed rows. Nothing is padded, nothing is dropped.
 
-Two exchanges, chosen per forward pass from the token counts the ranks agreed on (tokens.py), so every rank picks
-the same one (MOE_DISPATCH=all-to-all|all-gather forces one, auto is the default):
+Two exchanges, chosen per forward pass from the token counts the ranks agreed on (tokens.py; or, for the all-gather,
+the previous pass's counts: see below), so every rank picks the same one (MOE_DISPATCH=all-to-all|all-gather forces
+one, auto is the default):
     all-to-all  the paper's, for large passes. 3 collectives per layer.
         1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
         2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source x slot
@@ -98,7 +99,7 @@ def chosen_exchange() -> str:
 
 
 class DynamicDispatch:
-    speculate = True  # the all-gather's block from the previous pass's counts (see dispatch)
+    speculate = True  # the all-gather's block from the previous pass's counts (see dispatch); False: agree first
 
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
         self.placement = placement
