@@ -15,7 +15,7 @@ from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, r
 
 from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
 from moe_infer.moe.dispatch.dynamic import row_width
-from moe_infer.moe.dispatch.exchange import as_columns, from_columns
+from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
 from moe_infer.moe.layer import build_moe_layer, share_token_counts
 from moe_infer.moe.stats import MoEStats, PhaseTimer
 from moe_infer.placement import Placement, PlacementError
@@ -144,8 +144,10 @@ def test_policies_equal_the_reference_on_two_ranks():
 
 
 def _stack_of_two_layers(token_counts: list[int], exchange: str) -> int:
-    """Two dynamic layers of one stack, linked (share_token_counts), three forward passes with changing counts: each
-    equals the reference, and only the first layer of each pass agrees on the counts. Returns the all-reduces made."""
+    """Two dynamic layers of one stack, linked (share_token_counts), four forward passes with changing counts: each
+    equals the reference, and only the first layer of a pass agrees on the counts. With the all-gather, a pass after
+    the first takes the previous pass's counts as its block and learns the real ones from the rows' headers: no
+    agreement at all, and one gather more when a rank brought more tokens than that. Returns (all-reduces, gathers)."""
     import moe_infer.moe.dispatch.tokens as tokens
 
     rank = dist.get_rank()
@@ -158,26 +160,37 @@ def _stack_of_two_layers(token_counts: list[int], exchange: str) -> int:
         for n in (2, 4)
     ]
     share_token_counts(layers)
-    reductions = []
-    real = tokens.all_reduce
+    reductions, gathers = [], []
+    real, real_gather = tokens.all_reduce, ExpertGroup.start_all_gather
     tokens.all_reduce = lambda *a, **k: reductions.append(a) or real(*a, **k)
+    ExpertGroup.start_all_gather = lambda *a, **k: gathers.append(a) or real_gather(*a, **k)
     try:
-        for step, counts in enumerate((token_counts, [c + 1 for c in token_counts], [0, 0])):
+        # Pass 3: only the second rank outgrows the guessed block; the first, whose tokens fit, must gather again too.
+        grown = [token_counts[0], token_counts[1] + 1]
+        for step, counts in enumerate((token_counts, token_counts, grown, [0, 0])):
             x_TD = torch.randn(counts[rank], D, generator=torch.Generator().manual_seed(step * 10 + rank))
             for layer in layers:
                 layer.dispatcher.exchange = exchange
                 expected = reference_moe(x_TD, *router(x_TD), experts)
                 torch.testing.assert_close(layer(x_TD), expected, rtol=1e-5, atol=1e-5)
     finally:
-        tokens.all_reduce = real
+        tokens.all_reduce, ExpertGroup.start_all_gather = real, real_gather
     with pytest.raises(PipelineError, match="every MoE layer of a stack must see the same tokens"):
         layers[1](torch.randn(5, D))
-    return len(reductions)
+    return len(reductions), len(gathers)
 
 
-@pytest.mark.parametrize("exchange", ["all-to-all", "all-gather"])
-def test_the_layers_of_a_stack_agree_on_token_counts_once_per_forward_pass(exchange):
-    assert run_distributed(_stack_of_two_layers, world_size=2, args=([3, 6], exchange), timeout_s=60) == [3, 3]
+@pytest.mark.parametrize(
+    "exchange, calls",
+    [
+        ("all-to-all", (4, 0)),  # one agreement per pass
+        # Pass 1 agrees (no counts yet), 2 gathers; pass 2 (same counts) 2 gathers; pass 3 (one rank brings one
+        # token more than the guessed block) 3 gathers; pass 4 (no tokens: the second layer has nothing to gather) 1.
+        ("all-gather", (1, 8)),
+    ],
+)
+def test_the_layers_of_a_stack_agree_on_token_counts_once_per_forward_pass(exchange, calls):
+    assert run_distributed(_stack_of_two_layers, world_size=2, args=([3, 6], exchange), timeout_s=60) == [calls] * 2
 
 
 def test_rows_carry_their_numbers_bit_for_bit():

@@ -122,7 +122,7 @@ class Placement:
     def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
         """int64 [T*K] (token-major): the position of each (token, expert) pair's expert. One copy per expert here;
         ReplicatedPlacement (moe_infer.placement.replicas) spreads pairs over copies behind the same method."""
-        return self.position_of_E.to(experts_TK.device)[experts_TK.reshape(-1)]
+        return self.position_of_E.to(experts_TK.device).index_select(0, experts_TK.reshape(-1))
 
     def local_experts(self, rank: int) -> list[int]:
         """Rank `rank`'s global expert ids in local-slot order."""

@@ -1,8 +1,9 @@
 """Dynamic dispatch (the paper's dynamic gating): sort the (token, expert) pairs, count them per expert, and move
 exactly the routed rows. Nothing is padded, nothing is dropped.
 
-Two exchanges, chosen per forward pass from the token counts the ranks agreed on (tokens.py), so every rank picks
-the same one (MOE_DISPATCH=all-to-all|all-gather forces one, auto is the default):
+Two exchanges, chosen per forward pass from the token counts the ranks agreed on (tokens.py; or, for the all-gather,
+the previous pass's counts: see below), so every rank picks the same one (MOE_DISPATCH=all-to-all|all-gather forces
+one, auto is the default):
     all-to-all  the paper's, for large passes. 3 collectives per layer.
         1. pairs sorted (stable) by the position rank * L + slot of their expert; counts_P = bincount per position
         2. all-to-all of counts_P (int64 [E], R blocks of L): each rank learns recv_RL, rows it gets per source x slot
@@ -11,8 +12,12 @@ the same one (MOE_DISPATCH=all-to-all|all-gather forces one, auto is the default
         5. combine: un-group, reverse all-to-all, sum each token's pairs with index_add_ into [T, D]
     all-gather  for small passes (ALL_GATHER_MAX_TOKENS). 2 collectives per layer, no count exchange.
         1. every rank's tokens to every rank, each with its K expert positions and probabilities in extra columns:
-           one all-gather of blocks of T_max rows (the agreed largest count)
-        2. each rank takes the pairs of its own experts from all of them, sorted by local slot
+           one all-gather of blocks of T_max rows (the largest count) and a header row with the rank's own count.
+           T_max is the previous pass's while it fits (decoding: the same batch step after step), so a pass needs
+           no token-count agreement (tokens.py) at all: every rank reads the real counts from the headers, and when
+           a rank's tokens did not fit the block, all ranks gather again with the right one.
+        2. each rank takes the pairs of its own experts from all of them, sorted by local slot (padding and
+           headers carry the expert position -1: nobody's)
         3. combine: each rank's partial sums for every token of the group, one all-to-all of [T_max, D] blocks,
            summed per token
        Each token travels once instead of once per pair (K times), and its outputs come back once per rank: at
@@ -64,7 +69,7 @@ class Gathered:
 
     rows: Rows
     token_M: torch.Tensor  # the gathered row (source rank * block + its token) of each row
-    block: int  # rows per rank in the gathered buffer (the largest token count)
+    block: int  # rows per rank in the gathered buffer (the largest token count, and the header row)
     num_tokens: int
     timer: PhaseTimer
 
@@ -94,6 +99,8 @@ def chosen_exchange() -> str:
 
 
 class DynamicDispatch:
+    speculate = True  # the all-gather's block from the previous pass's counts (see dispatch); False: agree first
+
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None = None):
         self.placement = placement
         self.ranks = ExpertGroup(placement, group)
@@ -118,7 +125,16 @@ class DynamicDispatch:
         position_N = self.placement.pair_positions(experts_TK)  # with replicas, a hot expert's pairs are spread
         if self.ranks.size == 1:
             return self._local(x_TD, probs_TK, position_N, prepare, timer)
-        tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
+        guess_R = self.tokens.guess() if self.speculate else None
+        if guess_R is not None and max(guess_R) > 0 and self.uses_all_gather(guess_R):
+            # The previous pass's counts (the same on every rank) as this pass's block: no count agreement. The
+            # headers tell every rank the real counts; when a rank's tokens did not fit, all go on with those.
+            gathered = self._all_gather(x_TD, probs_TK, position_N, max(guess_R), prepare, timer, guessed=True)
+            if gathered is not None:
+                return gathered
+            tokens_R = self.tokens.counts.tokens_R
+        else:
+            tokens_R = self.tokens(x_TD.shape[0], x_TD.device)
         if self.uses_all_gather(tokens_R):
             return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), prepare, timer)
         return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
@@ -177,43 +193,56 @@ class DynamicDispatch:
         timer.lap("dispatch")
         return Exchanged(rows, group_M, send_R, recv_R, token_N, num_tokens, timer)
 
-    def _all_gather(self, x_TD, probs_TK, position_N, block, prepare, timer) -> Gathered:
+    def _all_gather(self, x_TD, probs_TK, position_N, block, prepare, timer, guessed=False) -> Gathered | None:
+        """`guessed`: `block` is the previous pass's, not agreed; None when a rank brought more tokens than that
+        (every rank learns the counts from the headers alike, and the caller goes on with them)."""
         (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
-        L, me = self.placement.experts_per_rank, self.ranks.rank
+        L, me, R = self.placement.experts_per_rank, self.ranks.rank, self.ranks.size
         stats = timer.stats
         if block == 0:  # no rank brought a token (every rank knows it from the counts): nothing to exchange
             prepare([], False)
             return Gathered(Rows(x_TD, x_TD.new_zeros(0), [0] * L, x_TD), position_N, 0, 0, timer)
-        # 1. This rank's tokens, each with its K probabilities and K expert positions, padded to the agreed block.
-        probs_TC = as_columns(probs_TK.float(), x_TD.dtype)
-        positions_TC = as_columns(position_N.view(num_tokens, topk).to(torch.int32), x_TD.dtype)
+        # 1. This rank's tokens, each with its K probabilities and K expert positions, padded to the block, and a
+        # header row with the rank's token count. Padding and the header have positions -1: no rank's experts.
+        sent = min(num_tokens, block)
+        probs_TC = as_columns(probs_TK[:sent].float(), x_TD.dtype)
         width = probs_TC.shape[1]
-        payload_BW = x_TD.new_zeros(block, row_width(D, 2 * width, x_TD.dtype))
-        payload_BW[:num_tokens, : D + 2 * width] = torch.cat((x_TD, probs_TC, positions_TC), dim=1)
+        payload_BW = x_TD.new_empty(block + 1, row_width(D, 2 * width, x_TD.dtype))
+        payload_BW[:sent, :D] = x_TD[:sent]
+        payload_BW[:sent, D : D + width] = probs_TC
+        positions_TK = position_N.view(num_tokens, topk)[:sent].to(torch.int32)
+        payload_BW[:sent, D + width : D + 2 * width] = as_columns(positions_TK, x_TD.dtype)
+        payload_BW[sent:].zero_()
+        unused_PK = torch.full((block + 1 - sent, topk), -1, dtype=torch.int32, device=x_TD.device)
+        payload_BW[sent:, D + width : D + 2 * width] = as_columns(unused_PK, x_TD.dtype)
+        header = as_columns(torch.tensor([[num_tokens]], dtype=torch.int32, device=x_TD.device), x_TD.dtype)
+        payload_BW[block, : header.shape[1]] = header
         timer.lap("gate")
         gathered_AW = self.ranks.start_all_gather(payload_BW, stats).wait()
 
-        # 2. The pairs of this rank's experts among every rank's tokens (rows past a rank's count are padding).
+        # Every rank's count, from the headers: the counts of this pass, agreed without a collective of their own.
+        headers_RW = gathered_AW.view(R, block + 1, -1)[:, block, : header.shape[1]]
+        tokens_R = from_columns(headers_RW, torch.int32).reshape(-1).tolist()
+        if guessed:
+            self.tokens.learned(tokens_R)
+            if max(tokens_R) > block:
+                return None
+        # 2. The pairs of this rank's experts among every rank's tokens, by local slot (the others' pairs, padding
+        # and headers sorted past the end: key L).
         x_AD = gathered_AW[:, :D]
         probs_AK = from_columns(gathered_AW[:, D : D + width], torch.float32)
         position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
-        real_A = (torch.arange(block, device=x_TD.device) < self._tokens_R(x_TD.device)[:, None]).reshape(-1)
-        mine_AK = (torch.div(position_AK, L, rounding_mode="floor") == me) & real_A[:, None]
-        pair_M = mine_AK.reshape(-1).nonzero().squeeze(1)
-        slot_M = position_AK.reshape(-1).index_select(0, pair_M) - me * L
-        order_M = torch.argsort(slot_M, stable=True)
-        pair_M = pair_M.index_select(0, order_M)
+        mine_AK = torch.div(position_AK, L, rounding_mode="floor") == me
+        key_N = torch.where(mine_AK, position_AK - me * L, L).reshape(-1)
+        rows_L = torch.bincount(key_N, minlength=L + 1).tolist()[:L]
+        pair_M = torch.argsort(key_N, stable=True)[: sum(rows_L)]
         token_M = torch.div(pair_M, topk, rounding_mode="floor")
-        rows_L = torch.bincount(slot_M, minlength=L).tolist()
         prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
         x_MD = x_AD.index_select(0, token_M)
         rows = Rows(x_MD, probs_AK.reshape(-1).index_select(0, pair_M), rows_L, torch.empty_like(x_MD))
         stats.expert_rows = x_MD.shape[0]
         timer.lap("dispatch")
-        return Gathered(rows, token_M, block, num_tokens, timer)
-
-    def _tokens_R(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.tokens.counts.tokens_R, device=device)
+        return Gathered(rows, token_M, block + 1, num_tokens, timer)
 
     def combine(self, routed: Exchanged | Gathered | Local) -> torch.Tensor:
         """[T, D]: each token's expert outputs, summed."""

@@ -50,7 +50,7 @@ class ExpertGroup:
         if self.size == 1:
             return InFlight(x, None)
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
-        work = dist.all_gather_into_tensor(out, x.contiguous(), group=self.group, async_op=True)
+        work = _all_gather_single(out, x.contiguous(), group=self.group, async_op=True)
         if stats is not None:
             stats.bytes_sent += (self.size - 1) * x.numel() * x.element_size()
             stats.bytes_received += (self.size - 1) * x.numel() * x.element_size()
@@ -74,6 +74,11 @@ class ExpertGroup:
             stats.bytes_sent += (sum(send_R) - send_R[self.rank]) * row_bytes
             stats.bytes_received += (sum(recv_R) - recv_R[self.rank]) * row_bytes
         return InFlight(out, work, stats)
+
+
+# torch >= 2.12 names it all_gather_single and warns on every call of the old name (a warnings.warn per MoE layer);
+# older torch (the GPU machines' 2.11) has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass

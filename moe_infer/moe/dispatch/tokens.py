@@ -9,7 +9,8 @@ Every MoE layer of one forward pass of a stack (encoder or decoder) sees the sam
 skipped alike in every layer), so the first MoE layer of the stack agrees on the counts and the others read them.
 What the counts decide, the same on every rank: static gating's capacity (from the largest count) and the dynamic
 dispatcher's exchange (all-gather for small passes, all-to-all otherwise, and the all-gather's block size). A layer
-that leads its own counts (the default: nothing shared) agrees at every call.
+that leads its own counts (the default: nothing shared) agrees at every call. The dynamic dispatcher's all-gather
+skips even the first layer's agreement while the previous pass's counts still fit (`guess`, `learned`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ class Agreement:
 
     def follow(self, counts: TokenCounts) -> None:
         self.counts, self.lead = counts, False
+
+    def guess(self) -> list[int] | None:
+        """A leader's counts of the previous pass (None: a follower, or no pass yet): the same on every rank, and
+        usually this pass's too while decoding. The dynamic dispatcher's all-gather speculates on them."""
+        return self.counts.tokens_R if self.lead else None
+
+    def learned(self, tokens_R: list[int]) -> None:
+        """A leader's counts of this pass, learned by every rank alike without the agreement's collective."""
+        self.counts.tokens_R = list(tokens_R)
 
     def __call__(self, tokens: int, device: torch.device) -> list[int]:
         return self.counts.agree(tokens, device) if self.lead else self.counts.read(tokens)
