@@ -303,8 +303,11 @@ async def _drain_while_streaming(server: ServerProcess, bodies: list[dict]) -> t
         streams = [asyncio.create_task(one(client, body)) for body in bodies]
         await started.wait()
         os.kill(server.rank(0).pid, signal.SIGTERM)  # what `kill` of the server does; the launcher sees it end
-        await asyncio.sleep(0.3)
-        health = (await client.get(f"{server.url}/health")).status_code
+        # Rank 0 handles the signal between two steps and tells its front end (another process) over the bridge:
+        # on a busy machine that can take a moment, so ask until the answer changes (the streams keep it alive).
+        deadline = time.monotonic() + 10
+        while (health := (await client.get(f"{server.url}/health")).status_code) == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         refused = await client.post(f"{server.url}/v1/completions", json={"model": "mt", "prompt": "So foul"})
         return await asyncio.gather(*streams), health, refused.status_code
 
