@@ -261,6 +261,13 @@ def test_the_load_generator_drives_the_server(setup, lm, tmp_path):
         assert row["goodput_req_s"] == row["req_s"] > 0 and 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert row["tpot_p50_ms"] > 0 and row["itl_p50_ms"] > 0 and row["e2el_p50_ms"] >= row["ttft_p50_ms"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    # Plain completions (--disable-stream): the same tokens and throughput figures, no first-token figures.
+    plain = tmp_path / "plain.json"
+    argv = argv[: argv.index("--goodput")] + ["--disable-stream", "--out", str(plain)]
+    assert bench_main(argv) == 0
+    for row in json.loads(plain.read_text())["rows"]:
+        assert (row["completed"], row["failed"], row["output_tokens"]) == (8, 0, 32)
+        assert row["out_tok_s"] > 0 and row["e2el_p50_ms"] > 0 and row["ttft_p50_ms"] is None
 
 
 def test_a_rank_killed_with_sigkill_ends_the_server_with_the_cause(lm):

@@ -5,16 +5,17 @@ vLLM's `vllm bench serve` and SGLang's `bench_serving`.
         --request-rate 4 --burstiness 1 --max-concurrency 64 --max-tokens 32 --out load.json [--run-dir DIR]
 
 An async HTTP client (aiohttp: a third of httpx's CPU per streamed token, measured) sends one streamed completion
-per prompt (`--input`: one per line, cycled to `--num-prompts`) at arrival times drawn from a gamma process of
-`--request-rate` requests per second (`--burstiness` 1 is Poisson, < 1 burstier, > 1 more regular; `inf`: all at
-once), at most `--max-concurrency` in flight. The trace (arrival times and prompt order) depends only on `--seed`, so
-two runs, or two servers, get the same one. Several rates (`--request-rate 2,4,inf`) run one after another against
-the same server.
+(`--disable-stream`: a plain one) per prompt (`--input`: one per line, cycled to `--num-prompts`) at arrival times
+drawn from a gamma process of `--request-rate` requests per second (`--burstiness` 1 is Poisson, < 1 burstier, > 1
+more regular; `inf`: all at once), at most `--max-concurrency` in flight. The trace (arrival times and prompt order)
+depends only on `--seed`, so two runs, or two servers, get the same one. Several rates (`--request-rate 2,4,inf`) run
+one after another against the same server.
 
 Per request: TTFT (send -> first text), ITL (between text chunks), TPOT ((end - first text) / (tokens - 1)), E2E
-(send -> [DONE]), output tokens (the server's usage). Per rate: request and token throughput over the run's span,
-mean / p50 / p99 of each latency, goodput (requests per second meeting every SLO of `--goodput ttft:MS tpot:MS
-e2el:MS`), and the errors. Output: a table on stdout, `--out` JSON, and a W&B run in `--run-dir` (offline by default).
+(send -> [DONE]; plain: send -> the answer, and no TTFT, ITL or TPOT), output tokens (the server's usage). Per rate:
+request and token throughput over the run's span, mean / p50 / p99 of each latency, goodput (requests per second
+meeting every SLO of `--goodput ttft:MS tpot:MS e2el:MS`), and the errors. Output: a table on stdout, `--out` JSON,
+and a W&B run in `--run-dir` (offline by default).
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
+            if not body["stream"]:  # one answer: no first-token time, no gaps
+                answer = await response.json()
+                result.text = "".join(c["text"] for c in answer["choices"])
+                result.prompt_tokens = answer["usage"]["prompt_tokens"]
+                result.output_tokens = answer["usage"]["completion_tokens"]
+                result.e2el = time.perf_counter() - start
+                return result
             pending = b""
             # Whatever the socket has, at once (not a line per await: the client shares the machine's cores with
             # the server it measures); the events that came in one read share its arrival time.
@@ -150,8 +158,9 @@ async def run_load(
     times = arrival_times(len(prompts), rate, burstiness, seed)
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
     endpoint = f"{url.rstrip('/')}/v1/completions"
-    base = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
-    base.update(extra or {})
+    base = {"model": model, "max_tokens": max_tokens, "stream": True, **(extra or {})}
+    if base["stream"]:
+        base["stream_options"] = {"include_usage": True}
     timeout, connector = aiohttp.ClientTimeout(total=3600), aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
@@ -227,6 +236,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request (default 0)")
     parser.add_argument("--ignore-eos", action="store_true", help="every request runs to --max-tokens")
+    parser.add_argument(
+        "--disable-stream",
+        action="store_true",
+        help="plain completions instead of streamed ones (as SGLang's bench_serving): the client and the server's "
+        "front end do one response per request instead of one event per token; TTFT, TPOT and ITL are not measured",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the arrival trace's seed (default 0)")
     parser.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms for goodput: ttft:500 tpot:50 e2el:5000")
 
@@ -241,7 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def request_extra(args: argparse.Namespace) -> dict[str, Any]:
-    return {"temperature": args.temperature, **({"ignore_eos": True} if args.ignore_eos else {})}
+    extra = {"temperature": args.temperature, **({"ignore_eos": True} if args.ignore_eos else {})}
+    return {**extra, "stream": False} if args.disable_stream else extra
 
 
 def table(rows: list[dict[str, Any]]) -> str:
