@@ -213,10 +213,14 @@ def main(args: argparse.Namespace) -> int:
                         row.update(variant=v.name, rate_label=label, round=round_)
                         rows.append(row)
                         texts.setdefault(v.name, _texts(done))
+                        latency = (  # none without streaming (--disable-stream)
+                            f", TTFT p50 {row['ttft_p50_ms']:.0f} ms, TPOT p50 {row['tpot_p50_ms']:.1f} ms"
+                            if row["ttft_p50_ms"] is not None and row["tpot_p50_ms"] is not None
+                            else f", E2E p50 {row['e2el_p50_ms'] or 0:.0f} ms"
+                        )
                         print(
                             f"live: round {round_ + 1}/{args.repeats} {label} {v.name}: {row['out_tok_s']:.0f} "
-                            f"tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms, TPOT p50 {row['tpot_p50_ms'] or 0:.1f}"
-                            f" ms, {row['failed']} failed",
+                            f"tok/s{latency}, {row['failed']} failed",
                             file=sys.stderr,
                             flush=True,
                         )
