@@ -321,9 +321,9 @@ def serving_under_load(suite: Suite, args: argparse.Namespace, lm_prompts: Path,
     live = [sys.executable, "-m", "moe_infer.bench", "live", "--nproc", args.nproc, "--max-concurrency", "64"]
     live += ["--offline", "--batch-size", "32"]
     if args.quick:
-        load = ["--num-prompts", "16", "--max-tokens", "16", "--repeats", "2", "--request-rates", "0.5x,inf"]
+        load, lm_rates = ["--num-prompts", "16", "--max-tokens", "16", "--repeats", "2"], "0.5x,inf"
     else:
-        load = ["--num-prompts", "48", "--max-tokens", "24", "--repeats", "5", "--request-rates", "0.4x,0.8x,inf"]
+        load, lm_rates = ["--num-prompts", "48", "--max-tokens", "24", "--repeats", "5"], "0.4x,0.8x,inf"
     for name, export, inputs in (("lm", args.lm, lm_prompts), ("mt", args.mt, mt_sources)):
         if not (export / "config.json").is_file():
             suite.skip(f"serving-{name}", f"no export at {export}: make train convert MODEL={export.name}")
@@ -335,7 +335,7 @@ def serving_under_load(suite: Suite, args: argparse.Namespace, lm_prompts: Path,
             if experts and experts // args.nproc >= 2:  # buffering: half the local experts on the device
                 variants += ["--variant", f"buffering=--expert-slots {experts // args.nproc // 2}"]
             variants += ["--variant", f"greedy=--placement {args.out / 'placements' / 'greedy.json'}"]
-        rates = ["--request-rates", "inf"] if name == "mt" else []  # MT: the saturation figure only
+        rates = ["--request-rates", "inf" if name == "mt" else lm_rates]  # MT: the saturation figure only
         outputs = ["--out", args.out / f"live-{name}.json", "--run-dir", args.out / f"live-{name}"]
         suite.add(f"serving-{name}", *live, "--export", export, "--input", inputs, *load, *rates, *variants, *outputs)
 

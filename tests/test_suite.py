@@ -50,6 +50,10 @@ def test_the_full_plan_serves_every_technique_under_live_traffic(tmp_path):
     greedy = args.out / "placements" / "greedy.json"
     assert variants == ["static=--policy static", "buffering=--expert-slots 2", f"greedy=--placement {greedy}"]
     assert live.command[live.command.index("--request-rates") + 1] == "0.4x,0.8x,inf"
+    # The MT server at saturation only, with one --request-rates (a second one used to override the first).
+    args.mt = args.lm
+    live_mt = next(s for s in plan(args).steps if s.experiment == "serving-mt")
+    assert [live_mt.command[i + 1] for i, a in enumerate(live_mt.command) if a == "--request-rates"] == ["inf"]
 
 
 def test_the_full_plan_serves_the_shifting_workload_with_three_placements(tmp_path):
