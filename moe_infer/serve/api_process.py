@@ -221,7 +221,6 @@ class ApiThread:
         return self.frontend.metrics.snapshot()
 
     def close(self) -> None:
-        time.sleep(0.2)  # the event loop sends the last answers before the HTTP server closes
         self.http.stop()
 
 
@@ -309,7 +308,6 @@ def serve(bridge_fd: int, listen_fd: int, parent_pid: int) -> int:
             frontend.state = "failed"
             frontend.fail_all("the server failed and is stopping: its engine (rank 0) stopped")
     if http is not None:
-        time.sleep(0.2)  # the event loop sends the last answers before the HTTP server closes
         http.stop()
     if status == 0 and frontend is not None:
         mailbox.send(("snapshot", frontend.metrics.snapshot()))

@@ -134,5 +134,6 @@ class HttpServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Close the listening socket, let open responses finish (up to the graceful timeout), end the thread."""
+        time.sleep(0.2)  # answers just handed to the event loop (FrontEnd.fail_all) go out before it starts closing
         self.server.should_exit = True
         self.thread.join(timeout=timeout_s)
