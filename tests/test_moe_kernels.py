@@ -79,26 +79,28 @@ def test_grouped_calls_skip_long_gaps_and_respect_the_row_budget():
     assert kernels._runs([1, 0, 0, 1], budget=8) == [(0, 4, 0, 2)]  # a short gap stays inside the call
 
 
-def test_the_kernel_is_chosen_by_each_experts_rows(monkeypatch):
+def test_one_kernel_runs_the_whole_call_chosen_by_its_rows_per_active_expert(monkeypatch):
     kernel = ExpertKernel("gelu", F, grouped_max_rows=4)
-    assert kernel.uses_grouped([4, 0, 4, 0]) and kernel.uses_grouped([2, 40, 3, 0])
-    assert not kernel.uses_grouped([5, 0, 4, 0])  # one expert small enough: nothing to group
-    assert not kernel.uses_grouped([0, 3, 0, 0])
-    # Small experts grouped around a big one, which runs alone: the grouped calls skip its rows.
-    assert kernels._runs([2, 40, 3, 1, 0], budget=1000, skip_G=[False, True, False, False, False]) == [
-        (0, 1, 0, 2),
-        (2, 4, 42, 46),
-    ]
+    assert kernel.uses_grouped([4, 0, 4, 0]) and kernel.uses_grouped([2, 5, 3, 0])  # 4 and 3.3 rows on average
+    assert not kernel.uses_grouped([2, 40, 3, 0])  # 15 on average: a big expert makes the call per-expert
+    assert not kernel.uses_grouped([5, 0, 5, 0])
+    assert not kernel.uses_grouped([0, 3, 0, 0])  # one active expert: nothing to group
     calls = []
     monkeypatch.setattr(F_module, "grouped_mm", lambda a, b, offs: calls.append(b.shape[0]) or real(a, b, offs=offs))
     cfg = layer_config(topk=2, pre_softmax=False)
     experts = _experts(cfg, len(ROWS_G), bias=True)
+    weights = ExpertWeights.stack(experts)
     gen = torch.Generator().manual_seed(2)
     x_MD, p_M = torch.randn(sum(ROWS_G), D, generator=gen), torch.rand(sum(ROWS_G), generator=gen)
-    got = kernel(ExpertWeights.stack(experts), x_MD, p_M, ROWS_G, torch.full_like(x_MD, float("nan")))
-    torch.testing.assert_close(got, _reference(cfg, experts, x_MD, p_M, ROWS_G), rtol=1e-5, atol=1e-5)
-    # fc1 and fc2 of experts 1-2, then of expert 15; experts 12 (5 rows) and 13 (40) ran alone, between them.
-    assert calls == [2, 2, 1, 1]
+    expected = _reference(cfg, experts, x_MD, p_M, ROWS_G)
+    # ROWS_G: 51 rows over 5 active experts, 10.2 on average (one of them 40).
+    for crossover_rows, expected_calls in ((11, [2, 2, 4, 4]), (10, [])):
+        calls.clear()
+        kernel = ExpertKernel("gelu", F, grouped_max_rows=crossover_rows)
+        got = kernel(weights, x_MD, p_M, ROWS_G, torch.full_like(x_MD, float("nan")))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # Grouped: fc1 and fc2 of experts 1-2, then of experts 12-15 with the big one among them; else none.
+        assert calls == expected_calls
 
 
 def test_mixed_biases_are_refused():

@@ -4,8 +4,8 @@
     kernel = ExpertKernel("gelu", ffn=256, grouped_max_rows=32)              (crossover.py measures that figure)
     kernel(weights, x_MD, probs_M, rows_G, out_MD)     out_MD rows of expert g = (W2 act(W1 x + b1) + b2) * p
 
-Two ways to run the experts, chosen per expert by its rows in the call (a trained router's loads are uneven: a few
-experts with hundreds of rows, many with a handful):
+Two ways to run the experts, one of them for the whole call, chosen by its rows per active expert against the
+measured crossover:
     grouped     torch.nn.functional.grouped_mm: one fc1 and one fc2 call over a run of experts (a C++ loop of matrix
                 products on CPU and for fp32 on CUDA; CUTLASS grouped GEMM for bf16 on sm90+). The biases are
                 gathered per row. Below the crossover it wins: a per-expert loop pays a handful of Python-level op
@@ -16,6 +16,10 @@ experts with hundreds of rows, many with a handful):
 The grouped call runs over runs of active experts (an empty expert costs grouped_mm ~4 us on CPU, so a gap of
 GAP_SPLIT or more empty experts starts a new call: only active experts cost anything), and on CPU over at most
 CPU_ROWS_BUDGET_BYTES of activation per call, so a run's [N, F] activation stays in cache too.
+Why one kernel per call and not per expert (a trained router's loads are uneven): running the big experts alone cuts
+the grouped runs into short pieces, and the pieces' fixed costs ate more than the big experts gained. Measured on the
+layer bench's 1024 tokens (E=64, D=128, F=256, top-2, 12-56 rows per expert, crossover 32, 1 thread): grouped 17.9 ms,
+per-expert 20.5, split at 32 rows 23.0; a very big expert is a grouped call of its own anyway (the row budget).
 
 The probability is applied to the output: p * (W2 h + b2) = W2 (h p) + b2 p, the reference's form (moe_infer.model.moe,
 megatron's per-token scale) up to fp32 rounding, at D columns per row instead of F. Experts may come without biases
@@ -115,22 +119,18 @@ class ExpertKernel:
         rows_G: list[int],
         out_MD: torch.Tensor,
     ) -> torch.Tensor:
-        """Expert g on its rows_G[g] rows (in order), into out_MD; returns out_MD. Each expert by its own rows:
-        those with at most grouped_max_rows grouped together, bigger ones one at a time."""
-        big_G = [n > self.grouped_max_rows for n in rows_G]
-        if not self.uses_grouped(rows_G):
-            return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
-        self.grouped(weights, x_MD, probs_M, rows_G, out_MD, skip_G=big_G if any(big_G) else None)
-        if any(big_G):
-            self.per_expert(weights, x_MD, probs_M, rows_G, out_MD, only_G=big_G)
-        return out_MD
+        """Expert g on its rows_G[g] rows (in order), into out_MD; returns out_MD. One kernel for the whole call,
+        chosen by its rows per active expert (uses_grouped)."""
+        if self.uses_grouped(rows_G):
+            return self.grouped(weights, x_MD, probs_M, rows_G, out_MD)
+        return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
 
-    def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD, only_G: list[bool] | None = None) -> torch.Tensor:
-        """Each expert alone (of `only_G`'s experts when given; the others' rows are left as they are)."""
+    def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD) -> torch.Tensor:
+        """Each expert alone."""
         start = 0
         for g, n in enumerate(rows_G):
             end = start + n
-            if n and (only_G is None or only_G[g]):
+            if n:
                 self.one(weights, g, x_MD[start:end], probs_M[start:end], out_MD[start:end])
             start = end
         return out_MD
@@ -148,15 +148,17 @@ class ExpertKernel:
         return out_ND.mul_(probs_N.unsqueeze(-1).to(out_ND.dtype))
 
     def uses_grouped(self, rows_G: list[int]) -> bool:
-        """Whether a call with these rows per expert groups any (at least two experts with few enough rows)."""
-        return sum(1 for n in rows_G if 0 < n <= self.grouped_max_rows) > 1
+        """Whether a call with these rows per expert runs grouped: at least two active experts, with at most
+        grouped_max_rows rows each on average (the crossover is measured at equal rows per expert)."""
+        active = sum(1 for n in rows_G if n)
+        return active > 1 and sum(rows_G) <= self.grouped_max_rows * active
 
-    def grouped(self, weights, x_MD, probs_M, rows_G, out_MD, skip_G: list[bool] | None = None) -> torch.Tensor:
-        """The experts in grouped GEMM calls (but those of `skip_G`, whose rows are left as they are)."""
+    def grouped(self, weights, x_MD, probs_M, rows_G, out_MD) -> torch.Tensor:
+        """The experts in grouped GEMM calls."""
         w = weights
         p_M1 = probs_M.unsqueeze(-1).to(x_MD.dtype)
         budget = _rows_budget(x_MD, w.w1_GFD.shape[1])
-        for first, last, start, end in _runs(rows_G, budget, skip_G):
+        for first, last, start, end in _runs(rows_G, budget):
             x_ND = x_MD[start:end]
             offs = torch.tensor(_offsets(rows_G[first:last]), dtype=torch.int32, device=x_MD.device)
             h_NF = F.grouped_mm(x_ND, w.w1_GFD[first:last].transpose(1, 2), offs=offs)
@@ -200,17 +202,16 @@ def _rows_budget(x_MD: torch.Tensor, f1: int) -> int:
     return max(1, CPU_ROWS_BUDGET_BYTES // (f1 * x_MD.element_size()))
 
 
-def _runs(rows_G: list[int], budget: int, skip_G: list[bool] | None = None) -> list[tuple[int, int, int, int]]:
+def _runs(rows_G: list[int], budget: int) -> list[tuple[int, int, int, int]]:
     """(first expert, last expert + 1, first row, end row) of each grouped call: consecutive experts, split at a gap of
-    GAP_SPLIT empty experts, at an expert of `skip_G` (run apart), or where the rows would pass `budget` (an expert is
-    never split); empty experts at either end left out."""
+    GAP_SPLIT empty experts or where the rows would pass `budget` (an expert is never split); empty experts at either
+    end left out."""
     runs, first, start, row, gap = [], None, 0, 0, 0
     for g, n in enumerate(rows_G):
-        skip = skip_G is not None and skip_G[g]
-        if n and first is not None and (skip or gap >= GAP_SPLIT or row + n - start > budget):
+        if n and first is not None and (gap >= GAP_SPLIT or row + n - start > budget):
             runs.append((first, g - gap, start, row))
             first = None
-        if n and not skip:
+        if n:
             if first is None:
                 first, start = g, row
             gap = 0
