@@ -103,6 +103,18 @@ def test_one_kernel_runs_the_whole_call_chosen_by_its_rows_per_active_expert(mon
         assert calls == expected_calls
 
 
+def test_on_cpu_each_experts_matrices_are_stored_transposed_and_buffered_slots_alike():
+    cfg = layer_config(topk=2, pre_softmax=False)
+    weights = ExpertWeights.stack(_experts(cfg, 3, bias=True))
+    slots = weights.empty_like(2, "cpu")
+    for stacked in (weights, slots):
+        # Seen as [G, out, in], stored [G, in, out]: x @ W^T reads W^T row by row (kernels._for_products).
+        assert stacked.w1_GFD.shape[1:] == (F, D) and stacked.w1_GFD.transpose(1, 2).is_contiguous()
+        assert stacked.w2_GDF.shape[1:] == (D, F) and stacked.w2_GDF.transpose(1, 2).is_contiguous()
+    slots.copy_expert_(1, weights, 2)
+    assert torch.equal(slots.w1_GFD[1], weights.w1_GFD[2])
+
+
 def test_mixed_biases_are_refused():
     cfg = layer_config(topk=2, pre_softmax=False)
     with_bias, without = _experts(cfg, 1, True), _experts(cfg, 1, False)

@@ -19,7 +19,7 @@ rank's rows already grouped by expert (what dynamic gets after its exchange):
     floor-ffn             the engine's expert FFNs (bias, activation, probability) with the kernel it chooses
                           (moe_infer.moe.kernels: grouped or per-expert, by rows per expert)
     floor-grouped-ffn     the same FFNs, always grouped (torch.nn.functional.grouped_mm)
-    floor-per-expert-ffn  the same FFNs, always one expert at a time (addmm)
+    floor-per-expert-ffn  the same FFNs, always one expert at a time (torch.mm)
     floor-torch-ffn       the same FFNs as a plain torch loop (F.linear, activation, F.linear, scale): what a
                           per-expert loop costs before any routing, with torch's own kernels
 And the MoE-vs-dense characterisation: `dense-equivalent`, one dense FFN of K*F hidden units on every token of the

@@ -107,7 +107,7 @@ class BufferedExperts(nn.Module):
         device = torch.device(device or experts[0]["fc1.weight"].device)
         self.cuda = device.type == "cuda"
         # Host tier: every local expert, pinned on CUDA so copies can be asynchronous. Device tier: K slots.
-        self.host = ExpertWeights.stack(experts, "cpu", dtype)
+        self.host = ExpertWeights.stack(experts, "cpu", dtype, compute_device=device)  # laid out as the slots are
         if self.cuda:
             self.host = self.host.map(torch.Tensor.pin_memory)
         self.slots = self.host.empty_like(slots, device)

@@ -80,11 +80,14 @@ def grouped_max_rows(
     return answer
 
 
+KERNELS_VERSION = 2  # bumped when the kernels change what was measured (2: the CPU weight layout, one kernel per call)
+
+
 def _key(device, dtype, hidden, ffn, activation, bias) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return (
         f"{name}|{str(dtype).removeprefix('torch.')}|D{hidden}|F{ffn}|{activation}|bias={bias}|"
-        f"threads={torch.get_num_threads()}|torch={torch.__version__}"
+        f"threads={torch.get_num_threads()}|torch={torch.__version__}|kernels={KERNELS_VERSION}"
     )
 
 
