@@ -98,7 +98,10 @@ def _dispatch_outputs(token_counts: list[int]) -> None:
                 outputs.append(_moe(dispatcher, x_TD, probs_TK, experts_TK, store))
             (fast, fast_stats), (slow, slow_stats) = outputs
             assert torch.equal(fast, slow), (exchange, counts)
-            assert (fast_stats.bytes_sent, fast_stats.bytes_received) == (slow_stats.bytes_sent, slow_stats.bytes_received)
+            assert (fast_stats.bytes_sent, fast_stats.bytes_received) == (
+                slow_stats.bytes_sent,
+                slow_stats.bytes_received,
+            )
     assert shm.shm_transport(None).next_index > 0
 
 

@@ -37,6 +37,7 @@ use gloo.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import math
 import mmap
@@ -90,11 +91,12 @@ def shm_transport(group: dist.ProcessGroup | None) -> ShmTransport | None:
 
 
 class ShmOp:
-    """One exchange under way: what InFlight waits on, as it would on a gloo Work."""
+    """One exchange under way: what InFlight waits on, as it would on a gloo Work. Rank r's part for this rank,
+    expect_R[r] bytes, goes to the address at_R[r] inside `out`."""
 
-    def __init__(self, transport: ShmTransport, index: int, recv_R: list[torch.Tensor], sends: list, wanted: int):
-        self.transport, self.index, self.recv_R, self.sends, self.wanted = transport, index, recv_R, sends, wanted
-        self.done = False
+    def __init__(self, transport: ShmTransport, out: torch.Tensor, at_R: list[int], expect_R: list[int]):
+        self.transport, self.out, self.at_R, self.expect_R = transport, out, at_R, expect_R
+        self.index, self.wanted, self.sends, self.done = -1, 0, [], False
 
     def wait(self) -> bool:
         while not self.done:
@@ -129,43 +131,47 @@ class ShmTransport:
 
     def start_all_gather(self, out: torch.Tensor, x: torch.Tensor) -> ShmOp:
         """Every rank's `x` (the same shape everywhere) into `out`, rank after rank."""
-        x_B = _as_bytes(x.contiguous())
-        out_RB = _as_bytes(out).view(self.size, x_B.numel())
-        out_RB[self.rank].copy_(x_B)
-        return self._start(x_B, [0] * self.size, [x_B.numel()] * self.size, list(out_RB))
+        x = x.contiguous()
+        nbytes = x.numel() * x.element_size()
+        _check_output(out, self.size * nbytes)
+        op = ShmOp(self, out, [out.data_ptr() + r * nbytes for r in range(self.size)], [nbytes] * self.size)
+        ctypes.memmove(op.at_R[self.rank], x.data_ptr(), nbytes)
+        return self._start(op, x, [0] * self.size, [nbytes] * self.size)
 
     def start_all_to_all(self, out: torch.Tensor, x: torch.Tensor, send_R: list[int], recv_R: list[int]) -> ShmOp:
         """Rows send_R[r] of `x` (in rank order) to rank r; recv_R[r] rows from rank r into `out`, in rank order."""
-        row = math.prod(x.shape[1:]) * x.element_size()
-        x_N, sizes_R = _as_bytes(x.contiguous()), [n * row for n in send_R]
-        offsets_R = [sum(sizes_R[:r]) for r in range(self.size)]
-        recv_parts = list(_as_bytes(out).split([n * row for n in recv_R]))
-        me = self.rank
-        recv_parts[me].copy_(x_N[offsets_R[me] : offsets_R[me] + sizes_R[me]])
-        return self._start(x_N, offsets_R, sizes_R, recv_parts)
+        x, row, me = x.contiguous(), math.prod(x.shape[1:]) * x.element_size(), self.rank
+        nbytes_R, expect_R = [rows * row for rows in send_R], [rows * row for rows in recv_R]
+        offset_R = list(itertools.accumulate(nbytes_R[:-1], initial=0))
+        _check_output(out, sum(expect_R))
+        if sum(nbytes_R) != x.numel() * x.element_size():
+            raise ValueError(f"shm all-to-all: send_R {send_R} rows do not add up to x's {x.shape[0]}")
+        op = ShmOp(self, out, [out.data_ptr() + o for o in itertools.accumulate(expect_R[:-1], initial=0)], expect_R)
+        ctypes.memmove(op.at_R[me], x.data_ptr() + offset_R[me], nbytes_R[me])
+        return self._start(op, x, offset_R, nbytes_R)
 
-    def _start(self, x_B, offset_R: list[int], nbytes_R: list[int], recv_R: list[torch.Tensor]) -> ShmOp:
-        """Publish the peers' parts of `x_B` (bytes offset_R[r]:+nbytes_R[r] for rank r)."""
+    def _start(self, op: ShmOp, x: torch.Tensor, offset_R: list[int], nbytes_R: list[int]) -> ShmOp:
+        """Publish the peers' parts of `x`: bytes offset_R[r]:+nbytes_R[r] for rank r."""
         index = self._claim_slot()
-        slot, size, wanted = index % SLOTS, self.size, x_B.numel()
+        slot, size, wanted = index % SLOTS, self.size, x.numel() * x.element_size()
+        op.index, op.wanted = index, wanted
         spans = {(offset_R[p], nbytes_R[p]) for p in self.peers if nbytes_R[p]}  # an all-gather's are all one
-        sends = []
         if wanted <= self.segment.capacity:
-            data = self.segment.data[self.rank][slot]
+            # Raw copies between addresses: a torch view and copy_ per part cost more than the copy itself here.
+            data, source = self.segment.data_at(self.rank, slot), x.data_ptr()
             for offset, nbytes in spans:
-                data[offset : offset + nbytes].copy_(x_B[offset : offset + nbytes])
+                ctypes.memmove(data + offset, source + offset, nbytes)
         else:  # too big for the segment: gloo this time (offset -1 tells the readers), the segment grows soon
             for p in self.peers:
                 if nbytes_R[p]:
-                    part = x_B[offset_R[p] : offset_R[p] + nbytes_R[p]]
-                    sends.append((dist.isend(part, self.global_R[p], group=self.group), part))
+                    part = _bytes_at(x, x.data_ptr() + offset_R[p], nbytes_R[p])
+                    op.sends.append((dist.isend(part, self.global_R[p], group=self.group), part))
             offset_R = [-1] * size
         ctrl, base = self.segment.ctrl[self.rank], _slot_base(slot, size)
         ctrl[base] = wanted
         ctrl[base + 1 : base + 1 + size] = offset_R
         ctrl[base + 1 + size : base + 1 + 2 * size] = nbytes_R
         ctrl[PUBLISHED] = index + 1  # after the data and the table (TSO: see the module's docstring)
-        op = ShmOp(self, index, recv_R, sends, wanted)
         self.pending.append(op)
         return op
 
@@ -199,17 +205,17 @@ class ShmTransport:
                 spin.pause(waiting[0])
                 continue
             for p in ready:
-                ctrl, part = ctrl_R[p], op.recv_R[p]
+                ctrl = ctrl_R[p]
                 offset, nbytes = ctrl[base + 1 + me], ctrl[base + 1 + size + me]
-                if nbytes != part.numel():
+                if nbytes != op.expect_R[p]:
                     raise PlatformError(
                         f"shm exchange {op.index}: rank {p} sent {nbytes} bytes to rank {me}, which expected "
-                        f"{part.numel()}: the ranks started their exchanges in different orders or shapes"
+                        f"{op.expect_R[p]}: the ranks started their exchanges in different orders or shapes"
                     )
                 if nbytes and offset < 0:
-                    dist.recv(part, self.global_R[p], group=self.group)
+                    dist.recv(_bytes_at(op.out, op.at_R[p], nbytes), self.global_R[p], group=self.group)
                 elif nbytes:
-                    part.copy_(self.segment.data[p][slot][offset : offset + nbytes])
+                    ctypes.memmove(op.at_R[p], self.segment.data_at(p, slot) + offset, nbytes)
                 wanted = max(wanted, ctrl[base])
                 mine[1 + p] = op.index + 1  # consumed: stored after the copy's loads (TSO)
                 waiting.remove(p)
@@ -266,14 +272,13 @@ class _Segment:
 
     def __init__(self, mm: mmap.mmap, size: int, capacity: int):
         self.mm, self.capacity = mm, capacity
-        words, region = _layout(size, capacity)
-        control = _round64(8 * words)
-        self.ctrl = [(ctypes.c_int64 * words).from_buffer(mm, r * region) for r in range(size)]
-        self.data = [
-            [torch.frombuffer(mm, dtype=torch.uint8, count=capacity, offset=r * region + control + s * capacity)
-             for s in range(SLOTS)]
-            for r in range(size)
-        ]  # fmt: skip
+        words, self.region = _layout(size, capacity)
+        self.ctrl = [(ctypes.c_int64 * words).from_buffer(mm, r * self.region) for r in range(size)]
+        self.data = ctypes.addressof(ctypes.c_char.from_buffer(mm)) + _round64(8 * words)  # rank 0's first area
+
+    def data_at(self, rank: int, slot: int) -> int:
+        """The address of a rank's data area."""
+        return self.data + rank * self.region + slot * self.capacity
 
 
 def _layout(size: int, capacity: int) -> tuple[int, int]:
@@ -374,6 +379,13 @@ def _gather(value, group) -> list:
     return values
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's elements as a flat uint8 view of the same memory."""
-    return t.view(-1).view(torch.uint8)
+def _check_output(out: torch.Tensor, nbytes: int) -> None:
+    """The raw copies write into `out` by address: it must be a contiguous CPU buffer of exactly `nbytes`."""
+    if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() != nbytes:
+        raise ValueError(f"shm exchange: the output must be a contiguous CPU tensor of {nbytes} bytes")
+
+
+def _bytes_at(t: torch.Tensor, address: int, nbytes: int) -> torch.Tensor:
+    """`nbytes` of contiguous `t` from `address` on, as a uint8 view of the same memory."""
+    start = address - t.data_ptr()
+    return t.view(-1).view(torch.uint8)[start : start + nbytes]
