@@ -1,6 +1,6 @@
 """The expert-parallel group's exchanges through shared memory, when every rank of the group runs on this host and the
-tensors are on the CPU: a few microseconds where gloo's TCP loopback takes a few hundred per collective (the cost
-that dominated decoding at EP=2). ExpertGroup (exchange.py) uses it behind the same InFlight interface.
+tensors are on the CPU: tens of microseconds where gloo's TCP loopback takes several hundred per collective (the
+cost that dominated decoding at EP=2). ExpertGroup (exchange.py) uses it behind the same InFlight interface.
 
     transport = shm_transport(group)                      once per process group (a collective the first time);
                                                           None: not every rank is on this host, or not x86-64 Linux
@@ -12,7 +12,8 @@ MOE_SHM=auto|off (auto, the default: shared memory when it can be used; off: glo
 same setting. CUDA tensors keep NCCL (ExpertGroup never asks for this transport then).
 
 The segment: one file in /dev/shm, created by rank 0, mapped by the others, then unlinked by rank 0 as soon as every
-rank has mapped it, so nothing is left behind whatever happens to the ranks later. Per rank a region:
+rank has mapped it, so nothing is left behind whatever happens to the ranks later (a rank 0 killed between the two
+leaves a file named after its pid, which the next setup on this host removes). Per rank a region:
     control block (int64 words written by that rank alone)
         published          exchanges this rank has published
         consumed[R]        exchanges of rank r this rank has finished reading
@@ -63,7 +64,7 @@ FIRST_CAPACITY = 1 << 20  # bytes per data area at first (decode at batch 32: 20
 MAX_CAPACITY = 64 << 20  # beyond this a message always goes by gloo
 SHM_DIR = "/dev/shm"
 PREFIX = "moe-shm-"  # + rank 0's pid + a random suffix
-SPIN_POLLS = 200  # busy polls (~100 us) before yielding the core: the peer is usually that close
+SPIN_POLLS = 200  # busy polls (well under a microsecond each) before yielding the core: the peer is usually close
 YIELD_S = 0.005  # then sched_yield (ranks may share cores) for this long, then short sleeps
 SLEEP_S = 50e-6
 ALIVE_CHECK_S = 0.1  # while sleeping, how often to check that the awaited rank's process still exists
