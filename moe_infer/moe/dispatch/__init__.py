@@ -13,6 +13,7 @@ none), since they exchange rows by all-to-all.
     DynamicDispatch(placement, group)                       sort + count + variable all-to-all: no padding, no drops
     StaticDispatch(placement, capacity_fraction, group)     fixed capacity, padded buffers, drops past capacity
     exchange.py                                             their all-to-all (ExpertGroup) and its accounting
+    shm.py                                                  its shared-memory transport (one host, CPU tensors)
 
 Shape legend: T tokens, K experts per token, D model dim, N rows.
 """

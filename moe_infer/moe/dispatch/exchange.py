@@ -9,6 +9,9 @@ left and reached this rank, time spent waiting) in the call's MoEStats.
 Numbers that travel with rows (routing probabilities, expert positions) ride in extra columns of the rows' own
 buffer, bit for bit (`as_columns`, `from_columns`): one collective instead of two.
 
+When every rank of the group is on this host and the tensors are on the CPU, both exchanges go through shared memory
+(shm.py; MOE_SHM=off keeps gloo), behind the same InFlight.
+
 Shape legend: N rows sent, M rows received, B rows per rank, R ranks.
 """
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_infer.moe.dispatch.shm import ShmOp, ShmTransport, chosen_transport, shm_transport
 from moe_infer.moe.stats import MoEStats
 from moe_infer.placement import Placement
 from pipeline.errors import PipelineError
@@ -32,6 +36,7 @@ class ExpertGroup:
 
     def __init__(self, placement: Placement, group: dist.ProcessGroup | None):
         self.placement, self.group = placement, group
+        self.shared_memory = chosen_transport() == "auto"
         if placement.ranks == 1:
             self.rank, self.size = 0, 1
             return
@@ -50,7 +55,10 @@ class ExpertGroup:
         if self.size == 1:
             return InFlight(x, None)
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
-        work = _all_gather_single(out, x.contiguous(), group=self.group, async_op=True)
+        if shm := self._shm(x):
+            work = shm.start_all_gather(out, x)
+        else:
+            work = _all_gather_single(out, x.contiguous(), group=self.group, async_op=True)
         if stats is not None:
             stats.bytes_sent += (self.size - 1) * x.numel() * x.element_size()
             stats.bytes_received += (self.size - 1) * x.numel() * x.element_size()
@@ -68,12 +76,19 @@ class ExpertGroup:
         if self.size == 1:
             return InFlight(x, None)
         out = x.new_empty((sum(recv_R), *x.shape[1:]))
-        work = dist.all_to_all_single(out, x.contiguous(), recv_R, send_R, group=self.group, async_op=True)
+        if shm := self._shm(x):
+            work = shm.start_all_to_all(out, x, send_R, recv_R)
+        else:
+            work = dist.all_to_all_single(out, x.contiguous(), recv_R, send_R, group=self.group, async_op=True)
         if stats is not None:
             row_bytes = math.prod(x.shape[1:]) * x.element_size()
             stats.bytes_sent += (sum(send_R) - send_R[self.rank]) * row_bytes
             stats.bytes_received += (sum(recv_R) - recv_R[self.rank]) * row_bytes
         return InFlight(out, work, stats)
+
+    def _shm(self, x: torch.Tensor) -> ShmTransport | None:
+        """The shared-memory transport when this exchange can take it: MOE_SHM=auto, CPU tensors, one host."""
+        return shm_transport(self.group) if self.shared_memory and x.device.type == "cpu" else None
 
 
 # torch >= 2.12 names it all_gather_single and warns on every call of the old name (a warnings.warn per MoE layer);
@@ -83,10 +98,10 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 @dataclass
 class InFlight:
-    """An all-to-all under way: its output buffer and the collective's handle (None: nothing to wait for)."""
+    """An exchange under way: its output buffer and the collective's handle (None: nothing to wait for)."""
 
     out: torch.Tensor
-    work: dist.Work | None
+    work: dist.Work | ShmOp | None
     stats: MoEStats | None = None  # where the time spent waiting for it is added (exchange_seconds)
 
     def wait(self) -> torch.Tensor:
