@@ -91,6 +91,12 @@ def shm_transport(group: dist.ProcessGroup | None) -> ShmTransport | None:
     return _transports[key]
 
 
+class PeerLost(dist.DistError):
+    """A peer that exited, or never came within the group's timeout, while this rank waited for it in an exchange:
+    what gloo raises as a DistError in the same case, so the launchers' and the server's handling of a failed
+    collective ("another rank stopped") holds for both transports."""
+
+
 class ShmOp:
     """One exchange under way: what InFlight waits on, as it would on a gloo Work. Rank r's part for this rank,
     expect_R[r] bytes, goes to the address at_R[r] inside `out`."""
@@ -238,7 +244,7 @@ class ShmTransport:
 
 class _Spin:
     """Waiting for a peer: busy polls first, then yielding the core (ranks may share cores), then short sleeps; a
-    peer whose process is gone, or that never comes within the group's timeout, raises one clear error."""
+    peer whose process is gone, or that never comes within the group's timeout, raises one clear PeerLost."""
 
     def __init__(self, transport: ShmTransport):
         self.transport, self.polls, self.since, self.checked = transport, 0, 0.0, 0.0
@@ -258,11 +264,9 @@ class _Spin:
             return
         self.checked, t = now, self.transport
         if t.pids[rank] is not None and not _alive(t.pids[rank]):
-            raise PlatformError(
-                f"shm exchange: rank {rank} (pid {t.pids[rank]}) exited while rank {t.rank} waited for it"
-            )
+            raise PeerLost(f"shm exchange: rank {rank} (pid {t.pids[rank]}) exited while rank {t.rank} waited for it")
         if now - self.since > t.timeout_s:
-            raise PlatformError(
+            raise PeerLost(
                 f"shm exchange: rank {t.rank} waited {t.timeout_s:g} s for rank {rank}, which never came "
                 f"(the ranks must run the same exchanges; {ENV}=off exchanges through gloo instead)"
             )
