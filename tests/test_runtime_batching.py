@@ -16,10 +16,10 @@ from random_exports import random_export_config, write_random_export
 
 from moe_infer.model import load_model
 from moe_infer.runtime.batching import Batcher
-from moe_infer.runtime.control import ControlPlane, Inbox, Mailbox, Plan, Report
+from moe_infer.runtime.control import ControlPlane, Plan, Report
 from moe_infer.runtime.engine import Engine, EngineOptions
 from moe_infer.runtime.generate import GenerationSettings, generate
-from moe_infer.runtime.sequences import Decoding, Event, Request
+from moe_infer.runtime.requests import Decoding, Event, Inbox, Mailbox, Request
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from moe_infer.runtime.translate import TranslationSettings, translate
 from pipeline.platform.testing import run_distributed

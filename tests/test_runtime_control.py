@@ -1,12 +1,11 @@
-"""The serving loop's mailbox (moe_infer.runtime.control): it hands the front end's requests to the loop and wakes it
+"""The serving loop's mailbox (moe_infer.runtime.requests): it hands the front end's requests to the loop and wakes it
 at once. The exchange between ranks is tested on two ranks in test_runtime_batching.py, in the same processes as the
 serving loop (a spawn of two ranks costs more than everything they test)."""
 
 import threading
 import time
 
-from moe_infer.runtime.control import Mailbox
-from moe_infer.runtime.sequences import Decoding, Request
+from moe_infer.runtime.requests import Decoding, Mailbox, Request
 
 
 def test_the_mailbox_wakes_the_loop_at_once_and_keeps_draining():

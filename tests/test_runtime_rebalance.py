@@ -20,7 +20,7 @@ from moe_infer.runtime.control import ControlPlane
 from moe_infer.runtime.engine import Engine, EngineOptions
 from moe_infer.runtime.generate import GenerationSettings, generate
 from moe_infer.runtime.rebalance import Rebalancer
-from moe_infer.runtime.sequences import Request
+from moe_infer.runtime.requests import Request
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from pipeline.platform.testing import DistributedTestFailure, run_distributed
 

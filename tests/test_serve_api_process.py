@@ -1,9 +1,10 @@
 """The HTTP front end in its own process (moe_infer.serve.api_process), end to end: a real server as one plain process
 (no launcher) with its API process, driven over real HTTP.
 
-Plain and streamed completions come through the bridge equal to the batch generation; the API process is no rank and
-holds no launcher variables; rank 0 killed with SIGKILL takes the API process with it (the bridge's end and
-PR_SET_PDEATHSIG), and the stream open at that moment ends with an error event rather than a dropped connection.
+Plain and streamed completions come through the bridge equal to the batch generation; the API process is no rank,
+holds no launcher variables and loads no torch; rank 0 killed with SIGKILL takes the API process with it (the
+bridge's end and PR_SET_PDEATHSIG), and the stream open at that moment ends with an error event rather than a dropped
+connection.
 Slow: rank 0's W&B logger (--run-dir) gets the API process's figures over the bridge, and its last ones at the end.
 The 2-rank server over the bridge (torchrun: concurrency, disconnects, the SIGTERM drain, a rank killed) is
 test_serve_http.py's.
@@ -54,6 +55,9 @@ def test_the_api_process_serves_through_the_bridge_and_dies_with_rank_0(setup):
                     for choice in json.loads(line[6:])["choices"]:
                         streamed[choice["index"]] += choice["text"]
         assert streamed == expected
+        # The front end needs no torch (runtime.requests, the export's EOS id instead of its ModelConfig): the API
+        # process starts without importing it.
+        assert not [m.path for m in api.memory_maps() if "libtorch" in m.path]
 
         # Rank 0 killed while a long stream is open: the API process answers it with an error and exits.
         long = {**body, "prompt": [PROMPTS[2]] * 16, "max_tokens": 24, "ignore_eos": True, "stream": True}

@@ -11,7 +11,7 @@ import json
 import pytest
 from cli_exports import TEXT
 
-from moe_infer.runtime.control import Mailbox
+from moe_infer.runtime.requests import Mailbox
 from moe_infer.serve.frontend import Completion, FrontEnd, ServingLimits
 from moe_infer.serve.metrics import ServerMetrics
 from moe_infer.serve.protocol import ApiError, CompletionRequest
@@ -26,7 +26,7 @@ def tok(tmp_path_factory):
 
 def _frontend(tok) -> FrontEnd:
     limits = ServingLimits(max_positions=64, default_max_tokens=16, max_rows=4, max_queued=8, translate=False)
-    return FrontEnd(tok, None, "lm", Mailbox(), ServerMetrics(), limits)
+    return FrontEnd(tok, 2, "lm", Mailbox(), ServerMetrics(), limits)
 
 
 def _stream(frontend: FrontEnd, updates: list, include_usage: bool = True) -> list[str]:

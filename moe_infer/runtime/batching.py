@@ -2,11 +2,11 @@
 the moment they end (their rows and KV cache freed), and every step decodes one token for every running row.
 
     batcher = Batcher(model, max_rows=32)
-    batcher.submit(request)                 waits for room (moe_infer.runtime.sequences.Request)
+    batcher.submit(request)                 waits for room (moe_infer.runtime.requests.Request)
     admitted = batcher.admit()              the waiting requests that fit now, oldest first
     batcher.prefill(admitted)               their prompts (MT: encoder + BOS step) -> first tokens; they join
     batcher.decode()                        one token for every running row
-    events = batcher.take_events()          new tokens and ends since the last call (moe_infer.runtime.sequences.Event)
+    events = batcher.take_events()          new tokens and ends since the last call (moe_infer.runtime.requests.Event)
     batcher.cancel({7})                     a waiting or running request dropped (its rows leave at once)
 
 Under expert parallelism every MoE layer exchanges rows with the other ranks, so all ranks must make the same model
@@ -29,7 +29,8 @@ import torch
 from moe_infer.model.transformer import DecoderLM, EncoderDecoder
 from moe_infer.runtime.batch import RunningBatch, decode, model_device, prefill
 from moe_infer.runtime.lockstep import LockStep
-from moe_infer.runtime.sequences import DecodingState, Event, Request, StepOutput, new_sequence
+from moe_infer.runtime.requests import Event, Request
+from moe_infer.runtime.sequences import DecodingState, StepOutput, new_sequence
 
 
 class Batcher:

@@ -1,13 +1,9 @@
 """The serving loop's control plane: what rank 0 tells every rank each step (Plan), what every rank tells rank 0
-(Report), the one collective that carries both (ControlPlane.exchange), and the mailbox between rank 0's front end
-threads and its loop (Mailbox).
+(Report), and the one collective that carries both (ControlPlane.exchange). The mailbox between rank 0's front end
+and its loop is moe_infer.runtime.requests.Mailbox (torch-free, for the API process).
 
     control = ControlPlane(world_size, cuda=False, timeout_s=120)     on every rank, in the same order
     plan, reports = control.exchange(plan_or_none, my_report)         every rank gets rank 0's plan and all reports
-
-    mailbox = Mailbox()                   rank 0: the front end submits and cancels from its own thread(s)
-    mailbox.submit([request]); mailbox.cancel(7); mailbox.drain()
-    inbox = mailbox.take(wait_s)          the loop: what arrived (waits up to wait_s when nothing has)
 
 The exchange carries small Python objects (requests' token ids, events' new tokens, a few counts), pickled, in one
 all-gather of fixed-size byte slots per step (a second one only for a message larger than a slot). On CUDA it runs on
@@ -18,8 +14,6 @@ blocked in it uses no CPU while it waits, which is how idle ranks wait for work.
 from __future__ import annotations
 
 import pickle
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_infer.runtime.sequences import Event, Request
+from moe_infer.runtime.requests import Event, Request
 
 
 @dataclass
@@ -94,51 +88,3 @@ class ControlPlane:
         slots_WB = torch.empty(self.world_size, slot_bytes, dtype=torch.uint8)
         dist.all_gather(list(slots_WB.unbind(0)), mine_B, group=self.group)  # (views: gathered in place)
         return slots_WB
-
-
-@dataclass
-class Inbox:
-    """What the front end sent since the loop last looked."""
-
-    requests: list[Request] = field(default_factory=list)
-    cancel: set[int] = field(default_factory=set)
-    drain: bool = False
-
-
-class Mailbox:
-    """Rank 0's front end (any thread) -> its serving loop (the main thread), and back through callbacks the front end
-    sets: `on_events(events)` with every rank's new tokens, `on_assigned(ids, rank)` when requests leave the queue for
-    a rank, `on_figures(rank, figures)` with what the ranks' step hooks reported. The callbacks run on the loop's
-    thread: they must hand the work over to the front end's own thread (e.g. loop.call_soon_threadsafe)."""
-
-    def __init__(self):
-        self._ready = threading.Condition()
-        self._inbox = Inbox()
-        self.on_events: Callable[[list[Event]], None] = lambda events: None
-        self.on_assigned: Callable[[list[int], int], None] = lambda ids, rank: None
-        self.on_figures: Callable[[int, dict[str, Any]], None] = lambda rank, figures: None
-
-    def submit(self, requests: list[Request]) -> None:
-        with self._ready:
-            self._inbox.requests += requests
-            self._ready.notify()
-
-    def cancel(self, request_id: int) -> None:
-        with self._ready:
-            self._inbox.cancel.add(request_id)
-            self._ready.notify()
-
-    def drain(self) -> None:
-        """Stop taking requests, finish the ones in flight (the loop's shutdown timeout), then stop."""
-        with self._ready:
-            self._inbox.drain = True
-            self._ready.notify()
-
-    def take(self, wait_s: float = 0.0) -> Inbox:
-        """Everything sent since the last call; when nothing was, wait up to `wait_s` for something."""
-        with self._ready:
-            inbox = self._inbox
-            if wait_s > 0 and not (inbox.requests or inbox.cancel or inbox.drain):
-                self._ready.wait(wait_s)
-            self._inbox = Inbox(drain=inbox.drain)  # draining, once asked, stays asked
-            return inbox

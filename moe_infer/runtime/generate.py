@@ -28,8 +28,8 @@ from moe_infer.model.config import ModelConfig
 from moe_infer.model.transformer import DecoderLM
 from moe_infer.runtime.batching import Batcher, run_in_lock_step
 from moe_infer.runtime.lockstep import LockStep
+from moe_infer.runtime.requests import Decoding, Request
 from moe_infer.runtime.sampling import filter_top_k, filter_top_p
-from moe_infer.runtime.sequences import Decoding, Request
 from pipeline.errors import ConfigError, PipelineError
 
 

@@ -1,5 +1,5 @@
-"""One request as the runtime decodes it: what was asked (Request, Decoding), its decoding state (DecodingState:
-greedy or sampled, or a beam search), and what it reports back (Event).
+"""One request as the runtime decodes it: what was asked (Request, Decoding: moe_infer.runtime.requests), its decoding
+state (DecodingState: greedy or sampled, or a beam search), and what it reports back (Event).
 
     request = Request(id=7, tokens=prompt_ids, decoding=Decoding(max_tokens=32, temperature=0.8, seed=7))
     seq = new_sequence(request, cfg, device)     Sampled (one row) or BeamSearch (up to beam_size rows)
@@ -23,49 +23,10 @@ Shape legend: R this sequence's rows, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from moe_infer.runtime.requests import Event, Request
 from moe_infer.runtime.sampling import request_generator, sampling_probs
-
-FINISH_REASONS = ("stop", "length", "cancelled")
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How one request is decoded."""
-
-    max_tokens: int  # new tokens at most (MT: decoder steps at most, EOS included)
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int = 0  # the request's generator (sampling only)
-    stop_at_eos: bool = True
-    beam_size: int = 1  # MT: 1 is greedy
-    length_penalty: float = 1.0  # MT beam search
-
-    @property
-    def rows(self) -> int:
-        """The batch rows the request may hold at once."""
-        return self.beam_size
-
-
-@dataclass
-class Request:
-    id: int  # unique among the requests a batcher holds (the job's request number)
-    tokens: list[int]  # the prompt (LM), or the source ids + EOS (MT)
-    decoding: Decoding
-
-
-@dataclass
-class Event:
-    """What a request produced since its last event: new tokens (beam search: the whole result, once) and, when it
-    ended, why (one of FINISH_REASONS)."""
-
-    id: int
-    tokens: list[int] = field(default_factory=list)
-    finish: str | None = None
 
 
 class StepOutput:

@@ -29,8 +29,8 @@ from collections import deque
 from typing import Any, Protocol
 
 from moe_infer.runtime.batching import Batcher
-from moe_infer.runtime.control import ControlPlane, Mailbox, Plan, Report
-from moe_infer.runtime.sequences import Request
+from moe_infer.runtime.control import ControlPlane, Plan, Report
+from moe_infer.runtime.requests import Mailbox, Request
 
 
 class StepHook(Protocol):

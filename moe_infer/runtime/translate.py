@@ -35,7 +35,8 @@ from moe_infer.runtime.batch import model_device, right_pad
 from moe_infer.runtime.batching import Batcher, run_in_lock_step
 from moe_infer.runtime.generate import RequestError, check_tokens, length_order
 from moe_infer.runtime.lockstep import LockStep
-from moe_infer.runtime.sequences import Decoding, Request, normalized_score
+from moe_infer.runtime.requests import Decoding, Request
+from moe_infer.runtime.sequences import normalized_score
 from pipeline.errors import ConfigError
 
 

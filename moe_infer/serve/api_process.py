@@ -22,11 +22,12 @@ once at the end, when rank 0 logs to W&B). Rank 0 posts from its loop thread and
 sender thread does the writing (a SimpleQueue is safe to put to from a signal handler; a socket write is not).
 
 Lifetimes: the child is started with subprocess (fork + exec: nothing of rank 0's threads or gloo state comes
-along) and imports only the front end (which includes torch, through the request types of runtime.sequences and
-runtime.control: ~3 s of CPU here, while rank 0 loads the engine; rank 0 binds the port before it starts the child,
-so connections wait in the backlog meanwhile). It ignores SIGINT and SIGTERM (rank 0 handles them and tells it the
-state). It never outlives rank 0: the end of the bridge (EOF), or SIGHUP from the kernel when rank 0 dies
-(PR_SET_PDEATHSIG), answers every open request with an error and exits, with a watchdog's os._exit behind it.
+along) and imports only the front end, which needs no torch (the request types and the mailbox come from
+runtime.requests; importing torch took ~3 s of CPU here, while rank 0 loads the engine). Rank 0 binds the port
+before it starts the child, so connections wait in the backlog meanwhile. It ignores SIGINT and SIGTERM (rank 0
+handles them and tells it the state). It never outlives rank 0: the end of the bridge (EOF), or SIGHUP from the
+kernel when rank 0 dies (PR_SET_PDEATHSIG), answers every open request with an error and exits, with a watchdog's
+os._exit behind it.
 If the child dies, rank 0 says so and drains the server, and its exit status is non-zero.
 """
 
@@ -64,7 +65,7 @@ class FrontEndSpec:
 
     tokenizer_proto: bytes
     tokenizer_path: Path
-    cfg: Any  # the export's ModelConfig
+    eos_id: int  # the export's (MT: appended to a source, as in training)
     model_name: str
     limits: Any  # frontend.ServingLimits
     snapshot_interval_s: float | None = None  # send /metrics figures to rank 0 this often (its W&B logger)
@@ -78,7 +79,7 @@ def start_front_end(spec: FrontEndSpec, mailbox, sock: socket.socket):
     from pipeline.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(spec.tokenizer_proto, spec.tokenizer_path)
-    frontend = FrontEnd(tokenizer, spec.cfg, spec.model_name, mailbox, ServerMetrics(), spec.limits)
+    frontend = FrontEnd(tokenizer, spec.eos_id, spec.model_name, mailbox, ServerMetrics(), spec.limits)
     http = HttpServer(build_app(frontend), sock)
     http.start()
     return frontend, http
@@ -228,7 +229,7 @@ class ApiThread:
 
 
 class EngineGone(Exception):
-    """Rank 0 died (SIGHUP, PR_SET_PDEATHSIG)."""
+    """Rank 0 died before this process could ask to be told of it."""
 
 
 class MailboxClient:
@@ -257,9 +258,17 @@ class MailboxClient:
         self.send(("drain",))
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int, bridge_fd: int) -> None:
+    """SIGHUP when rank 0 dies (PR_SET_PDEATHSIG) shuts the bridge down, so the main thread's next read of it ends
+    (EOF) as it does when rank 0's end closes. The handler raises nothing: when rank 0 dies, its end closes and the
+    signal comes a moment later, and an exception from the handler could land inside the code answering the open
+    requests (the main thread already on its way out through the EOF) and kill the process before they are answered.
+    """
+    bridge = socket.socket(fileno=os.dup(bridge_fd))  # (shutdown acts on the socket, whichever descriptor)
+
     def engine_gone(signum, frame):
-        raise EngineGone
+        with contextlib.suppress(OSError):
+            bridge.shutdown(socket.SHUT_RDWR)
 
     signal.signal(signal.SIGHUP, engine_gone)
     if sys.platform.startswith("linux"):  # elsewhere the bridge's end (EOF) alone tells
@@ -275,7 +284,7 @@ def serve(bridge_fd: int, listen_fd: int, parent_pid: int) -> int:
     frontend = http = None
     status = 0
     try:
-        _die_with_parent(parent_pid)
+        _die_with_parent(parent_pid, bridge_fd)
         kind, spec = conn.recv()
         frontend, http = start_front_end(spec, mailbox, sock)
         if spec.snapshot_interval_s is not None:
@@ -299,7 +308,6 @@ def serve(bridge_fd: int, listen_fd: int, parent_pid: int) -> int:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # rank 0 waits for this process from here
                 break
     except (EOFError, OSError, EngineGone):  # rank 0 is gone: answer what is open, then go
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         watchdog = threading.Timer(10.0, os._exit, (1,))  # whatever happens below, the child ends
         watchdog.daemon = True
         watchdog.start()
@@ -334,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True, help="rank 0's process id")
     args = parser.parse_args(argv)
     status = serve(args.bridge_fd, args.listen_fd, args.parent_pid)
-    # Nothing is left to clean up (the sockets close with the process), and the interpreter's own teardown took
-    # seconds here (the modules the front end imports include torch): rank 0's exit waits for this process's.
+    # Nothing is left to clean up (the sockets close with the process), and the interpreter's own teardown can take
+    # a while (uvicorn, FastAPI, pydantic): rank 0's exit waits for this process's.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -1,6 +1,6 @@
 """Rank 0's front end: HTTP requests in, the serving loop's events out as completions and streams.
 
-    frontend = FrontEnd(tokenizer, cfg, "lm-tiny", mailbox, metrics, ServingLimits(...))
+    frontend = FrontEnd(tokenizer, cfg.eos_id, "lm-tiny", mailbox, metrics, ServingLimits(...))
     completion = frontend.submit(body)           checked and tokenized, one runtime request per prompt, queued
     body = await frontend.result(completion, request)      the whole completion (the client gone: cancelled)
     async for event in frontend.stream(completion): ...    server-sent events, `data: [DONE]` last
@@ -23,8 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from moe_infer.runtime.control import Mailbox
-from moe_infer.runtime.sequences import Decoding, Event, Request
+from moe_infer.runtime.requests import Decoding, Event, Mailbox, Request
 from moe_infer.serve.metrics import ServerMetrics
 from moe_infer.serve.protocol import (
     DONE_EVENT,
@@ -82,9 +81,10 @@ class Completion:
 
 class FrontEnd:
     def __init__(
-        self, tokenizer, cfg, model_name: str, mailbox: Mailbox, metrics: ServerMetrics, limits: ServingLimits
+        self, tokenizer, eos_id: int, model_name: str, mailbox: Mailbox, metrics: ServerMetrics, limits: ServingLimits
     ):
-        self.tokenizer, self.cfg, self.model_name = tokenizer, cfg, model_name
+        # The export's EOS id and not its ModelConfig: unpickling that would import torch into the API process.
+        self.tokenizer, self.eos_id, self.model_name = tokenizer, eos_id, model_name
         self.mailbox, self.metrics, self.limits = mailbox, metrics, limits
         self.state = "loading"
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -186,7 +186,7 @@ class FrontEnd:
             raise ApiError(400, f"{which} is empty: it needs at least one token", "prompt")
         limit = self.limits.max_positions
         if self.limits.translate:
-            ids = ids + [self.cfg.eos_id]  # the encoder's input as in training
+            ids = ids + [self.eos_id]  # the encoder's input as in training
             if len(ids) > limit:
                 raise ApiError(
                     400,

@@ -37,10 +37,11 @@ from pathlib import Path
 
 from moe_infer.model.loader import Export
 from moe_infer.runtime.batching import Batcher
-from moe_infer.runtime.control import ControlPlane, Mailbox
+from moe_infer.runtime.control import ControlPlane
 from moe_infer.runtime.engine import Engine
 from moe_infer.runtime.metering import MoEMeter
 from moe_infer.runtime.rebalance import Rebalancer
+from moe_infer.runtime.requests import Mailbox
 from moe_infer.runtime.steploop import Coordinator, StepLoop
 from moe_infer.serve.api_process import ApiProcess, ApiThread, FrontEndSpec
 from moe_infer.serve.flags import (
@@ -127,7 +128,7 @@ class Server:
         spec = FrontEndSpec(
             export.tokenizer_bytes(),
             export.path / export.config["tokenizer"]["file"],
-            export.model_config,
+            export.model_config.eos_id,
             self.name,
             self.limits(),
             min(1.0, args.metrics_interval) if args.run_dir is not None else None,
