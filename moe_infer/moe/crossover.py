@@ -4,7 +4,8 @@ once per device, dtype and expert shape, then cached.
     rows = grouped_max_rows(device, dtype, hidden=128, ffn=256, activation="gelu", bias=True)
     ExpertKernel(activation, ffn, rows)
 
-The measurement: GROUPS experts of the shape with random weights, at 1, 2, 4, ... rows per expert (up to MAX_ROWS),
+The measurement: GROUPS experts of the shape with random weights, at 1, 2, 4, ... rows per expert (up to MAX_ROWS,
+and while a call's products stay under MAX_PRODUCT_MACS),
 both kernels timed in interleaved rounds (the fastest of ROUNDS each: noise only ever adds time). The figure is the
 largest row count at which grouped was at least as fast, before per-expert won twice in a row (0: it never was).
 It takes well under a second at the shapes this project serves.
@@ -33,8 +34,12 @@ from pipeline.errors import ConfigError
 
 ENV = "MOE_EXPERT_KERNEL"
 CHOICES = ("auto", "grouped", "per-expert")
-GROUPS = 8
+# As many experts as a served layer holds per rank (the paper-shaped models: 32-64), so their weights stream from
+# memory as a layer's do: with 8 (2 MB at D=128, F=256, all in cache) per-expert looked as fast as grouped at 32 rows
+# and lost by 25% at a layer's 64 experts; with 32 the crossover moved from 32 to 64 rows there.
+GROUPS = 32
 MAX_ROWS = 512
+MAX_PRODUCT_MACS = 1 << 31  # larger calls take ~0.1 s each on a CPU core: the crossover lies below that
 ROUNDS = 5
 ALWAYS = 1 << 30  # grouped_max_rows that means "always grouped"
 CACHE_FILE = "expert-kernels.json"
@@ -80,7 +85,8 @@ def grouped_max_rows(
     return answer
 
 
-KERNELS_VERSION = 2  # bumped when the kernels change what was measured (2: the CPU weight layout, one kernel per call)
+KERNELS_VERSION = 3  # bumped when the kernels or the measurement change (2: CPU weight layout, one kernel per call;
+# 3: GROUPS 8 -> 32)
 
 
 def _key(device, dtype, hidden, ffn, activation, bias) -> str:
@@ -123,7 +129,7 @@ def _measure(device, dtype, hidden, ffn, activation, bias) -> tuple[int, str]:
     kernel = ExpertKernel(activation, ffn, 0)
     best, losses, rows = 0, 0, 1
     with torch.inference_mode():
-        while rows <= MAX_ROWS and losses < 2:
+        while rows <= MAX_ROWS and losses < 2 and GROUPS * rows * hidden * (f1 + ffn) <= MAX_PRODUCT_MACS:
             x_MD = torch.randn(GROUPS * rows, hidden, generator=gen).to(device=device, dtype=dtype)
             p_M = torch.rand(GROUPS * rows, generator=gen).to(device)
             rows_G, out_MD = [rows] * GROUPS, torch.empty_like(x_MD)
