@@ -18,8 +18,9 @@ GAP_SPLIT or more empty experts starts a new call: only active experts cost anyt
 CPU_ROWS_BUDGET_BYTES of activation per call, so a run's [N, F] activation stays in cache too.
 Why one kernel per call and not per expert (a trained router's loads are uneven): running the big experts alone cuts
 the grouped runs into short pieces, and the pieces' fixed costs ate more than the big experts gained. Measured on the
-layer bench's 1024 tokens (E=64, D=128, F=256, top-2, 12-56 rows per expert, crossover 32, 1 thread): grouped 17.9 ms,
-per-expert 20.5, split at 32 rows 23.0; a very big expert is a grouped call of its own anyway (the row budget).
+layer bench's 1024 tokens (E=64, D=128, F=256, top-2, 12-56 rows per expert, crossover 32, 1 thread, before the CPU
+layout below): grouped 17.9 ms, per-expert 20.5, split at 32 rows 23.0. A very big expert is a grouped call of its
+own anyway (the row budget).
 
 The probability is applied to the output: p * (W2 h + b2) = W2 (h p) + b2 p, the reference's form (moe_infer.model.moe,
 megatron's per-token scale) up to fp32 rounding, at D columns per row instead of F. Experts may come without biases
@@ -120,8 +121,8 @@ def _for_products(w_GOI: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Stacked [G, out, in] matrices stored as the products on `device` read them fastest, still seen as [G, out, in].
     On CPU each expert's transpose [in, out] is contiguous: the products x @ W^T then read W^T row-major, which
     oneDNN's fp32 GEMM runs 10-25% faster at a few to a few dozen rows per expert (E=64, D=128, F=256, 1 thread, fc1 +
-    GELU + fc2 with biases: grouped 15.3 -> 13.2 ms at 1024 tokens, 6.6 -> 6.0 at 64; per-expert 18.8 -> 13.9; within
-    noise at D=256, F=1024, 4096 tokens). Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
+    GELU + fc2 with biases: grouped 15.3 -> 13.2 ms at 1024 tokens, 6.6 -> 6.0 at 64; per-expert with addmm 18.8 ->
+    13.9; within noise at D=256, F=1024, 4096 tokens). Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
     if device.type != "cpu":
         return w_GOI.contiguous()
     return w_GOI.transpose(1, 2).contiguous().transpose(1, 2)
