@@ -196,21 +196,37 @@ def test_invalid_utf8_is_one_line_from_stdin_as_from_a_file(setup, tmp_path):
         assert set(lines) == {lines[0]} and "'utf-8' codec can't decode byte 0xff in position 16" in lines[0], how
 
 
-def test_outputs_replace_only_what_is_theirs_and_never_an_input(setup, capfd, tmp_path):
+def test_outputs_replace_only_what_is_theirs_and_never_an_input(setup, capfd, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_CACHE", str(tmp_path / "cache"))  # where the results files we wrote are recorded
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Macbeth\n")
     out = tmp_path / "out.txt"
     args = ["--export", setup["lm"], "--input", str(prompts), *GENERATE]
     assert _main(capfd, *args, "--output", str(out))[0] == 0
     code, err = _main(capfd, *args, "--output", str(out))
-    assert code == 2 and err.startswith(f"error: {out} already holds a file of ") and "pass --force" in err
+    assert code == 2 and err.startswith(f"error: {out} already holds results written by launch/infer.py at ")
+    assert "pass --force" in err
     assert _main(capfd, *args, "--output", str(out), "--force")[0] == 0
+    # A results file is ours only as we wrote it: the user's own file, or ours once they edited it, is refused.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    out.write_text(out.read_text() + "my note\n")
+    for victim in (mine, out):
+        before = victim.read_text()
+        code, err = _main(capfd, *args, "--output", str(victim), "--force")
+        assert code == 2 and err.startswith(f"error: {victim} exists and is not a results file of this command ("), err
+        assert (
+            "--force replaces only results this command wrote, unchanged since" in err and victim.read_text() == before
+        )
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     refused = {
         ("--output", str(prompts)): f"error: {prompts} is --input {prompts}: the output must be somewhere else",
-        ("--output", str(notes)): f"error: {notes} exists and is not a file (a directory holding 1 entry (todo.txt))",
+        (
+            "--output",
+            str(notes),
+        ): f"error: {notes} exists and is not a results file of this command (a directory holding",
         ("--output", setup["lm"] + "/out.txt"): "is inside --export",
         ("--record-trace", str(notes / "todo.txt")): "exists and is not a load history (a file of 4 bytes)",
         ("--run-dir", str(notes)): "exists and is not a tracked run",

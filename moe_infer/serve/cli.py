@@ -55,9 +55,10 @@ from moe_infer.serve.requests import (
     read_text,
     split_lines,
 )
+from moe_infer.serve.written import describe_written, record_written
 from pipeline.atomic import write_atomic
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.outputs import check_output, describe_os_error, describe_path
+from pipeline.outputs import check_output, describe_os_error
 from pipeline.platform import init_distributed
 from pipeline.tokenizer import Tokenizer
 from pipeline.tracking import NamedRun, Tracker, check_run_dir
@@ -172,18 +173,15 @@ def check_outputs(args: argparse.Namespace) -> None:
     inputs, outputs = ({k: v for k, v in d.items() if v is not None} for d in (inputs, outputs))
     others = {flag: {**inputs, **{k: v for k, v in outputs.items() if k != flag}} for flag in outputs}
     if args.output is not None:
-        check_output(args.output, kind="file", recognise=_a_file, force=args.force, protected=others["--output"])
+        only = "--force replaces only results this command wrote, unchanged since"
+        check_output(args.output, kind="results file of this command", recognise=describe_written, force=args.force,
+                     protected=others["--output"], note=only)  # fmt: skip
     if args.record_trace is not None:
         trace = args.record_trace
         check_output(trace, kind="load history", recognise=describe_load_history, force=args.force,
                      protected=others["--record-trace"])  # fmt: skip
     if args.run_dir is not None:
         check_run_dir(args.run_dir, protected=others["--run-dir"])
-
-
-def _a_file(path: Path) -> str | None:
-    """--output replaces a plain file (with --force): results have no mark of their own to be recognised by."""
-    return describe_path(path) if path.is_file() else None
 
 
 # ---- serving --------------------------------------------------------------------------------------------------------
@@ -285,6 +283,7 @@ def write_results(job: Job, texts: list[str], out: IO[str]) -> None:
         write_atomic(job.args.output, body)
     except OSError as err:  # a read-only or full file system: one line, not a traceback
         raise PipelineError(f"cannot write --output {job.args.output}: {describe_os_error(err)}") from None
+    record_written(job.args.output)  # so that a later --force may replace it (and nothing else)
 
 
 def track(job: Job, texts: list[str], metrics: dict[str, float], refits: list[dict] | None = None) -> None:
