@@ -388,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The traces steps' results files are the suite's own (--out is a previous suite's output). launch/infer.py's
+    # --force replaces only a results file it recorded writing, and one written before it kept records is not: the
+    # suite removes its own so that a suite from an older checkout runs again in the same directory.
+    for name in ("lm", "mt"):
+        (args.out / "traces" / f"{name}-out.txt").unlink(missing_ok=True)
     suite = plan(args)
     suite.save()
     return suite.run()

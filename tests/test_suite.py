@@ -131,3 +131,19 @@ def test_the_suite_writes_only_into_its_own_output(tmp_path, capsys):
     from pipeline.suite import describe_suite_output
 
     assert describe_suite_output(tmp_path / "earlier") == "the output of an earlier suite (1 commands)"
+
+
+def test_an_earlier_suites_results_files_are_written_anew(tmp_path, monkeypatch):
+    """launch/infer.py's --force replaces only a results file it recorded writing; the suite's traces outputs from an
+    older checkout were never recorded, so the suite removes its own before running again in the same directory."""
+    from pipeline import suite as suite_module
+
+    earlier = Suite(tmp_path / "bench")
+    earlier.skip("absent", "no export")
+    earlier.save()
+    (tmp_path / "bench" / "traces").mkdir()
+    old = tmp_path / "bench" / "traces" / "lm-out.txt"
+    old.write_text("an older checkout's results\n")
+    monkeypatch.setattr(suite_module.Suite, "run", lambda self: 0)  # the plan only: no command runs
+    assert suite_module.main(["--out", str(tmp_path / "bench"), "--quick", "--lm", str(tmp_path / "no-lm")]) == 0
+    assert not old.exists()
