@@ -105,8 +105,8 @@ class ExpertWeights:
 
         def empty(t: torch.Tensor) -> torch.Tensor:
             shape = (num_experts, *t.shape[1:])
-            if t.dim() == 3 and torch.device(device).type == "cpu":
-                return torch.empty((num_experts, shape[2], shape[1]), dtype=t.dtype, device=device).transpose(1, 2)
+            if t.dim() == 3:
+                return _empty_for_products(shape, t.dtype, torch.device(device))
             return torch.empty(shape, dtype=t.dtype, device=device)
 
         return self.map(empty)
@@ -125,7 +125,15 @@ def _for_products(w_GOI: torch.Tensor, device: torch.device) -> torch.Tensor:
     13.9; within noise at D=256, F=1024, 4096 tokens). Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
     if device.type != "cpu":
         return w_GOI.contiguous()
-    return w_GOI.transpose(1, 2).contiguous().transpose(1, 2)
+    return _empty_for_products(w_GOI.shape, w_GOI.dtype, device).copy_(w_GOI)
+
+
+def _empty_for_products(shape_GOI, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Room for stacked [G, out, in] matrices in _for_products' layout."""
+    if device.type != "cpu":
+        return torch.empty(shape_GOI, dtype=dtype, device=device)
+    groups, rows, cols = shape_GOI
+    return torch.empty((groups, cols, rows), dtype=dtype, device=device).transpose(1, 2)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,10 @@ def _fingerprint_of(entry: dict) -> tuple:
 
 
 def _still_there(path: Path, entry) -> bool:
+    """Whether a recorded file is still as we wrote it (its size first: the others are not read again)."""
     try:
-        return isinstance(entry, dict) and path.is_file() and _fingerprint(path) == _fingerprint_of(entry)
+        if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return False
+        return _fingerprint(path) == _fingerprint_of(entry)
     except OSError:
         return False
