@@ -36,6 +36,7 @@ LAYERS = [
 PIPELINE_UTILITIES = (
     "pipeline.errors",
     "pipeline.atomic",
+    "pipeline.cache",
     "pipeline.outputs",
     "pipeline.platform",
     "pipeline.tokenizer",

@@ -18,7 +18,6 @@ from random_exports import random_export_config, write_random_export
 
 from moe_infer import export_format as fmt
 from moe_infer.model import ExpertFFN, Export, ModelConfig, MoELayer, Router, load_model, read_expert
-from moe_infer.model.moe import top_k
 from pipeline.convert.export import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,17 +94,6 @@ def test_router_topk_with_and_without_pre_softmax():
     router.pre_softmax = True
     probs, experts = router(x)
     torch.testing.assert_close(probs, torch.softmax(torch.tensor([3.0, 1.0, 2.0, 1.0]), -1)[[0, 2]][None])
-
-
-@pytest.mark.parametrize(("experts", "k"), [(64, 2), (96, 2), (32, 1), (8, 2), (128, 2)])
-def test_the_routers_top_k_equals_torch_topk(experts, k):
-    # 32k..64k experts take the padded path on CPU (moe_infer.model.moe.top_k); the others are torch.topk itself.
-    scores_TE = torch.randn(300, experts, generator=torch.Generator().manual_seed(experts))
-    expected, got = torch.topk(scores_TE, k=k, dim=1), top_k(scores_TE, k)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    # A row with fewer than k scores above -inf: a real column, never a pad's.
-    scores_TE[7, 1:] = float("-inf")
-    assert int(top_k(scores_TE, k)[1].max()) < experts
 
 
 def test_moe_layer_dispatch_and_combine_equal_a_per_token_loop(exports):

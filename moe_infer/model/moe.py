@@ -27,6 +27,7 @@ from torch import nn
 
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import DenseMLP, activation
+from moe_infer.model.routing_kernels import top_k
 
 
 class Router(nn.Module):
@@ -41,32 +42,8 @@ class Router(nn.Module):
         bias_E = None if self.bias is None else self.bias.float()
         logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias_E)
         if self.pre_softmax:
-            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-            probs_TK, experts_TK = top_k(scores_TE, self.topk)
-        else:
-            top_TK, experts_TK = top_k(logits_TE, self.topk)
-            probs_TK = torch.softmax(top_TK, dim=-1, dtype=torch.float32)
-        return probs_TK, experts_TK
-
-
-def top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores_TE, k, dim=1), the same values and columns, faster on CPU for 32k-64k experts.
-
-    torch's CPU topk (2.13) sorts each row by one of two algorithms: a partial sort when the row has at least 64 * k
-    values, else an nth_element over (value, index) pairs that costs ~3x as much per value. At E = 64, k = 2 (the
-    paper-shaped models) a router pays the slow one: 0.87 ms for 1024 tokens (1 thread), more than its matrix
-    product. The same rows padded with -inf to 64 * k values take the fast path: 0.48 ms. Padding never wins below
-    32 * k experts (the row gets longer than the time it saves). A pad is chosen only by a row with fewer than k
-    values above -inf; such a call is given to torch.topk as it is."""
-    tokens, experts = scores_TE.shape
-    if scores_TE.device.type != "cpu" or tokens < 64 or not 32 * k <= experts < 64 * k:
-        return torch.topk(scores_TE, k=k, dim=1)
-    padded_TP = scores_TE.new_full((tokens, 64 * k), float("-inf"))
-    padded_TP[:, :experts] = scores_TE
-    values_TK, columns_TK = torch.topk(padded_TP, k=k, dim=1)
-    if bool((columns_TK[:, -1] >= experts).any()):
-        return torch.topk(scores_TE, k=k, dim=1)
-    return values_TK, columns_TK
+            return top_k(torch.softmax(logits_TE, dim=-1, dtype=torch.float32), self.topk)
+        return top_k(logits_TE, self.topk, softmax=True)  # top-k then a softmax over those k, in one CPU pass
 
 
 class ExpertFFN(DenseMLP):

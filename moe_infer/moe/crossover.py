@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from moe_infer.collectives import clock
 from moe_infer.moe.kernels import ExpertKernel, ExpertWeights
 from pipeline.atomic import write_atomic
+from pipeline.cache import cache_root
 from pipeline.errors import ConfigError
 
 ENV = "MOE_EXPERT_KERNEL"
@@ -98,8 +99,7 @@ def _key(device, dtype, hidden, ffn, activation, bias) -> str:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("MOE_CACHE")
-    return (Path(root).expanduser() if root else Path(__file__).resolve().parents[2] / ".cache") / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def _read(path: Path) -> dict:

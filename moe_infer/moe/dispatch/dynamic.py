@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_infer.model.routing_kernels import sort_pairs
 from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
 from moe_infer.moe.dispatch.tokens import Agreement
 from moe_infer.moe.experts import Rows
@@ -140,9 +141,8 @@ class DynamicDispatch:
         return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
 
     def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
-        order_N = torch.argsort(position_N, stable=True)
-        token_N = torch.div(order_N, probs_TK.shape[1], rounding_mode="floor")  # pair n: token n // K, choice n % K
-        counts_L = torch.bincount(position_N, minlength=self.placement.experts_per_rank)
+        # pair n: token n // K, choice n % K
+        order_N, token_N, counts_L = sort_pairs(position_N, self.placement.experts_per_rank, probs_TK.shape[1])
         timer.lap("gate")
         # (index_select: a plain row gather, several times faster than x[idx] on CPU.)
         x_ND = x_TD.index_select(0, token_N)
@@ -159,9 +159,7 @@ class DynamicDispatch:
         R, L = self.placement.ranks, self.placement.experts_per_rank
         stats = timer.stats
         # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
-        order_N = torch.argsort(position_N, stable=True)
-        token_N = torch.div(order_N, topk, rounding_mode="floor")
-        counts_P = torch.bincount(position_N, minlength=R * L)
+        order_N, token_N, counts_P = sort_pairs(position_N, R * L, topk)
         timer.lap("gate")
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
@@ -234,9 +232,9 @@ class DynamicDispatch:
         position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
         mine_AK = torch.div(position_AK, L, rounding_mode="floor") == me
         key_N = torch.where(mine_AK, position_AK - me * L, L).reshape(-1)
-        rows_L = torch.bincount(key_N, minlength=L + 1).tolist()[:L]
-        pair_M = torch.argsort(key_N, stable=True)[: sum(rows_L)]
-        token_M = torch.div(pair_M, topk, rounding_mode="floor")
+        order_AK, token_AK, counts_L1 = sort_pairs(key_N.long(), L + 1, topk)
+        rows_L = counts_L1.tolist()[:L]
+        pair_M, token_M = order_AK[: sum(rows_L)], token_AK[: sum(rows_L)]
         prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
         x_MD = x_AD.index_select(0, token_M)
         rows = Rows(x_MD, probs_AK.reshape(-1).index_select(0, pair_M), rows_L, torch.empty_like(x_MD))

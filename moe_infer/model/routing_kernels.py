@@ -1,0 +1,163 @@
+"""The MoE router's per-token loops, compiled for the CPU (routing_kernels.c), with torch ops where that cannot run.
+
+    values_TK, columns_TK = top_k(scores_TE, k)                  torch.topk(scores_TE, k, dim=1)'s values and columns
+    probs_TK, experts_TK = top_k(logits_TE, k, softmax=True)      the same, then a softmax over each row's k values
+    order_N, token_N, counts_P = sort_pairs(key_N, num_keys, k)   a stable sort of the pairs by key, each pair's
+                                                                  token (pair n is token n // k's), pairs per key
+
+Why C: at the paper-shaped models' shapes (E = 64, k = 2, 1024 tokens, 1 thread) torch's CPU ops cost more than the
+routing's arithmetic by far. torch.topk takes a slow per-row path below 64 * k values per row (the torch fallback pads
+the rows to take the fast one, `_torch_top_k`); the softmax over 2 values and the stable argsort of 2048 pairs pay
+tens of microseconds of op dispatch each. In one MoE layer's call they took ~1 ms together, against ~0.05 ms for these
+loops (see the README's figures, moe_infer.bench layer).
+
+The C file is compiled once per machine and source with the system's C compiler ($CC, default cc) into
+$MOE_CACHE/routing-kernels/ (pipeline.cache), by whichever process needs it first, and loaded with ctypes. Where it
+cannot be (no compiler, a failed build: one warning) or need not be (CUDA tensors, other dtypes, tensors that need
+gradients), torch ops do the same work. MOE_ROUTING_KERNELS=auto|torch (auto, the default: C when it builds;
+torch: torch ops always).
+
+What the two paths may differ in: the order of equal scores (torch.topk leaves it unspecified; the C loop puts the
+lower column first) and the last bit of a probability (expf against torch's vectorised exp).
+
+Shape legend: T tokens, E experts (scores per token), K experts per token, N pairs (T*K, token-major), P keys.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from pipeline.atomic import atomic_path
+from pipeline.cache import cache_root
+from pipeline.errors import ConfigError
+
+ENV = "MOE_ROUTING_KERNELS"
+CHOICES = ("auto", "torch")
+SOURCE = Path(__file__).with_name("routing_kernels.c")
+CFLAGS = ("-O2", "-std=c11", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
+
+log = logging.getLogger(__name__)
+_library: ctypes.CDLL | None = None
+_loaded = False  # whether loading was tried (a failed build is not retried in the same process)
+
+
+def choice() -> str:
+    value = os.environ.get(ENV, "auto").strip() or "auto"
+    if value not in CHOICES:
+        raise ConfigError(ENV, f"expected one of {', '.join(CHOICES)}, got {value!r}")
+    return value
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None where they cannot be used (torch ops then)."""
+    global _library, _loaded
+    if choice() == "torch":
+        return None
+    if not _loaded:
+        _loaded = True
+        try:
+            _library = _load(_build())
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("the router's C kernels could not be built (%s); routing runs on torch ops (slower on CPU)", e)
+    return _library
+
+
+def _build() -> Path:
+    """The shared library for this source, compiler and machine, compiled unless it is in the cache already."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(CFLAGS).encode(), platform.machine().encode()])
+    ).hexdigest()[:16]
+    target = cache_root() / "routing-kernels" / f"routing-{key}.so"
+    if target.exists():
+        return target
+    with atomic_path(target) as tmp:  # several ranks may build at once: each renames a complete file in
+        done = subprocess.run(
+            [compiler, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(f"{compiler} exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.moe_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.moe_topk.restype = None
+    lib.moe_sort_pairs.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.moe_sort_pairs.restype = ctypes.c_int
+    return lib
+
+
+def _compiled_for(t: torch.Tensor, dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernels, when they can take `t` (a CPU tensor of `dtype` that needs no gradient)."""
+    if t.device.type != "cpu" or t.dtype != dtype or t.requires_grad:
+        return None
+    return library()
+
+
+def top_k(scores_TE: torch.Tensor, k: int, softmax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values_TK, columns_TK int64): the k largest scores of each row in descending order, and their columns; with
+    `softmax`, the values replaced by a softmax over each row's k values (fp32)."""
+    tokens, experts = scores_TE.shape
+    lib = _compiled_for(scores_TE, torch.float32)
+    if lib is None or not 0 < k <= experts:
+        values_TK, columns_TK = _torch_top_k(scores_TE, k)
+        return (torch.softmax(values_TK, dim=-1, dtype=torch.float32) if softmax else values_TK), columns_TK
+    scores_TE = scores_TE.contiguous()
+    values_TK = scores_TE.new_empty(tokens, k)
+    columns_TK = torch.empty(tokens, k, dtype=torch.int64)
+    lib.moe_topk(scores_TE.data_ptr(), tokens, experts, k, int(softmax), values_TK.data_ptr(), columns_TK.data_ptr())
+    return values_TK, columns_TK
+
+
+def _torch_top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores_TE, k, dim=1), padded on CPU for 32k-64k experts.
+
+    torch's CPU topk (2.13) sorts each row by one of two algorithms: a partial sort when the row has at least 64 * k
+    values, else an nth_element over (value, index) pairs that costs ~3x as much per value. At E = 64, k = 2 that is
+    the slow one: 0.87 ms for 1024 tokens (1 thread). The same rows padded with -inf to 64 * k values take the fast
+    path: 0.48 ms. Padding never wins below 32 * k experts (the row gets longer than the time it saves). A pad is
+    chosen only by a row with fewer than k values above -inf; such a call is given to torch.topk as it is."""
+    tokens, experts = scores_TE.shape
+    if scores_TE.device.type != "cpu" or tokens < 64 or not 32 * k <= experts < 64 * k:
+        return torch.topk(scores_TE, k=k, dim=1)
+    padded_TP = scores_TE.new_full((tokens, 64 * k), float("-inf"))
+    padded_TP[:, :experts] = scores_TE
+    values_TK, columns_TK = torch.topk(padded_TP, k=k, dim=1)
+    if bool((columns_TK[:, -1] >= experts).any()):
+        return torch.topk(scores_TE, k=k, dim=1)
+    return values_TK, columns_TK
+
+
+def sort_pairs(key_N: torch.Tensor, num_keys: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order_N, token_N, counts_P), all int64: the pairs in ascending key order, stable (order_N[i] is the pair at
+    place i), the token of each (order_N // k), and the pairs per key (num_keys of them). Keys lie in [0, num_keys)."""
+    lib = _compiled_for(key_N, torch.int64)
+    if lib is None:
+        order_N = torch.argsort(key_N, stable=True)
+        token_N = torch.div(order_N, k, rounding_mode="floor")
+        return order_N, token_N, torch.bincount(key_N, minlength=num_keys)
+    key_N = key_N.contiguous()
+    pairs = key_N.numel()
+    order_N, token_N = torch.empty(pairs, dtype=torch.int64), torch.empty(pairs, dtype=torch.int64)
+    counts_P = torch.empty(num_keys, dtype=torch.int64)
+    status = lib.moe_sort_pairs(
+        key_N.data_ptr(), pairs, num_keys, k, counts_P.data_ptr(), order_N.data_ptr(), token_N.data_ptr()
+    )
+    if status != 0:
+        raise ValueError(f"sort_pairs: keys must lie in [0, {num_keys}) (or memory ran out)")
+    return order_N, token_N, counts_P

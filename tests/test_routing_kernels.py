@@ -1,0 +1,108 @@
+"""The router's compiled CPU loops (moe_infer.model.routing_kernels) against the torch ops they replace, and the
+build: cached per source, a failed build falling back to torch ops with one warning, MOE_ROUTING_KERNELS."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_infer.model import routing_kernels
+from moe_infer.model.routing_kernels import _torch_top_k, sort_pairs, top_k
+from pipeline.errors import ConfigError
+
+
+@pytest.fixture
+def compiled():
+    """The compiled kernels (built in the suite's private cache), loaded again after a test that unloads them."""
+    lib = routing_kernels.library()
+    assert lib is not None, "the suite's machines have a C compiler: the kernels must build"
+    yield lib
+    routing_kernels._library, routing_kernels._loaded = lib, True
+
+
+def scores(tokens: int, experts: int, seed: int) -> torch.Tensor:
+    return torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed))
+
+
+SHAPES = [(300, 64, 2), (300, 96, 2), (50, 32, 1), (7, 8, 2), (300, 128, 8)]
+
+
+@pytest.mark.parametrize(("tokens", "experts", "k"), SHAPES)
+def test_top_k_equals_torch_topk(compiled, tokens, experts, k):
+    scores_TE = scores(tokens, experts, experts + k)
+    expected = torch.topk(scores_TE, k=k, dim=1)
+    values, columns = top_k(scores_TE, k)
+    assert torch.equal(values, expected.values) and torch.equal(columns, expected.indices)
+    probs, columns = top_k(scores_TE, k, softmax=True)
+    assert torch.equal(columns, expected.indices)
+    torch.testing.assert_close(probs, torch.softmax(expected.values, dim=-1), rtol=1e-6, atol=1e-7)
+
+
+def test_top_k_on_ties_infinities_and_nans(compiled):
+    """Equal scores: the lower column first. -inf is a score like any other; NaN ranks above every number (as in
+    torch.topk)."""
+    scores_TE = torch.zeros(3, 8)
+    scores_TE[1, 1:] = float("-inf")
+    scores_TE[2, 5] = float("nan")
+    values, columns = top_k(scores_TE, 2)
+    assert columns.tolist() == [[0, 1], [0, 1], [5, 0]]
+    assert values[1].tolist() == [0.0, float("-inf")] and values[2].isnan().tolist() == [True, False]
+
+
+def test_the_torch_fallback_pads_rows_and_equals_torch_topk():
+    # 32k..64k experts take the padded path; the others are torch.topk itself.
+    for experts, k in [(64, 2), (96, 2), (32, 1), (8, 2), (128, 2)]:
+        scores_TE = scores(300, experts, experts)
+        expected, got = torch.topk(scores_TE, k=k, dim=1), _torch_top_k(scores_TE, k)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        # A row with fewer than k scores above -inf: a real column, never a pad's.
+        scores_TE[7, 1:] = float("-inf")
+        assert int(_torch_top_k(scores_TE, k)[1].max()) < experts
+
+
+@pytest.mark.parametrize(("pairs", "keys", "k"), [(2048, 64, 2), (33, 5, 1), (0, 4, 2), (96, 9, 8)])
+def test_sort_pairs_is_a_stable_sort_with_counts(compiled, pairs, keys, k):
+    key_N = torch.randint(0, keys, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    order_N, token_N, counts_P = sort_pairs(key_N, keys, k)
+    assert torch.equal(order_N, torch.argsort(key_N, stable=True))
+    assert torch.equal(token_N, torch.div(order_N, k, rounding_mode="floor"))
+    assert torch.equal(counts_P, torch.bincount(key_N, minlength=keys))
+    with pytest.raises(ValueError, match=r"keys must lie in \[0, 4\)"):
+        sort_pairs(torch.tensor([0, 4]), 4, 1)
+
+
+def test_the_kernels_are_built_once_per_source_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_CACHE", str(tmp_path))
+    probe = "from moe_infer.model import routing_kernels as rk; print(rk._build())"
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    built = sorted(p.name for p in (tmp_path / "routing-kernels").iterdir())
+    assert built == [first.rsplit("/", 1)[1]]  # the library alone: no temporary left beside it
+    mtime = (tmp_path / "routing-kernels" / built[0]).stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert again == first and (tmp_path / "routing-kernels" / built[0]).stat().st_mtime_ns == mtime
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(routing_kernels, "_library", None)
+    monkeypatch.setattr(routing_kernels, "_loaded", False)
+    scores_TE = scores(100, 64, 0)
+    with caplog.at_level("WARNING"):
+        got = top_k(scores_TE, 2)
+        top_k(scores_TE, 2)
+    assert torch.equal(got[1], torch.topk(scores_TE, 2, dim=1).indices)
+    warnings = [r.getMessage() for r in caplog.records if r.name == routing_kernels.__name__]
+    assert len(warnings) == 1 and "no-such-compiler" in warnings[0] and "torch ops" in warnings[0]
+    assert not (tmp_path / "routing-kernels").exists() or not any((tmp_path / "routing-kernels").iterdir())
+
+
+def test_moe_routing_kernels_setting(monkeypatch, compiled):
+    monkeypatch.setenv("MOE_ROUTING_KERNELS", "torch")
+    assert routing_kernels.library() is None
+    monkeypatch.setenv("MOE_ROUTING_KERNELS", "c")
+    with pytest.raises(ConfigError, match=r"^MOE_ROUTING_KERNELS: expected one of auto, torch, got 'c'$"):
+        routing_kernels.library()
+    monkeypatch.setenv("MOE_ROUTING_KERNELS", "auto")
+    assert routing_kernels.library() is compiled
