@@ -1,5 +1,6 @@
 """Where the project keeps what it derives and can derive again (prepared corpora, fetched wheels, measured kernel
-crossovers, compiled routing kernels) and the record of the results files it wrote: $MOE_CACHE, default <repo>/.cache."""
+crossovers, compiled routing kernels) and the record of the results files it wrote: $MOE_CACHE, default
+<repo>/.cache."""
 
 from __future__ import annotations
 

@@ -50,6 +50,21 @@ def test_top_k_on_ties_infinities_and_nans(compiled):
     assert values[1].tolist() == [0.0, float("-inf")] and values[2].isnan().tolist() == [True, False]
 
 
+@pytest.mark.parametrize(("experts", "k"), [(64, 2), (64, 7), (12, 12), (13, 3), (5, 1)])
+def test_top_k_ranks_like_a_stable_descending_sort(compiled, experts, k):
+    """Rows full of ties, infinities and NaNs (the vectorised path takes rows of a multiple of 4 scores without NaN,
+    the scalar loop the others): the first k of a stable descending sort, which puts NaN first and equal scores in
+    column order."""
+    gen = torch.Generator().manual_seed(experts * k)
+    choices = torch.tensor([float("-inf"), -1.0, 0.0, 0.5, float("inf"), float("nan")])
+    scores_TE = choices[torch.randint(0, 5, (400, experts), generator=gen)]  # no NaN ...
+    scores_TE[:40] = choices[torch.randint(0, 6, (40, experts), generator=gen)]  # ... but in the first 40 rows
+    values, columns = top_k(scores_TE, k)
+    expected = torch.sort(scores_TE, dim=1, descending=True, stable=True)
+    assert torch.equal(columns, expected.indices[:, :k])
+    assert torch.equal(values.nan_to_num(), expected.values[:, :k].nan_to_num())
+
+
 def test_the_torch_fallback_pads_rows_and_equals_torch_topk():
     # 32k..64k experts take the padded path; the others are torch.topk itself.
     for experts, k in [(64, 2), (96, 2), (32, 1), (8, 2), (128, 2)]:
