@@ -5,6 +5,9 @@ functions (leading underscore) run inside those ranks and return plain values fo
 """
 
 import os
+import platform as host
+import subprocess
+import sys
 import time
 import traceback
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import PlatformError
+from pipeline.errors import ConfigError, PlatformError
 from pipeline.platform import (
     Platform,
     deepspeed_config_for_cpu,
@@ -22,6 +25,7 @@ from pipeline.platform import (
     patch_deepspeed_for_cpu,
     patch_megatron_for_cpu,
     set_threads_per_rank,
+    tune_host_malloc,
 )
 from pipeline.platform.device import LAUNCHER_VARS
 from pipeline.platform.testing import DistributedTestFailure, run_distributed
@@ -75,6 +79,44 @@ def test_set_threads_per_rank_splits_cores_between_local_ranks(monkeypatch):
             set_threads_per_rank()
     finally:
         torch.set_num_threads(before)
+
+
+HOST_MALLOC_PROBE = """
+import ctypes, torch
+from pipeline.platform import tune_host_malloc
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+tuned = tune_host_malloc()
+tensor = torch.empty(4 << 20)  # 16 MiB
+own_pages = mallinfo2().hblkhd >= 16 << 20  # mapped apart, to be unmapped when freed
+del tensor
+kept = mallinfo2().fordblks >= 16 << 20  # freed into the heap: the next tensor reuses its pages
+print(tuned, own_pages, kept)
+"""
+
+
+@pytest.mark.skipif(host.libc_ver()[0] != "glibc", reason="mallopt's settings (and mallinfo2) are glibc's")
+def test_tuned_host_malloc_keeps_freed_tensors_in_the_heap():
+    def probe(setting: str) -> str:
+        env = {**os.environ, "MOE_MALLOC_TUNING": setting}
+        out = subprocess.run([sys.executable, "-c", HOST_MALLOC_PROBE], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    # glibc's own rule (off) maps a 16 MiB block apart and unmaps it when freed: the next one faults in fresh pages.
+    assert probe("auto") == "True False True"
+    assert probe("off") == "False True False"
+
+
+def test_bad_host_malloc_settings_are_config_errors(monkeypatch):
+    monkeypatch.setenv("MOE_MALLOC_TUNING", "yes")
+    with pytest.raises(ConfigError, match=r"^MOE_MALLOC_TUNING: expected one of auto, off, got 'yes'$"):
+        tune_host_malloc()
 
 
 def test_init_distributed_rejects_bad_setups(monkeypatch):

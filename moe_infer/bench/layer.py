@@ -56,7 +56,7 @@ from moe_infer.placement import Placement
 from moe_infer.serve.flags import positive_int
 from moe_infer.serve.process import launched
 from pipeline.errors import PipelineError
-from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
+from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank, tune_host_malloc
 
 
 @dataclass
@@ -289,6 +289,7 @@ def main(args: argparse.Namespace) -> int:
         check_result_paths(args.out, args.run_dir, "layer-bench result", RESULT_KEYS)
         platform = detect_platform()
         set_threads_per_rank(args.threads)
+        tune_host_malloc()
         info = init_distributed(platform, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         if args.experts % info.world_size:

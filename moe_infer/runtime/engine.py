@@ -80,7 +80,7 @@ class Engine:
 
     @classmethod
     def start(cls, export_dir: str | Path, options: EngineOptions = EngineOptions()) -> Engine:
-        from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
+        from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank, tune_host_malloc
 
         if options.policy not in POLICIES:
             raise EngineError(f"unknown MoE policy {options.policy!r}; expected one of {', '.join(POLICIES)}")
@@ -95,6 +95,7 @@ class Engine:
         platform = detect_platform()
         if "OMP_NUM_THREADS" not in os.environ:  # the user's (or torchrun's) thread count wins; else share the cores
             set_threads_per_rank()
+        tune_host_malloc()
         info = init_distributed(platform, timeout_s=options.timeout_s, use_deepspeed=True)
         device = torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")
         export = Export.open(export_dir)

@@ -5,6 +5,7 @@ Typical entry point:
 
     platform = detect_platform()                 # cuda+nccl when present, else cpu+gloo
     set_threads_per_rank()
+    tune_host_malloc()                           # reuse freed host memory (no page faults per MB-sized tensor)
     patch_megatron_for_cpu()                     # before building megatron models (training)
     info = init_distributed(platform)            # or use_deepspeed=True for serving; watches the launcher
 """
@@ -19,6 +20,7 @@ from pipeline.platform.device import (
     local_world_size,
     set_threads_per_rank,
 )
+from pipeline.platform.host_memory import tune_host_malloc
 from pipeline.platform.launcher import LauncherWatch, watch_launcher
 from pipeline.platform.megatron_cpu import patch_megatron_for_cpu
 from pipeline.platform.warnings import quiet_known_warnings
@@ -37,5 +39,6 @@ __all__ = [
     "patch_megatron_for_cpu",
     "quiet_known_warnings",
     "set_threads_per_rank",
+    "tune_host_malloc",
     "watch_launcher",
 ]

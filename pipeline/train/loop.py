@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
-from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank
+from pipeline.platform import detect_platform, init_distributed, set_threads_per_rank, tune_host_malloc
 from pipeline.tokenizer import Tokenizer, tokenizer_for
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint as ckpt_io
@@ -106,6 +106,7 @@ def train(
         )
     platform = detect_platform()
     set_threads_per_rank()
+    tune_host_malloc()
     info = init_distributed(platform)
     init_model_parallel(cfg)
     groups = parallel_groups()
