@@ -122,7 +122,9 @@ def _for_products(w_GOI: torch.Tensor, device: torch.device) -> torch.Tensor:
     On CPU each expert's transpose [in, out] is contiguous: the products x @ W^T then read W^T row-major, which
     oneDNN's fp32 GEMM runs 10-25% faster at a few to a few dozen rows per expert (E=64, D=128, F=256, 1 thread, fc1 +
     GELU + fc2 with biases: grouped 15.3 -> 13.2 ms at 1024 tokens, 6.6 -> 6.0 at 64; per-expert with addmm 18.8 ->
-    13.9; within noise at D=256, F=1024, 4096 tokens). Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
+    13.9). Not at every shape: at D=256, F=1024 the exported layout ran the per-expert FFN 6-12% faster (32-128 rows
+    per expert, 31-41 interleaved rounds), so the layout should be measured per shape as the crossover is; it is not
+    yet. Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
     if device.type != "cpu":
         return w_GOI.contiguous()
     return _empty_for_products(w_GOI.shape, w_GOI.dtype, device).copy_(w_GOI)

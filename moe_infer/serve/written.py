@@ -15,13 +15,12 @@ unrecorded, so a later run refuses to replace it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
-from pipeline.atomic import write_atomic
+from pipeline.atomic import file_sha256, write_atomic
 from pipeline.cache import cache_root
 
 RECORD_FILE = "written-outputs.json"
@@ -29,7 +28,7 @@ RECORD_FILE = "written-outputs.json"
 
 def describe_written(path: Path) -> str | None:
     entry = _read().get(os.path.realpath(path))
-    if not isinstance(entry, dict) or not path.is_file() or _fingerprint(path) != _fingerprint_of(entry):
+    if not _still_there(path, entry):
         return None
     return f"results written by launch/infer.py at {entry.get('written', '?')}"
 
@@ -56,19 +55,14 @@ def _read() -> dict:
 
 
 def _fingerprint(path: Path) -> tuple[int, str]:
-    data = path.read_bytes()
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _fingerprint_of(entry: dict) -> tuple:
-    return entry.get("bytes"), entry.get("sha256")
+    return path.stat().st_size, file_sha256(path)
 
 
 def _still_there(path: Path, entry) -> bool:
-    """Whether a recorded file is still as we wrote it (its size first: the others are not read again)."""
+    """Whether a recorded file is still as we wrote it (its size first: a file of another size is not read)."""
     try:
         if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != entry.get("bytes"):
             return False
-        return _fingerprint(path) == _fingerprint_of(entry)
+        return file_sha256(path) == entry.get("sha256")
     except OSError:
         return False

@@ -234,7 +234,8 @@ class DynamicDispatch:
         key_N = torch.where(mine_AK, position_AK - me * L, L).reshape(-1)
         order_AK, token_AK, counts_L1 = sort_pairs(key_N.long(), L + 1, topk)
         rows_L = counts_L1.tolist()[:L]
-        pair_M, token_M = order_AK[: sum(rows_L)], token_AK[: sum(rows_L)]
+        mine = sum(rows_L)  # the others' pairs sort last (key L)
+        pair_M, token_M = order_AK[:mine], token_AK[:mine]
         prepare([slot for slot, rows in enumerate(rows_L) if rows], False)
         x_MD = x_AD.index_select(0, token_M)
         rows = Rows(x_MD, probs_AK.reshape(-1).index_select(0, pair_M), rows_L, torch.empty_like(x_MD))
