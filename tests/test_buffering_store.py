@@ -11,7 +11,7 @@ from moe_layers import D, E, layer_config, random_layer
 
 from moe_infer.buffering.cache import simulate
 from moe_infer.buffering.store import ENGINE_EVICTIONS, BufferedExperts
-from moe_infer.moe import crossover
+from moe_infer.moe import crossover, kernels
 from moe_infer.moe.experts import LocalExperts
 from moe_infer.moe.layer import MoEOptions, build_moe_layer
 from moe_infer.placement import Placement
@@ -38,19 +38,25 @@ def _calls(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(t, D, generator=gen) for t in CALLS]
 
 
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
+@pytest.mark.parametrize("kernel", ["grouped", "per-expert"])
 @pytest.mark.parametrize("eviction", ENGINE_EVICTIONS)
 @pytest.mark.parametrize("policy", ["dynamic", "static"])
-def test_buffered_outputs_equal_resident_at_every_slot_count(policy, eviction):
+def test_buffered_outputs_equal_resident_at_every_slot_count(policy, eviction, kernel, layout, monkeypatch):
+    """Bit for bit: a call whose experts run in rounds, one at a time, computes as the resident kernel does (biases
+    after the products when that is grouped, fused when per-expert), in either weight layout."""
+    monkeypatch.setenv(crossover.ENV, kernel)
+    monkeypatch.setattr(crossover, "default_layout", lambda device: layout)
     cfg = layer_config(topk=2, pre_softmax=False)
     router, experts = _tensors(cfg)
     placement = Placement.contiguous(E, 1)
     options = MoEOptions(capacity_fraction=4.0)
     resident = _layer(policy, cfg, router, experts, placement, options)
-    assert isinstance(resident.experts, LocalExperts)
+    assert isinstance(resident.experts, LocalExperts) and resident.experts.weights.layout == layout
     expected = [resident(x_TD) for x_TD in _calls()]
     for slots in range(1, E):
         layer = _layer(policy, cfg, router, experts, placement, options, slots, eviction)
-        assert isinstance(layer.experts, BufferedExperts)
+        assert isinstance(layer.experts, BufferedExperts) and layer.experts.slots.layout == layout
         for x_TD, y_TD in zip(_calls(), expected, strict=True):
             assert torch.equal(layer(x_TD), y_TD), (policy, eviction, slots)
         stats = layer.experts.stats

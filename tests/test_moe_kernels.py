@@ -103,16 +103,69 @@ def test_one_kernel_runs_the_whole_call_chosen_by_its_rows_per_active_expert(mon
         assert calls == expected_calls
 
 
-def test_on_cpu_each_experts_matrices_are_stored_transposed_and_buffered_slots_alike():
+def test_each_layout_stores_the_matrices_as_it_says_and_buffered_slots_alike():
     cfg = layer_config(topk=2, pre_softmax=False)
-    weights = ExpertWeights.stack(_experts(cfg, 3, bias=True))
-    slots = weights.empty_like(2, "cpu")
-    for stacked in (weights, slots):
-        # Seen as [G, out, in], stored [G, in, out]: x @ W^T reads W^T row by row (kernels._for_products).
-        assert stacked.w1_GFD.shape[1:] == (F, D) and stacked.w1_GFD.transpose(1, 2).is_contiguous()
-        assert stacked.w2_GDF.shape[1:] == (D, F) and stacked.w2_GDF.transpose(1, 2).is_contiguous()
-    slots.copy_expert_(1, weights, 2)
-    assert torch.equal(slots.w1_GFD[1], weights.w1_GFD[2])
+    assert kernels.default_layout("cpu") == kernels.TRANSPOSED and kernels.default_layout("cuda") == kernels.EXPORTED
+    for layout in kernels.LAYOUTS:
+        weights = ExpertWeights.stack(_experts(cfg, 3, bias=True), layout=layout)
+        slots = weights.empty_like(2, "cpu")
+        for stacked in (weights, slots):
+            # Always seen as [G, out, in]; stored so (exported) or [G, in, out] (transposed: x @ W^T reads W^T row
+            # by row).
+            assert stacked.layout == layout
+            assert stacked.w1_GFD.shape[1:] == (F, D) and stacked.w2_GDF.shape[1:] == (D, F)
+            for w in (stacked.w1_GFD, stacked.w2_GDF):
+                assert (w if layout == kernels.EXPORTED else w.transpose(1, 2)).is_contiguous(), layout
+        slots.copy_expert_(1, weights, 2)
+        assert torch.equal(slots.w1_GFD[1], weights.w1_GFD[2])
+    with pytest.raises(PipelineError, match="layout 'diagonal'"):
+        ExpertWeights.stack(_experts(cfg, 1, bias=True), layout="diagonal")
+
+
+def test_the_layout_is_the_one_whose_faster_kernel_took_less_time_and_the_crossover_is_read_in_it(monkeypatch):
+    """With times made up per (layout, kernel, rows): exported is faster overall though transposed wins at 1 row; in
+    exported, grouped wins up to 4 rows, loses at 8, wins at 16, then loses twice (the crossover: 16)."""
+    seconds = {  # rows -> (layout, kernel) -> time
+        rows: {
+            (kernels.EXPORTED, "grouped"): grouped,
+            (kernels.EXPORTED, "per-expert"): 1.0,
+            (kernels.TRANSPOSED, "grouped"): 1.5 * transposed,  # per-expert always wins here
+            (kernels.TRANSPOSED, "per-expert"): transposed,
+        }
+        for rows, grouped, transposed in (
+            (1, 0.5, 0.4),
+            (2, 0.5, 2),
+            (4, 0.9, 2),
+            (8, 1.1, 2),
+            (16, 0.9, 2),
+            (32, 1.2, 2),
+            (64, 1.3, 2),
+            (128, 0.5, 2),
+        )
+    }
+    measured = []
+
+    def made_up(calls, device):
+        rows = 1 << len(measured)
+        measured.append(rows)
+        assert set(calls) == set(seconds[rows])
+        return seconds[rows]
+
+    monkeypatch.setattr(crossover, "_fastest", made_up)
+    assert crossover._measure(torch.device("cpu"), torch.float32, D, F, "gelu", True) == (16, kernels.EXPORTED, "")
+    assert measured == [1, 2, 4, 8, 16, 32, 64]  # stopped once per-expert won twice in a row in both layouts
+
+
+def test_experts_are_stacked_in_the_layout_their_kernel_was_measured_with(monkeypatch):
+    cfg = layer_config(topk=2, pre_softmax=False)
+    for layout in kernels.LAYOUTS:
+        monkeypatch.setattr(crossover, "measured_kernel", lambda *args, layout=layout: (4, layout, "made up"))
+        monkeypatch.delenv(crossover.ENV, raising=False)
+        for experts in (LocalExperts(cfg, _experts(cfg, 3, True)), BufferedExperts(cfg, _experts(cfg, 3, True), 2)):
+            kernel = experts.kernel
+            assert (kernel.grouped_max_rows, kernel.layout) == (4, layout)
+            for stacked in (experts.weights,) if isinstance(experts, LocalExperts) else (experts.host, experts.slots):
+                assert stacked.layout == layout
 
 
 def test_mixed_biases_are_refused():
@@ -131,19 +184,21 @@ def test_the_crossover_is_measured_once_then_read_from_the_cache(monkeypatch, tm
     assert kernel.note.startswith("measured crossover")
     cached = json.loads((tmp_path / crossover.CACHE_FILE).read_text())
     (key,) = cached
-    assert cached[key] == kernel.grouped_max_rows and f"|D{D}|F{F}|gelu|bias=True|" in key
+    assert cached[key] == {"grouped_max_rows": kernel.grouped_max_rows, "layout": kernel.layout}
+    assert f"|D{D}|F{F}|gelu|bias=True|" in key and kernel.layout in kernels.LAYOUTS
     monkeypatch.setattr(crossover, "_measured", {})
     monkeypatch.setattr(crossover, "_measure", lambda *a: pytest.fail("measured again despite the cache"))
     again = crossover.choose_kernel("gelu", D, F, True, "cpu", torch.float32)
-    assert again.grouped_max_rows == kernel.grouped_max_rows and "cached" in again.note
+    assert (again.grouped_max_rows, again.layout) == (kernel.grouped_max_rows, kernel.layout)
+    assert "cached" in again.note
 
 
 def test_a_grouped_mm_that_disagrees_falls_back_to_per_expert(monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_CACHE", str(tmp_path))
     monkeypatch.setattr(crossover, "_measured", {})
     monkeypatch.setattr(kernels.F, "grouped_mm", lambda a, b, offs: torch.zeros(a.shape[0], b.shape[-1]))
-    rows, note = crossover.grouped_max_rows(torch.device("cpu"), torch.float32, D, F, "gelu", True)
-    assert rows == 0 and "disagrees" in note
+    rows, layout, note = crossover.measured_kernel(torch.device("cpu"), torch.float32, D, F, "gelu", True)
+    assert rows == 0 and layout in kernels.LAYOUTS and "disagrees" in note
     assert not (tmp_path / crossover.CACHE_FILE).exists()  # a fallback is not a measurement: never cached
 
 

@@ -104,14 +104,14 @@ class BufferedExperts(nn.Module):
                 f"expert buffering: --expert-slots must be between 1 and the {num_local} local experts of a layer, "
                 f"got {slots}"
             )
-        device = torch.device(device or experts[0]["fc1.weight"].device)
+        self.kernel, device, dtype = expert_kernel(cfg, experts, device, dtype)
         self.cuda = device.type == "cuda"
-        # Host tier: every local expert, pinned on CUDA so copies can be asynchronous. Device tier: K slots.
-        self.host = ExpertWeights.stack(experts, "cpu", dtype, compute_device=device)  # laid out as the slots are
+        # Host tier: every local expert, pinned on CUDA so copies can be asynchronous, in the layout of the device
+        # tier (the kernel's, for the device): K slots.
+        self.host = ExpertWeights.stack(experts, "cpu", dtype, self.kernel.layout)
         if self.cuda:
             self.host = self.host.map(torch.Tensor.pin_memory)
         self.slots = self.host.empty_like(slots, device)
-        self.kernel = expert_kernel(cfg, self.slots)
         expert_bytes = self.host.expert_bytes()
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready_K: list[torch.cuda.Event | None] = [None] * slots
@@ -163,7 +163,8 @@ class BufferedExperts(nn.Module):
             raise PipelineError(
                 f"expert buffering: local experts {missing} run but the dispatcher did not prepare them"
             )
-        if not self._after and self.kernel.uses_grouped(rows.rows_L):
+        grouped = self.kernel.uses_grouped(rows.rows_L)  # what the resident experts would run
+        if not self._after and grouped:
             self._run_over_slots(rows)
             return
         start = 0
@@ -173,7 +174,8 @@ class BufferedExperts(nn.Module):
             slot, end = self._slot_of[local], start + n
             if self.cuda and self.ready_K[slot] is not None:
                 self._wait(self.ready_K[slot])
-            self.kernel.one(self.slots, slot, rows.x_MD[start:end], rows.probs_M[start:end], rows.y_MD[start:end])
+            x_ND, probs_N, y_ND = rows.x_MD[start:end], rows.probs_M[start:end], rows.y_MD[start:end]
+            self.kernel.one(self.slots, slot, x_ND, probs_N, y_ND, fused_bias=not grouped)  # the same arithmetic
             for expert, next_slot in self._after.pop(local, []):  # its slot is free for the next round now
                 self._timed_copy(expert, next_slot, stalls=True)
             start = end

@@ -30,6 +30,7 @@ from torch import nn
 from moe_infer.model.config import ModelConfig
 from moe_infer.moe.crossover import choose_kernel
 from moe_infer.moe.kernels import ExpertKernel, ExpertWeights
+from pipeline.errors import PipelineError
 
 # The exported tensors a layer is built from (moe_infer.export_format): the router's {"weight": [E, D], "bias": [E] (if
 # any)}, and this rank's experts by global id, each {"fc1.weight", "fc2.weight"} and (unless the export has no
@@ -60,12 +61,21 @@ class ExpertStore(Protocol):
     def __call__(self, rows: Rows) -> None: ...
 
 
-def expert_kernel(cfg: ModelConfig, weights: ExpertWeights) -> ExpertKernel:
-    """The kernel for these experts on their device and dtype (moe_infer.moe.crossover)."""
-    w1 = weights.w1_GFD
-    return choose_kernel(
-        cfg.activation, cfg.hidden_size, cfg.ffn_hidden_size, weights.b1_GF is not None, w1.device, w1.dtype
-    )
+def expert_kernel(
+    cfg: ModelConfig,
+    experts: list[dict[str, torch.Tensor]],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> tuple[ExpertKernel, torch.device, torch.dtype]:
+    """(the kernel for these experts on `device` and `dtype`, that device, that dtype), the defaults being the
+    tensors' own (moe_infer.moe.crossover). Chosen before the weights are stacked: it says their layout."""
+    if not experts:
+        raise PipelineError("local experts: a rank must hold at least one expert of each MoE layer")
+    first = experts[0]["fc1.weight"]
+    device, dtype = torch.device(device or first.device), dtype or first.dtype
+    bias = "fc1.bias" in experts[0]
+    kernel = choose_kernel(cfg.activation, cfg.hidden_size, cfg.ffn_hidden_size, bias, device, dtype)
+    return kernel, device, dtype
 
 
 class LocalExperts(nn.Module):
@@ -79,8 +89,8 @@ class LocalExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.weights = ExpertWeights.stack(experts, device, dtype)
-        self.kernel = expert_kernel(cfg, self.weights)
+        self.kernel, device, dtype = expert_kernel(cfg, experts, device, dtype)
+        self.weights = ExpertWeights.stack(experts, device, dtype, self.kernel.layout)
 
     @property
     def num_local(self) -> int:

@@ -22,9 +22,19 @@ layer bench's 1024 tokens (E=64, D=128, F=256, top-2, 12-56 rows per expert, cro
 layout below): grouped 17.9 ms, per-expert 20.5, split at 32 rows 23.0. A very big expert is a grouped call of its
 own anyway (the row budget).
 
+The weight layout, measured per shape with the crossover (crossover.py), on CPU only:
+    exported    each expert's [out, in] row-major, as exported: x @ W^T reads W column by column (oneDNN's
+                transposed-B GEMM). Faster at D=256, F=1024: the per-expert FFN 6-12% at 32-128 rows per expert.
+    transposed  each expert's W^T [in, out] contiguous, still seen as [out, in]: x @ W^T reads W^T row by row.
+                Faster at D=128, F=256: fc1 + GELU + fc2 10-25% at a few to a few dozen rows per expert (grouped
+                15.3 -> 13.2 ms at 1024 tokens).
+On CUDA the exported layout (not measured: no GPU here when this was written).
+
 The probability is applied to the output: p * (W2 h + b2) = W2 (h p) + b2 p, the reference's form (moe_infer.model.moe,
 megatron's per-token scale) up to fp32 rounding, at D columns per row instead of F. Experts may come without biases
-(exports with `model.bias: false`): both b1 and b2 are then None.
+(exports with `model.bias: false`): both b1 and b2 are then None. The per-expert kernel fuses the biases into the
+products (addmm, as F.linear does); the grouped one adds them after (grouped_mm has no bias), and so does `one` when
+it stands in for a grouped call, so the two never mix within a call's arithmetic.
 
 Shape legend: G experts in the stack (local experts, or device slots), M rows (grouped by expert), N one expert's
 rows, D model dim, F ffn dim, F1 fc1 rows (F, or 2F for swiglu).
@@ -40,18 +50,22 @@ import torch.nn.functional as F
 from moe_infer.model.layers import activation as apply_activation
 from pipeline.errors import PipelineError
 
+EXPORTED, TRANSPOSED = "exported", "transposed"  # the weight layouts (above)
+LAYOUTS = (EXPORTED, TRANSPOSED)
 GAP_SPLIT = 8  # this many empty experts in a row cost more than one more grouped call: split there
 CPU_ROWS_BUDGET_BYTES = 512 * 1024  # fc1 activation per grouped call on CPU: half of a 1 MiB L2
 
 
 @dataclass
 class ExpertWeights:
-    """G experts' weights stacked: w1 [G, F1, D], b1 [G, F1], w2 [G, D, F], b2 [G, D] (biases None when absent)."""
+    """G experts' weights stacked: w1 [G, F1, D], b1 [G, F1], w2 [G, D, F], b2 [G, D] (biases None when absent), the
+    matrices stored in `layout` (EXPORTED or TRANSPOSED, above) and always seen as [G, out, in]."""
 
     w1_GFD: torch.Tensor
     b1_GF: torch.Tensor | None
     w2_GDF: torch.Tensor
     b2_GD: torch.Tensor | None
+    layout: str = EXPORTED
 
     @classmethod
     def stack(
@@ -59,15 +73,18 @@ class ExpertWeights:
         experts: list[dict[str, torch.Tensor]],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        compute_device: torch.device | str | None = None,
+        layout: str | None = None,
     ) -> ExpertWeights:
         """Each expert's {"fc1.weight", "fc2.weight"} and, for all of them or for none, {"fc1.bias", "fc2.bias"}.
-        The matrices are laid out for the products on `compute_device` (default: `device`; see _for_products)."""
+        The matrices are stored in `layout` (default: default_layout(device); the kernel's measured one is
+        ExpertKernel.layout)."""
         if not experts:
-            raise PipelineError("local experts: a rank must hold at least one expert of each MoE layer")
+            raise PipelineError("expert weights: nothing to stack (no experts)")
         first = experts[0]["fc1.weight"]
         device, dtype = device or first.device, dtype or first.dtype
-        compute_device = torch.device(compute_device or device)
+        layout = layout or default_layout(device)
+        if layout not in LAYOUTS:
+            raise PipelineError(f"expert weights: layout {layout!r}, expected one of {', '.join(LAYOUTS)}")
         with_bias = ["fc1.bias" in e and "fc2.bias" in e for e in experts]
         if any(with_bias) and not all(with_bias):
             raise PipelineError(
@@ -79,9 +96,9 @@ class ExpertWeights:
             if name.endswith("bias") and not with_bias[0]:
                 return None
             stacked = torch.stack([e[name] for e in experts]).to(device=device, dtype=dtype)
-            return _for_products(stacked, compute_device) if stacked.dim() == 3 else stacked.contiguous()
+            return _in_layout(stacked, layout) if stacked.dim() == 3 else stacked.contiguous()
 
-        return cls(stacked("fc1.weight"), stacked("fc1.bias"), stacked("fc2.weight"), stacked("fc2.bias"))
+        return cls(stacked("fc1.weight"), stacked("fc1.bias"), stacked("fc2.weight"), stacked("fc2.bias"), layout)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -95,18 +112,17 @@ class ExpertWeights:
         return sum(t[0].numel() * t.element_size() for t in self.tensors)
 
     def map(self, fn) -> ExpertWeights:
-        """fn applied to each tensor (the absent biases stay None)."""
+        """fn applied to each tensor (the absent biases stay None); fn must keep each tensor's strides."""
         tensors = (self.w1_GFD, self.b1_GF, self.w2_GDF, self.b2_GD)
-        return ExpertWeights(*(None if t is None else fn(t) for t in tensors))
+        return ExpertWeights(*(None if t is None else fn(t) for t in tensors), self.layout)
 
     def empty_like(self, num_experts: int, device: torch.device | str) -> ExpertWeights:
-        """Room for `num_experts` experts of this shape on `device` (the buffered store's device slots), the matrices
-        laid out for the products there."""
+        """Room for `num_experts` experts of this shape and layout on `device` (the buffered store's device slots)."""
 
         def empty(t: torch.Tensor) -> torch.Tensor:
             shape = (num_experts, *t.shape[1:])
             if t.dim() == 3:
-                return _empty_for_products(shape, t.dtype, torch.device(device))
+                return _empty_in_layout(shape, t.dtype, device, self.layout)
             return torch.empty(shape, dtype=t.dtype, device=device)
 
         return self.map(empty)
@@ -117,22 +133,22 @@ class ExpertWeights:
             dst[g].copy_(source[e], non_blocking=non_blocking)
 
 
-def _for_products(w_GOI: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Stacked [G, out, in] matrices stored as the products on `device` read them fastest, still seen as [G, out, in].
-    On CPU each expert's transpose [in, out] is contiguous: the products x @ W^T then read W^T row-major, which
-    oneDNN's fp32 GEMM runs 10-25% faster at a few to a few dozen rows per expert (E=64, D=128, F=256, 1 thread, fc1 +
-    GELU + fc2 with biases: grouped 15.3 -> 13.2 ms at 1024 tokens, 6.6 -> 6.0 at 64; per-expert with addmm 18.8 ->
-    13.9). Not at every shape: at D=256, F=1024 the exported layout ran the per-expert FFN 6-12% faster (32-128 rows
-    per expert, 31-41 interleaved rounds), so the layout should be measured per shape as the crossover is; it is not
-    yet. Elsewhere (CUDA) as exported, [G, out, in] contiguous."""
-    if device.type != "cpu":
+def default_layout(device: torch.device | str) -> str:
+    """The layout used where none was measured (a forced kernel, a stack without a kernel): TRANSPOSED on CPU (the
+    faster one at the trained models' D=128), EXPORTED elsewhere."""
+    return TRANSPOSED if torch.device(device).type == "cpu" else EXPORTED
+
+
+def _in_layout(w_GOI: torch.Tensor, layout: str) -> torch.Tensor:
+    """Stacked [G, out, in] matrices stored in `layout`, still seen as [G, out, in]."""
+    if layout == EXPORTED:
         return w_GOI.contiguous()
-    return _empty_for_products(w_GOI.shape, w_GOI.dtype, device).copy_(w_GOI)
+    return _empty_in_layout(w_GOI.shape, w_GOI.dtype, w_GOI.device, layout).copy_(w_GOI)
 
 
-def _empty_for_products(shape_GOI, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Room for stacked [G, out, in] matrices in _for_products' layout."""
-    if device.type != "cpu":
+def _empty_in_layout(shape_GOI, dtype: torch.dtype, device: torch.device | str, layout: str) -> torch.Tensor:
+    """Room for stacked [G, out, in] matrices stored in `layout`."""
+    if layout == EXPORTED:
         return torch.empty(shape_GOI, dtype=dtype, device=device)
     groups, rows, cols = shape_GOI
     return torch.empty((groups, cols, rows), dtype=dtype, device=device).transpose(1, 2)
@@ -143,7 +159,8 @@ class ExpertKernel:
     activation: str
     ffn: int  # F
     grouped_max_rows: int  # grouped when the rows per active expert are at most this (0: never)
-    note: str = ""  # how grouped_max_rows was chosen (crossover.py)
+    layout: str = EXPORTED  # the weight layout the products were measured fastest with: stack the weights in it
+    note: str = ""  # how grouped_max_rows and the layout were chosen (crossover.py)
 
     def __call__(
         self,
@@ -160,7 +177,7 @@ class ExpertKernel:
         return self.per_expert(weights, x_MD, probs_M, rows_G, out_MD)
 
     def per_expert(self, weights, x_MD, probs_M, rows_G, out_MD) -> torch.Tensor:
-        """Each expert alone."""
+        """Each expert alone, the biases fused into the products."""
         start = 0
         for g, n in enumerate(rows_G):
             end = start + n
@@ -169,18 +186,27 @@ class ExpertKernel:
             start = end
         return out_MD
 
-    def one(self, weights: ExpertWeights, g: int, x_ND, probs_N, out_ND) -> torch.Tensor:
-        """Expert g alone on x_ND, into out_ND. The biases are added after each product, as the grouped call adds
-        them (addmm's fused bias rounds differently with the CPU layout), so an expert's output is the same bit for
-        bit whichever kernel runs it: a buffered store's one-at-a-time rounds equal the resident grouped call."""
+    def one(self, weights: ExpertWeights, g: int, x_ND, probs_N, out_ND, fused_bias: bool = True) -> torch.Tensor:
+        """Expert g alone on x_ND, into out_ND. fused_bias: the biases go into the products (addmm, one pass less
+        over the [N, F] activation: the per-expert FFN 4-9% faster at D=256, F=1024, 128 rows per expert). Without,
+        they are added after each product as the grouped call adds them (addmm rounds differently at some shapes),
+        so the output equals the grouped call's bit for bit: a buffered store's one-at-a-time rounds standing in
+        for a grouped call use that."""
         w = weights
-        h_NF = torch.mm(x_ND, w.w1_GFD[g].t())
-        if w.b1_GF is not None:
-            h_NF.add_(w.b1_GF[g])
+        fused = fused_bias and w.b1_GF is not None
+        if fused:
+            h_NF = torch.addmm(w.b1_GF[g], x_ND, w.w1_GFD[g].t())
+        else:
+            h_NF = torch.mm(x_ND, w.w1_GFD[g].t())
+            if w.b1_GF is not None:
+                h_NF.add_(w.b1_GF[g])
         h_NF = apply_activation(self.activation, h_NF)
-        torch.mm(h_NF, w.w2_GDF[g].t(), out=out_ND)
-        if w.b2_GD is not None:
-            out_ND.add_(w.b2_GD[g])
+        if fused:
+            torch.addmm(w.b2_GD[g], h_NF, w.w2_GDF[g].t(), out=out_ND)
+        else:
+            torch.mm(h_NF, w.w2_GDF[g].t(), out=out_ND)
+            if w.b2_GD is not None:
+                out_ND.add_(w.b2_GD[g])
         return out_ND.mul_(probs_N.unsqueeze(-1).to(out_ND.dtype))
 
     def uses_grouped(self, rows_G: list[int]) -> bool:
