@@ -4,6 +4,9 @@ same weights and tokens, the floors and the dense equivalent, all in its JSON.
 
 import json
 
+import torch
+
+from moe_infer.bench import caches
 from moe_infer.bench.cli import main as bench_main
 from moe_infer.moe.layer import POLICIES
 from pipeline.platform.testing import run_distributed
@@ -22,7 +25,7 @@ def test_the_layer_benchmark_compares_every_implementation_on_two_ranks(tmp_path
     run_distributed(_layer_bench, world_size=2, args=(str(out),), init_process_group=False, timeout_s=120)
     report = json.loads(out.read_text())
     by_name = {r["name"]: r for r in report["results"]}
-    assert report["ranks"] == 2
+    assert report["ranks"] == 2 and report["args"]["caches"] == "cold"  # evicted before each timed call
     floors = {"floor-matmul", "floor-ffn", "floor-grouped-ffn", "floor-per-expert-ffn", "floor-torch-ffn"}
     assert set(by_name) == {*POLICIES, *floors, "dense-equivalent"}
     for r in report["results"]:  # the median of the repeats, with their spread
@@ -48,3 +51,17 @@ def test_the_layer_benchmark_replaces_only_its_own_result(tmp_path, capfd):
     assert bench_main([*argv, "--out", str(run / "layer.json"), "--run-dir", str(run)]) == 2
     assert f"is inside --run-dir {run}" in capfd.readouterr().err
     assert notes.read_text() == '{"mine": 1}' and not run.exists()
+
+
+def test_the_flush_buffer_is_twice_the_last_level_cache(tmp_path, monkeypatch):
+    for index, size in enumerate(("48K", "1024K", "32768K", "")):  # sysfs' sizes; an unreadable one is skipped
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    monkeypatch.setattr(caches, "CPU_CACHES", tmp_path)
+    assert caches.last_level_cache_bytes("cpu") == 32 * 2**20
+    flush = caches.CacheFlusher("cpu")
+    assert flush.buffer.numel() * flush.buffer.element_size() == 64 * 2**20
+    flush()
+    assert int(flush.buffer[0]) == 1  # read and written
+    monkeypatch.setattr(caches, "CPU_CACHES", tmp_path / "missing")
+    assert caches.last_level_cache_bytes(torch.device("cpu")) == caches.DEFAULT_CACHE_BYTES

@@ -1,5 +1,7 @@
 """The router's compiled CPU loops (moe_infer.model.routing_kernels) against the torch ops they replace, and the
-build: cached per source, a failed build falling back to torch ops with one warning, MOE_ROUTING_KERNELS."""
+build: cached per source, a failed build falling back to torch ops with one warning, MOE_ROUTING_KERNELS.
+The pairs' sort and the sum of each token's rows run on both paths (compiled, and torch ops with the library
+unloaded) against plain torch."""
 
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from moe_infer.model import routing_kernels
-from moe_infer.model.routing_kernels import _torch_top_k, sort_pairs, top_k
+from moe_infer.model.routing_kernels import _torch_top_k, sort_pairs, sum_pairs, top_k
 from pipeline.errors import ConfigError
 
 
@@ -76,15 +78,40 @@ def test_the_torch_fallback_pads_rows_and_equals_torch_topk():
         assert int(_torch_top_k(scores_TE, k)[1].max()) < experts
 
 
+@pytest.mark.parametrize("path", ["compiled", "torch ops"])
 @pytest.mark.parametrize(("pairs", "keys", "k"), [(2048, 64, 2), (33, 5, 1), (0, 4, 2), (96, 9, 8)])
-def test_sort_pairs_is_a_stable_sort_with_counts(compiled, pairs, keys, k):
+def test_sort_pairs_is_a_stable_sort_with_counts_and_places(compiled, monkeypatch, path, pairs, keys, k):
+    if path == "torch ops":
+        monkeypatch.setattr(routing_kernels, "_library", None)
     key_N = torch.randint(0, keys, (pairs,), generator=torch.Generator().manual_seed(pairs))
-    order_N, token_N, counts_P = sort_pairs(key_N, keys, k)
+    order_N, token_N, counts_P, place_N = sort_pairs(key_N, keys, k)
     assert torch.equal(order_N, torch.argsort(key_N, stable=True))
     assert torch.equal(token_N, torch.div(order_N, k, rounding_mode="floor"))
     assert torch.equal(counts_P, torch.bincount(key_N, minlength=keys))
-    with pytest.raises(ValueError, match=r"keys must lie in \[0, 4\)"):
-        sort_pairs(torch.tensor([0, 4]), 4, 1)
+    assert torch.equal(place_N[order_N], torch.arange(pairs))  # the inverse of the order
+    if path == "compiled":
+        with pytest.raises(ValueError, match=r"keys must lie in \[0, 4\)"):
+            sort_pairs(torch.tensor([0, 4]), 4, 1)
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch ops"])
+@pytest.mark.parametrize(("tokens", "k", "hidden"), [(300, 2, 64), (17, 1, 5), (40, 8, 3), (0, 2, 4)])
+def test_sum_pairs_adds_each_tokens_rows_as_index_add_does(compiled, monkeypatch, path, tokens, k, hidden):
+    """The one-rank combine: each token's k expert outputs, found at their sorted places, summed. index_add_ into
+    zeros adds them in sorted order, sum_pairs in the token's order: the same sum, up to fp32 rounding for k > 2."""
+    if path == "torch ops":
+        monkeypatch.setattr(routing_kernels, "_library", None)
+    gen = torch.Generator().manual_seed(tokens + k)
+    pairs = sort_pairs(torch.randint(0, 7, (tokens * k,), generator=gen), 7, k)
+    y_MD = torch.randn(tokens * k, hidden, generator=gen)
+    expected_TD = torch.zeros(tokens, hidden).index_add_(0, pairs.token_N, y_MD)
+    got_TD = sum_pairs(y_MD, pairs.place_N, k)
+    if k <= 2:
+        assert torch.equal(got_TD, expected_TD)
+    torch.testing.assert_close(got_TD, expected_TD, rtol=1e-6, atol=1e-6)
+    if path == "compiled" and tokens:
+        with pytest.raises(ValueError, match=r"places must lie in \[0, "):
+            sum_pairs(y_MD, pairs.place_N + tokens * k, k)
 
 
 def test_the_kernels_are_built_once_per_source_into_the_cache(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ random weights on every rank, and each rank holds its E/R experts.
 
 For each implementation: wall time per layer call (the slowest rank's; the median of `--repeats` rounds with their
 min-max, each round timing every implementation once in turn, so a noisy neighbour on a shared machine slows them
-all alike),
+all alike; before each timed call the last-level cache is evicted, as a layer of a model finds it, unless
+`--caches warm`: moe_infer.bench.caches),
 tokens/s over the whole group, time per phase (gate, dispatch, experts, combine) and, for dynamic and static, the
 time of those phases spent waiting for all-to-alls (a2a ms), the activation memory of one call
 (moe_infer.bench.memory), the fraction of (token, expert) pairs dropped, and its largest difference from `dynamic`
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_infer.bench.caches import CacheFlusher
 from moe_infer.bench.memory import peak_activation_bytes
 from moe_infer.bench.results import Results, Spread, check_result_paths
 from moe_infer.bench.synthetic import DENSE, DenseEquivalent, layer_config, random_layer
@@ -81,8 +83,11 @@ def _slowest(value: float, device: torch.device) -> float:
     return all_reduce([float(value)], "max", device=device)[0]
 
 
-def timed_call(fn, device: torch.device):
-    """(seconds of the slowest rank, fn's result) for one call that all ranks start together."""
+def timed_call(fn, device: torch.device, flush: CacheFlusher | None = None):
+    """(seconds of the slowest rank, fn's result) for one call that all ranks start together, with cold caches when
+    `flush` is given."""
+    if flush is not None:
+        flush()
     barrier(device)
     start = clock(device)
     result = fn()
@@ -149,13 +154,14 @@ def run(args: argparse.Namespace, device: torch.device, ranks: int, rank: int) -
     rounds = [[name for name in calls if name not in SLOW]] * args.repeats + [slow] * args.slow_repeats
     timings: dict[str, list[tuple[float, MoEStats | None]]] = {name: [] for name in calls}
     outputs = {}
+    flush = CacheFlusher(device) if args.caches == "cold" else None
     with torch.inference_mode():
         for fn in calls.values():
             for _ in range(args.warmup):
                 fn()
         for names in rounds:
             for name in names:
-                elapsed, result = timed_call(calls[name], device)
+                elapsed, result = timed_call(calls[name], device, flush)
                 stats = layers[name].last if name in layers else None  # the MoEStats of this very call
                 if name in layers:
                     outputs[name] = result
@@ -208,7 +214,7 @@ def _rows_per_local_expert(layer, x_TD: torch.Tensor, placement: Placement, rank
     return [int(counts_E[e]) for e in placement.local_experts(rank)]
 
 
-def format_table(results: list[Result], ranks: int) -> str:
+def format_table(results: list[Result], ranks: int, caches: str = "cold") -> str:
     by_name = {r.name: r for r in results}
     base = by_name.get("dynamic")
     name_width = max(16, *(len(r.name) + 2 for r in results))
@@ -218,7 +224,8 @@ def format_table(results: list[Result], ranks: int) -> str:
     repeats = sorted({r.repeats for r in results})
     lines = [
         f"MoE layer, EP={ranks}: times in ms, the median of {'/'.join(map(str, repeats))} interleaved repeats with "
-        "their min-max; 'x dynamic' = time / dynamic's time, '~' where the two spreads overlap (within noise); "
+        f"their min-max, {caches} caches; 'x dynamic' = time / dynamic's time, '~' where the two spreads overlap "
+        "(within noise); "
         "diff ref = largest difference from the single-process reference layer",
         head,
     ]
@@ -275,6 +282,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-repeats", type=positive_int, default=5, help="timed calls of static (seconds each)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
+        "--caches",
+        choices=("cold", "warm"),
+        default="cold",
+        help="cold (default): the last-level cache evicted before each timed call, as a layer of a model finds it; "
+        "warm: whatever the previous call left (moe_infer.bench.caches)",
+    )
+    parser.add_argument(
         "--threads", type=positive_int, help="torch threads per rank (default: the machine's cores over the ranks)"
     )
     parser.add_argument("--run-dir", type=Path, help="track the run here (W&B offline + metrics.jsonl)")
@@ -321,4 +335,4 @@ def write(results: list[Result], ranks: int, args: argparse.Namespace, command) 
             out.row({f"{r.name}/ms": r.ms, f"{r.name}/tokens_per_s": r.tokens_per_s}, step=step)
         out.table("layer_bench", columns, rows, **{f"{r.name}_x_dynamic": r.ms / base for r in results if base})
         out.save({"ranks": ranks, "args": settings, "results": [asdict(r) for r in results]})
-        out.print(format_table(results, ranks), command.out)
+        out.print(format_table(results, ranks, args.caches), command.out)

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -106,10 +107,11 @@ void moe_topk(const float *scores_TE, int64_t T, int64_t E, int64_t K, int softm
 }
 
 /* A stable counting sort of N pairs by key (0 <= key < P): order_N[i] is the pair at sorted place i (pairs of equal
- * key keep their order), token_N[i] = order_N[i] / K its token, counts_P the pairs per key. Returns 0, or -1 when a
- * key is out of range (nothing is written to order_N, token_N then) or memory runs out. */
+ * key keep their order), token_N[i] = order_N[i] / K its token, place_N[n] the sorted place of pair n (the inverse of
+ * order_N), counts_P the pairs per key. Returns 0, or -1 when a key is out of range (nothing is written to order_N,
+ * token_N, place_N then) or memory runs out. */
 int moe_sort_pairs(const int64_t *key_N, int64_t N, int64_t P, int64_t K, int64_t *counts_P, int64_t *order_N,
-                   int64_t *token_N) {
+                   int64_t *token_N, int64_t *place_N) {
     for (int64_t p = 0; p < P; p++) counts_P[p] = 0;
     for (int64_t n = 0; n < N; n++) {
         int64_t key = key_N[n];
@@ -127,7 +129,30 @@ int moe_sort_pairs(const int64_t *key_N, int64_t N, int64_t P, int64_t K, int64_
         int64_t place = next_P[key_N[n]]++;
         order_N[place] = n;
         token_N[place] = n / K;
+        place_N[n] = place;
     }
     free(next_P);
     return 0;
+}
+
+/* Each token's K rows summed: out_TD[t] = y_MD[place_N[t*K]] + ... + y_MD[place_N[t*K + K-1]], added in that order.
+ * One pass that writes each output row once (zeros then index_add_ write it K + 1 times). Places lie in [0, M): the
+ * caller's (moe_sort_pairs' place_N). */
+void moe_sum_pairs(const float *restrict y_MD, const int64_t *restrict place_N, int64_t T, int64_t K, int64_t D,
+                   float *restrict out_TD) {
+    for (int64_t t = 0; t < T; t++) {
+        float *restrict out = out_TD + t * D;
+        const int64_t *place = place_N + t * K;
+        const float *first = y_MD + place[0] * D;
+        if (K == 1) {
+            memcpy(out, first, (size_t)D * sizeof(float));
+            continue;
+        }
+        const float *second = y_MD + place[1] * D;
+        for (int64_t d = 0; d < D; d++) out[d] = first[d] + second[d];
+        for (int64_t k = 2; k < K; k++) {
+            const float *row = y_MD + place[k] * D;
+            for (int64_t d = 0; d < D; d++) out[d] += row[d];
+        }
+    }
 }

@@ -34,6 +34,7 @@ class Placement:
     ranks: int
     _local: list[list[int]] = field(init=False, repr=False, compare=False)
     _position_of_E: torch.Tensor = field(init=False, repr=False, compare=False)
+    _identity: bool = field(init=False, repr=False, compare=False)  # expert e at position e (contiguous placements)
 
     def __post_init__(self):
         rank_of_E = torch.as_tensor(self.rank_of_E, dtype=torch.int64).reshape(-1)
@@ -73,6 +74,7 @@ class Placement:
         object.__setattr__(self, "_local", local)
         # Read on every MoE call (pair_positions): computed once here.
         object.__setattr__(self, "_position_of_E", rank_of_E * len(local[0]) + slot_of_E)
+        object.__setattr__(self, "_identity", torch.equal(self._position_of_E, torch.arange(num_experts)))
 
     @classmethod
     def contiguous(cls, num_experts: int, ranks: int) -> Placement:
@@ -122,6 +124,8 @@ class Placement:
     def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
         """int64 [T*K] (token-major): the position of each (token, expert) pair's expert. One copy per expert here;
         ReplicatedPlacement (moe_infer.placement.replicas) spreads pairs over copies behind the same method."""
+        if self._identity:  # every expert at its own id's position: the ids are the positions (a read-only view)
+            return experts_TK.reshape(-1)
         return self.position_of_E.to(experts_TK.device).index_select(0, experts_TK.reshape(-1))
 
     def local_experts(self, rank: int) -> list[int]:

@@ -23,7 +23,7 @@ one, auto is the default):
        Each token travels once instead of once per pair (K times), and its outputs come back once per rank: at
        R = 2, K = 2 about the bytes of the all-to-all, with one collective less and no wait for the counts.
 With one rank (every expert local) nothing is exchanged: the sorted pairs' rows are gathered, the experts run, and
-their outputs are added into their tokens' rows (Local).
+each token's outputs are summed from their rows in one pass (Local; routing_kernels.sum_pairs).
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
 P expert positions (rank-major, E of them), R ranks, L experts per rank, A gathered rows (R * T_max), W row width.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe_infer.model.routing_kernels import sort_pairs
+from moe_infer.model.routing_kernels import sort_pairs, sum_pairs
 from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
 from moe_infer.moe.dispatch.tokens import Agreement
 from moe_infer.moe.experts import Rows
@@ -77,12 +77,12 @@ class Gathered:
 
 @dataclass
 class Local:
-    """One rank, every expert local: the pairs' rows gathered in expert order (rows); their outputs are added into
-    out_TD by token."""
+    """One rank, every expert local: the pairs' rows gathered in expert order (rows); each token's outputs are summed
+    from their places."""
 
     rows: Rows
-    out_TD: torch.Tensor
-    token_N: torch.Tensor
+    place_N: torch.Tensor  # the row of each pair (token-major) in rows
+    topk: int
 
 
 def row_width(hidden: int, extra: int, dtype: torch.dtype) -> int:
@@ -142,24 +142,24 @@ class DynamicDispatch:
 
     def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
         # pair n: token n // K, choice n % K
-        order_N, token_N, counts_L = sort_pairs(position_N, self.placement.experts_per_rank, probs_TK.shape[1])
+        topk = probs_TK.shape[1]
+        pairs = sort_pairs(position_N, self.placement.experts_per_rank, topk)
         timer.lap("gate")
         # (index_select: a plain row gather, several times faster than x[idx] on CPU.)
-        x_ND = x_TD.index_select(0, token_N)
-        rows = Rows(
-            x_ND, probs_TK.reshape(-1).float().index_select(0, order_N), counts_L.tolist(), torch.empty_like(x_ND)
-        )
+        x_ND = x_TD.index_select(0, pairs.token_N)
+        probs_N = probs_TK.reshape(-1).float().index_select(0, pairs.order_N)
+        rows = Rows(x_ND, probs_N, pairs.counts_P.tolist(), torch.empty_like(x_ND))
         prepare(rows.active_L, False)
-        timer.stats.expert_rows = token_N.numel()
+        timer.stats.expert_rows = x_ND.shape[0]
         timer.lap("dispatch")
-        return Local(rows, torch.zeros_like(x_TD), token_N)
+        return Local(rows, pairs.place_N, topk)
 
     def _all_to_all(self, x_TD, probs_TK, position_N, prepare, timer) -> Exchanged:
         (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
         R, L = self.placement.ranks, self.placement.experts_per_rank
         stats = timer.stats
         # 1. Positions are rank-major, so one stable sort groups the pairs by destination rank, then by local slot.
-        order_N, token_N, counts_P = sort_pairs(position_N, R * L, topk)
+        order_N, token_N, counts_P, _ = sort_pairs(position_N, R * L, topk)
         timer.lap("gate")
 
         # 2. Counts first: the row exchange needs both its split lists, and the receiver cannot know its own. As the
@@ -232,7 +232,7 @@ class DynamicDispatch:
         position_AK = from_columns(gathered_AW[:, D + width : D + 2 * width], torch.int32)
         mine_AK = torch.div(position_AK, L, rounding_mode="floor") == me
         key_N = torch.where(mine_AK, position_AK - me * L, L).reshape(-1)
-        order_AK, token_AK, counts_L1 = sort_pairs(key_N.long(), L + 1, topk)
+        order_AK, token_AK, counts_L1, _ = sort_pairs(key_N.long(), L + 1, topk)
         rows_L = counts_L1.tolist()[:L]
         mine = sum(rows_L)  # the others' pairs sort last (key L)
         pair_M, token_M = order_AK[:mine], token_AK[:mine]
@@ -246,7 +246,7 @@ class DynamicDispatch:
     def combine(self, routed: Exchanged | Gathered | Local) -> torch.Tensor:
         """[T, D]: each token's expert outputs, summed."""
         if isinstance(routed, Local):
-            return routed.out_TD.index_add_(0, routed.token_N, routed.rows.y_MD)
+            return sum_pairs(routed.rows.y_MD, routed.place_N, routed.topk)
         y_MD = routed.rows.y_MD
         if isinstance(routed, Gathered):
             if routed.block == 0:
