@@ -136,10 +136,12 @@ int moe_sort_pairs(const int64_t *key_N, int64_t N, int64_t P, int64_t K, int64_
 }
 
 /* Each token's K rows summed: out_TD[t] = y_MD[place_N[t*K]] + ... + y_MD[place_N[t*K + K-1]], added in that order.
- * One pass that writes each output row once (zeros then index_add_ write it K + 1 times). Places lie in [0, M): the
- * caller's (moe_sort_pairs' place_N). */
-void moe_sum_pairs(const float *restrict y_MD, const int64_t *restrict place_N, int64_t T, int64_t K, int64_t D,
-                   float *restrict out_TD) {
+ * One pass that writes each output row once (zeros then index_add_ write it K + 1 times). Returns 0, or -1 when a
+ * place lies outside [0, M) (out_TD is then partly written). */
+int moe_sum_pairs(const float *restrict y_MD, int64_t M, const int64_t *restrict place_N, int64_t T, int64_t K,
+                  int64_t D, float *restrict out_TD) {
+    for (int64_t n = 0; n < T * K; n++)
+        if (place_N[n] < 0 || place_N[n] >= M) return -1;
     for (int64_t t = 0; t < T; t++) {
         float *restrict out = out_TD + t * D;
         const int64_t *place = place_N + t * K;
@@ -155,4 +157,5 @@ void moe_sum_pairs(const float *restrict y_MD, const int64_t *restrict place_N, 
             for (int64_t d = 0; d < D; d++) out[d] += row[d];
         }
     }
+    return 0;
 }

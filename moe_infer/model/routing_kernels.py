@@ -107,8 +107,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.moe_topk.restype = None
     lib.moe_sort_pairs.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.moe_sort_pairs.restype = ctypes.c_int
-    lib.moe_sum_pairs.argtypes = [ptr, ptr, i64, i64, i64, ptr]
-    lib.moe_sum_pairs.restype = None
+    lib.moe_sum_pairs.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr]
+    lib.moe_sum_pairs.restype = ctypes.c_int
     return lib
 
 
@@ -196,9 +196,9 @@ def sum_pairs(y_MD: torch.Tensor, place_N: torch.Tensor, k: int) -> torch.Tensor
     lib = _compiled_for(y_MD, torch.float32)
     if lib is None or place_N.dtype != torch.int64 or place_N.device.type != "cpu":
         return y_MD.index_select(0, place_N).view(tokens, k, hidden).sum(1)
-    if place_N.numel() and not 0 <= int((bounds := torch.aminmax(place_N)).min) <= int(bounds.max) < y_MD.shape[0]:
-        raise ValueError(f"sum_pairs: places must lie in [0, {y_MD.shape[0]})")
     y_MD, place_N = y_MD.contiguous(), place_N.contiguous()
     out_TD = y_MD.new_empty(tokens, hidden)
-    lib.moe_sum_pairs(y_MD.data_ptr(), place_N.data_ptr(), tokens, k, hidden, out_TD.data_ptr())
+    status = lib.moe_sum_pairs(y_MD.data_ptr(), y_MD.shape[0], place_N.data_ptr(), tokens, k, hidden, out_TD.data_ptr())
+    if status != 0:
+        raise ValueError(f"sum_pairs: places must lie in [0, {y_MD.shape[0]})")
     return out_TD
