@@ -7,8 +7,9 @@ single-process command); anything else is a bug and keeps its trace.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class PipelineError(Exception):
@@ -24,6 +25,15 @@ class ConfigError(PipelineError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {message}")
+
+
+def env_choice(name: str, choices: Sequence[str]) -> str:
+    """The value of environment variable `name`, one of `choices` (unset or blank: "auto"); any other value is a
+    ConfigError naming the variable and the values it takes."""
+    value = os.environ.get(name, "auto").strip() or "auto"
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 class DataError(PipelineError):

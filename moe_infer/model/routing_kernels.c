@@ -137,7 +137,7 @@ int moe_sort_pairs(const int64_t *key_N, int64_t N, int64_t P, int64_t K, int64_
 
 /* Each token's K rows summed: out_TD[t] = y_MD[place_N[t*K]] + ... + y_MD[place_N[t*K + K-1]], added in that order.
  * One pass that writes each output row once (zeros then index_add_ write it K + 1 times). Returns 0, or -1 when a
- * place lies outside [0, M) (out_TD is then partly written). */
+ * place lies outside [0, M) (checked before anything is written). */
 int moe_sum_pairs(const float *restrict y_MD, int64_t M, const int64_t *restrict place_N, int64_t T, int64_t K,
                   int64_t D, float *restrict out_TD) {
     for (int64_t n = 0; n < T * K; n++)

@@ -45,7 +45,7 @@ import torch
 
 from pipeline.atomic import atomic_path
 from pipeline.cache import cache_root
-from pipeline.errors import ConfigError
+from pipeline.errors import env_choice
 
 ENV = "MOE_ROUTING_KERNELS"
 CHOICES = ("auto", "torch")
@@ -59,10 +59,7 @@ _loaded = False  # whether loading was tried (a failed build is not retried in t
 
 
 def choice() -> str:
-    value = os.environ.get(ENV, "auto").strip() or "auto"
-    if value not in CHOICES:
-        raise ConfigError(ENV, f"expected one of {', '.join(CHOICES)}, got {value!r}")
-    return value
+    return env_choice(ENV, CHOICES)
 
 
 def library() -> ctypes.CDLL | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from moe_infer.collectives import clock
 from moe_infer.moe.kernels import EXPORTED, LAYOUTS, ExpertKernel, ExpertWeights, default_layout
 from pipeline.atomic import write_atomic
 from pipeline.cache import cache_root
-from pipeline.errors import ConfigError
+from pipeline.errors import env_choice
 
 ENV = "MOE_EXPERT_KERNEL"
 CHOICES = ("auto", "grouped", "per-expert")
@@ -55,9 +54,7 @@ _measured: dict[str, tuple[int, str, str]] = {}  # this process's answers, by ke
 
 def choose_kernel(activation: str, hidden: int, ffn: int, bias: bool, device, dtype) -> ExpertKernel:
     """The kernel for experts of this shape on this device and dtype (MOE_EXPERT_KERNEL, else measured)."""
-    forced = os.environ.get(ENV, "auto").strip() or "auto"
-    if forced not in CHOICES:
-        raise ConfigError(ENV, f"expected one of {', '.join(CHOICES)}, got {forced!r}")
+    forced = env_choice(ENV, CHOICES)
     if forced == "grouped" and not hasattr(F, "grouped_mm"):
         forced = "per-expert"
     if forced != "auto":

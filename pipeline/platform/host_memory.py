@@ -22,9 +22,8 @@ nothing changes. MOE_MALLOC_TUNING=auto|off (auto, the default: tune where glibc
 from __future__ import annotations
 
 import ctypes
-import os
 
-from pipeline.errors import ConfigError
+from pipeline.errors import env_choice
 
 ENV = "MOE_MALLOC_TUNING"
 CHOICES = ("auto", "off")
@@ -36,9 +35,7 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 def tune_host_malloc() -> bool:
     """Apply the settings above to this process; whether they were applied (False: MOE_MALLOC_TUNING=off, or no
     glibc)."""
-    choice = os.environ.get(ENV, "auto").strip() or "auto"
-    if choice not in CHOICES:
-        raise ConfigError(ENV, f"expected one of {', '.join(CHOICES)}, got {choice!r}")
+    choice = env_choice(ENV, CHOICES)
     if choice == "off":
         return False
     try:

@@ -31,7 +31,6 @@ P expert positions (rank-major, E of them), R ranks, L experts per rank, A gathe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ from moe_infer.moe.dispatch.tokens import Agreement
 from moe_infer.moe.experts import Rows
 from moe_infer.moe.stats import PhaseTimer
 from moe_infer.placement import Placement
-from pipeline.errors import ConfigError
+from pipeline.errors import env_choice
 
 ENV = "MOE_DISPATCH"
 EXCHANGES = ("auto", "all-to-all", "all-gather")
@@ -93,10 +92,7 @@ def row_width(hidden: int, extra: int, dtype: torch.dtype) -> int:
 
 
 def chosen_exchange() -> str:
-    choice = os.environ.get(ENV, "auto").strip() or "auto"
-    if choice not in EXCHANGES:
-        raise ConfigError(ENV, f"expected one of {', '.join(EXCHANGES)}, got {choice!r}")
-    return choice
+    return env_choice(ENV, EXCHANGES)
 
 
 class DynamicDispatch:

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError, PlatformError
+from pipeline.errors import PlatformError, env_choice
 
 ENV = "MOE_SHM"
 CHOICES = ("auto", "off")
@@ -74,10 +74,7 @@ log = logging.getLogger(__name__)
 
 
 def chosen_transport() -> str:
-    choice = os.environ.get(ENV, "auto").strip() or "auto"
-    if choice not in CHOICES:
-        raise ConfigError(ENV, f"expected one of {', '.join(CHOICES)}, got {choice!r}")
-    return choice
+    return env_choice(ENV, CHOICES)
 
 
 _transports: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
