@@ -96,6 +96,35 @@ def test_router_topk_with_and_without_pre_softmax():
     torch.testing.assert_close(probs, torch.softmax(torch.tensor([3.0, 1.0, 2.0, 1.0]), -1)[[0, 2]][None])
 
 
+def test_the_compiled_router_follows_its_weight():
+    """On CPU the router takes one compiled pass (routing_kernels.route) over its weight transposed once: a weight
+    changed in place, or replaced, is transposed again, so the choice is always the current weight's. A call that
+    wants gradients takes torch ops."""
+    cfg = ModelConfig.from_export(random_export_config("decoder", num_experts=8, topk=2))
+    gen = torch.Generator().manual_seed(0)
+    router = Router(cfg)
+    router.weight = torch.nn.Parameter(torch.randn(8, cfg.hidden_size, generator=gen), requires_grad=False)
+    router.bias = torch.nn.Parameter(torch.randn(8, generator=gen), requires_grad=False)
+    x_TD = torch.randn(50, cfg.hidden_size, generator=gen)
+
+    def expected():
+        logits_TE = torch.nn.functional.linear(x_TD, router.weight, router.bias)
+        return torch.softmax(torch.topk(logits_TE, 2).values, -1), torch.topk(logits_TE, 2).indices
+
+    for change in ("none", "in place", "replaced"):
+        if change == "in place":
+            router.weight.mul_(-1.0)
+        elif change == "replaced":
+            router.weight = torch.nn.Parameter(torch.randn(8, cfg.hidden_size, generator=gen), requires_grad=False)
+        (probs, experts), (want_probs, want_experts) = router(x_TD), expected()
+        assert torch.equal(experts, want_experts), change
+        torch.testing.assert_close(probs, want_probs, rtol=1e-5, atol=1e-6)
+        grouped = router.grouped(x_TD)
+        assert grouped is None or torch.equal(grouped.experts_TK, want_experts)
+    router.weight.requires_grad_(True)
+    assert router(x_TD)[0].grad_fn is not None and router.grouped(x_TD) is None
+
+
 def test_moe_layer_dispatch_and_combine_equal_a_per_token_loop(exports):
     model = load_model(exports["lm"])
     layer: MoELayer = model.decoder.layers["2"].moe

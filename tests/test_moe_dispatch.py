@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from moe_layers import D, E, kept_within_capacity, layer_config, random_layer, reference_moe
 
+from moe_infer.model.routing_kernels import route
 from moe_infer.moe.dispatch import DynamicDispatch, StaticDispatch
 from moe_infer.moe.dispatch.dynamic import row_width
 from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
@@ -119,6 +120,37 @@ def test_policies_equal_the_reference_on_one_rank():
     dynamic = [s for name, s in stats if name.startswith("dynamic")]
     assert all(s.padded_slots == 0 and s.expert_rows == s.pairs_routed for s in dynamic)
     assert all(set(s.seconds) == {"gate", "dispatch", "experts", "combine"} for _, s in stats)
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True])
+def test_one_rank_routes_sorts_and_gathers_in_one_call_with_the_usual_result(monkeypatch, pre_softmax):
+    """One rank, every expert at its own id: the served dynamic layer takes the compiled one-call routing
+    (DynamicDispatch.route_local: the router, the sort and the row gather) where it runs, and its output, figures and
+    recorded expert counts equal the usual path's (router, then dispatch) bit for bit. pre_softmax routers have no
+    compiled pass: the usual path."""
+    cfg = layer_config(2, pre_softmax)
+    router, experts = random_layer(cfg)
+    tensors = {e: dict(experts[e].state_dict()) for e in range(E)}
+    layer = build_moe_layer("dynamic", "dynamic", cfg, dict(router.state_dict()), tensors, Placement.contiguous(E, 1))
+    layer.recording, layer.counts = True, []
+    x_TD = torch.randn(37, D, generator=torch.Generator().manual_seed(5))
+    compiled_router = route(torch.zeros(1, 8), torch.zeros(8, 8), None, 1) is not None  # this CPU and build
+    ran, real = [], DynamicDispatch.route_local
+
+    def spy(self, *args):
+        routed = real(self, *args)
+        ran.append(routed is not None)
+        return routed
+
+    with torch.inference_mode():
+        monkeypatch.setattr(DynamicDispatch, "route_local", spy)
+        one_call, one_call_stats = layer(x_TD), layer.last
+        monkeypatch.setattr(DynamicDispatch, "route_local", lambda self, *args: None)
+        usual, usual_stats = layer(x_TD), layer.last
+    assert ran == [compiled_router and not pre_softmax]
+    assert torch.equal(one_call, usual) and torch.equal(layer.counts[0], layer.counts[1])
+    assert (one_call_stats.expert_rows, one_call_stats.pairs_routed) == (usual_stats.expert_rows, 37 * 2)
+    torch.testing.assert_close(usual, reference_moe(x_TD, *router(x_TD), experts), rtol=1e-5, atol=1e-5)
 
 
 def test_zero_tokens_on_one_rank():

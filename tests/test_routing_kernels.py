@@ -5,12 +5,13 @@ unloaded) against plain torch."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_infer.model import routing_kernels
-from moe_infer.model.routing_kernels import _torch_top_k, sort_pairs, sum_pairs, top_k
+from moe_infer.model.routing_kernels import _torch_top_k, route, route_rows, sort_pairs, sum_pairs, top_k
 from pipeline.errors import ConfigError
 
 
@@ -21,6 +22,15 @@ def compiled():
     assert lib is not None, "the suite's machines have a C compiler: the kernels must build"
     yield lib
     routing_kernels._library, routing_kernels._loaded = lib, True
+
+
+def avx2_and_fma() -> bool:
+    """Whether this CPU can take the compiled router (route, route_rows): x86-64 Linux with AVX2 and FMA."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
 
 
 def scores(tokens: int, experts: int, seed: int) -> torch.Tensor:
@@ -54,9 +64,9 @@ def test_top_k_on_ties_infinities_and_nans(compiled):
 
 @pytest.mark.parametrize(("experts", "k"), [(64, 2), (64, 7), (12, 12), (13, 3), (5, 1)])
 def test_top_k_ranks_like_a_stable_descending_sort(compiled, experts, k):
-    """Rows full of ties, infinities and NaNs (the vectorised path takes rows of a multiple of 4 scores without NaN,
-    the scalar loop the others): the first k of a stable descending sort, which puts NaN first and equal scores in
-    column order."""
+    """Rows full of ties, infinities and NaNs (the vectorised paths take rows of a multiple of 8 (AVX2) or 4 scores
+    without NaN, the scalar loop the others): the first k of a stable descending sort, which puts NaN first and equal
+    scores in column order."""
     gen = torch.Generator().manual_seed(experts * k)
     choices = torch.tensor([float("-inf"), -1.0, 0.0, 0.5, float("inf"), float("nan")])
     scores_TE = choices[torch.randint(0, 5, (400, experts), generator=gen)]  # no NaN ...
@@ -76,6 +86,66 @@ def test_the_torch_fallback_pads_rows_and_equals_torch_topk():
         # A row with fewer than k scores above -inf: a real column, never a pad's.
         scores_TE[7, 1:] = float("-inf")
         assert int(_torch_top_k(scores_TE, k)[1].max()) < experts
+
+
+ROUTERS = [(300, 64, 128, 2), (5, 64, 128, 2), (13, 8, 32, 1), (7, 72, 100, 8), (40, 128, 64, 2), (0, 16, 8, 2)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("tokens", "experts", "hidden", "k"), ROUTERS)
+def test_route_equals_linear_then_top_k(compiled, tokens, experts, hidden, k, bias):
+    """The compiled router (logits, top-k, softmax in one pass): the same experts as F.linear then top_k, and the same
+    probabilities up to fp32 rounding (its dot products run in d order; torch's GEMM may sum in another). Token counts
+    around its blocks of 6, 8 experts past a multiple of 16 (72), a D that is no multiple of 8 (100)."""
+    gen = torch.Generator().manual_seed(tokens + experts)
+    x_TD, weight_ED = torch.randn(tokens, hidden, generator=gen), torch.randn(experts, hidden, generator=gen) / 8
+    bias_E = torch.randn(experts, generator=gen) if bias else None
+    got = route(x_TD, weight_ED.t().contiguous(), bias_E, k)
+    if not avx2_and_fma():
+        assert got is None
+        return
+    probs_TK, experts_TK = top_k(torch.nn.functional.linear(x_TD, weight_ED, bias_E), k, softmax=True)
+    assert torch.equal(got[1], experts_TK)
+    torch.testing.assert_close(got[0], probs_TK, rtol=1e-5, atol=1e-6)
+
+
+def test_route_rows_equals_route_then_sort_and_gather(compiled):
+    """One rank's whole routing in one call: route's choice, the pairs sorted by expert (as sort_pairs), and each
+    pair's row and probability at its sorted place."""
+    if not avx2_and_fma():
+        pytest.skip("the compiled router needs AVX2 and FMA")
+    gen = torch.Generator().manual_seed(3)
+    x_TD, weight_DE = torch.randn(301, 64, generator=gen), torch.randn(64, 32, generator=gen) / 8
+    bias_E = torch.randn(32, generator=gen)
+    routed = route_rows(x_TD, weight_DE, bias_E, 2)
+    probs_TK, experts_TK = route(x_TD, weight_DE, bias_E, 2)
+    assert torch.equal(routed.probs_TK, probs_TK) and torch.equal(routed.experts_TK, experts_TK)
+    pairs = sort_pairs(experts_TK.reshape(-1), 32, 2)
+    assert torch.equal(routed.counts_E, pairs.counts_P) and torch.equal(routed.place_N, pairs.place_N)
+    assert torch.equal(routed.x_ND, x_TD.index_select(0, pairs.token_N))
+    assert torch.equal(routed.probs_N, probs_TK.reshape(-1).index_select(0, pairs.order_N))
+
+
+def test_route_declines_what_it_cannot_take_or_would_run_slower(compiled, monkeypatch):
+    """None (the caller then uses torch ops): experts not a multiple of 8, fp64, a tensor that needs gradients, k
+    beyond the experts, MOE_ROUTING_KERNELS=torch, and with several threads a router above ROUTE_MAX_MACS_THREADED
+    multiply-adds (torch's GEMM uses the threads)."""
+    x_TD, weight_DE = torch.randn(4, 16), torch.randn(16, 8)
+    assert route(x_TD, torch.randn(16, 12), None, 2) is None
+    assert route(x_TD.double(), weight_DE.double(), None, 2) is None
+    assert route(x_TD.requires_grad_(), weight_DE, None, 2) is None
+    assert route(x_TD.detach(), weight_DE, None, 9) is None
+    monkeypatch.setattr(routing_kernels, "ROUTE_MAX_MACS_THREADED", 4 * 16 * 8 - 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert route(x_TD.detach(), weight_DE, None, 2) is None
+        torch.set_num_threads(1)
+        assert (route(x_TD.detach(), weight_DE, None, 2) is None) == (not avx2_and_fma())
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("MOE_ROUTING_KERNELS", "torch")
+    assert route(x_TD.detach(), weight_DE, None, 2) is None and route_rows(x_TD.detach(), weight_DE, None, 2) is None
 
 
 @pytest.mark.parametrize("path", ["compiled", "torch ops"])

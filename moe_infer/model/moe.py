@@ -27,7 +27,7 @@ from torch import nn
 
 from moe_infer.model.config import ModelConfig
 from moe_infer.model.layers import DenseMLP, activation
-from moe_infer.model.routing_kernels import top_k
+from moe_infer.model.routing_kernels import RoutedRows, route, route_rows, top_k
 
 
 class Router(nn.Module):
@@ -36,14 +36,48 @@ class Router(nn.Module):
         self.topk, self.pre_softmax = cfg.topk, cfg.router_pre_softmax
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device="meta"))
         self.bias = nn.Parameter(torch.empty(cfg.num_experts, device="meta")) if cfg.router_bias else None
+        # (the weight it was made from, that weight's data pointer and version, the transpose): _compiled_weight
+        self._weight_DE: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs_TK fp32, experts_TK int64), the k experts of each token in descending score order."""
         bias_E = None if self.bias is None else self.bias.float()
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias_E)
+        x_TD = x_TD.float()
+        weight_DE = self._compiled_weight(x_TD)
+        if weight_DE is not None:  # logits, top-k and softmax in one compiled pass on CPU, where it runs
+            routed = route(x_TD, weight_DE, bias_E, self.topk)
+            if routed is not None:
+                return routed
+        logits_TE = torch.nn.functional.linear(x_TD, self.weight.float(), bias_E)
         if self.pre_softmax:
             return top_k(torch.softmax(logits_TE, dim=-1, dtype=torch.float32), self.topk)
         return top_k(logits_TE, self.topk, softmax=True)  # top-k then a softmax over those k, in one CPU pass
+
+    def grouped(self, x_TD: torch.Tensor) -> RoutedRows | None:
+        """forward's choice, and the pairs' rows and probabilities grouped by expert, in one compiled call
+        (routing_kernels.route_rows): the whole routing of one rank that holds every expert. None where it does not
+        run (then forward, and a sort and a gather of the caller's)."""
+        x_TD = x_TD.float()
+        weight_DE = self._compiled_weight(x_TD)
+        if weight_DE is None:
+            return None
+        return route_rows(x_TD, weight_DE, None if self.bias is None else self.bias.float(), self.topk)
+
+    def _compiled_weight(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The weight as [D, E] fp32, what the compiled router reads (routing_kernels.route), when it may run: top-k
+        then softmax (not pre_softmax), no gradient wanted, on CPU. Made once, and again whenever the weight is
+        replaced or changed in place; None too for a weight that keeps no version counter (an inference-mode tensor:
+        a change could not be seen)."""
+        weight_ED = self.weight
+        if self.pre_softmax or weight_ED.device.type != "cpu" or torch.is_inference(weight_ED):
+            return None
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad):
+            return None
+        cached = self._weight_DE
+        pointer, version = weight_ED.data_ptr(), weight_ED._version
+        if cached is None or cached[0] is not weight_ED or cached[1:3] != (pointer, version):
+            cached = self._weight_DE = (weight_ED, pointer, version, weight_ED.detach().float().t().contiguous())
+        return cached[3]
 
 
 class ExpertFFN(DenseMLP):

@@ -6,6 +6,10 @@
                                                                   the order, each pair's token (pair n is token
                                                                   n // k's) and place, the pairs per key)
     out_TD = sum_pairs(y_MD, pairs.place_N, k)                    each token's k rows (in sorted order) summed
+    probs_TK, experts_TK = route(x_TD, weight_DE, bias_E, k)      top_k(x_TD @ weight_DE + bias_E, k, softmax=True):
+                                                                  the router, logits included, in one pass
+    routed = route_rows(x_TD, weight_DE, bias_E, k)               route, the pairs sorted by expert and their rows
+                                                                  gathered (RoutedRows): one rank's whole routing
 
 Why C: at the paper-shaped models' shapes (E = 64, k = 2) torch's CPU ops cost far more than the routing's
 arithmetic. torch.topk takes a slow per-row path below 64 * k values per row (the torch fallback pads the rows to
@@ -16,7 +20,21 @@ interleaved rounds: torch ops 876 us [675-903], these loops 171 us [115-184]; 40
 went from 2.08 to 1.07 ms. The sum of each token's rows after the experts (the one-rank combine) writes each output
 row once, where zeros + index_add_ write it k + 1 times: 376 us [277-723] against 472 [336-838] for 1024 tokens of
 D=128 right after the experts' call (41 interleaved rounds), 2.11 ms [1.55-3.11] against 2.82 [2.34-4.19] for 4096
-tokens of D=256 (15 rounds).
+tokens of D=256 (15 rounds); compiled with -O3, whose vectoriser takes its row loop (-O2's does not): 95 us
+[71-571] against 256 [218-966] warm at 1024 tokens of D=128 (61 interleaved rounds).
+
+Why the router itself in C (route, route_rows; x86-64 with AVX2 and FMA, experts a multiple of 8): in a served
+model every MoE layer finds the caches full of other layers' weights, and on this VM every distinct torch op then
+pays tens to hundreds of microseconds for its own code and data before it computes anything (after the layer
+bench's cache flush: torch.empty 106 us against 7 warm, index_select 312 against 40). The router was F.linear (a
+deep MKL call), a logits tensor, top_k, sort_pairs and two index_selects; route_rows is one call that keeps each
+block of 6 tokens' logits in L1 (6 x 16 FMA accumulators, the weight transposed once by the Router). Its logits are
+one FMA chain per logit in d order: the same bits as torch's GEMM at D=128 (no choice or probability differed over
+200,000 random tokens at E=8, 64, 128), within fp32 rounding at D=256 (one token in 200,000 chose another expert of
+two near-equal ones). The one-rank dynamic layer (1024 tokens, D=128, E=64, one core, cold caches, 31 interleaved
+rounds): everything but the experts 2.94 ms [2.34-4.47] with F.linear + top_k + sort + gathers, 2.39 [2.00-3.28]
+with route_rows; 32 tokens (a decode step): 1.24 ms [0.93-2.17] against 0.95 [0.72-1.75]. With several threads,
+torch's GEMM shares the work and this loop does not: above ROUTE_MAX_MACS_THREADED the router goes to torch.
 
 The C file is compiled once per machine and source with the system's C compiler ($CC, default cc) into
 $MOE_CACHE/routing-kernels/ (pipeline.cache), by whichever process needs it first, and loaded with ctypes. Where it
@@ -25,7 +43,8 @@ gradients), torch ops do the same work. MOE_ROUTING_KERNELS=auto|torch (auto, th
 torch: torch ops always).
 
 What the two paths may differ in: the order of equal scores (torch.topk leaves it unspecified; the C loop puts the
-lower column first) and the last bit of a probability (expf against torch's vectorised exp).
+lower column first), the last bit of a probability (expf against torch's vectorised exp) and, for route, the last bit
+of a logit (above).
 
 Shape legend: T tokens, E experts (scores per token), K experts per token, N pairs (T*K, token-major), P keys.
 """
@@ -50,8 +69,11 @@ from pipeline.errors import env_choice
 ENV = "MOE_ROUTING_KERNELS"
 CHOICES = ("auto", "torch")
 SOURCE = Path(__file__).with_name("routing_kernels.c")
-CFLAGS = ("-O2", "-std=c11", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-std=c11", "-shared", "-fPIC")  # -O3: it vectorises sum_pairs' row loop (-O2 does not)
 BUILD_TIMEOUT_S = 120
+# With several threads, route() leaves routers larger than this (tokens x D x E multiply-adds) to torch's threaded
+# GEMM: at 1024 tokens, D=128, E=64 on 2 threads the two were equal (see the module's docstring).
+ROUTE_MAX_MACS_THREADED = 1024 * 128 * 64
 
 log = logging.getLogger(__name__)
 _library: ctypes.CDLL | None = None
@@ -102,6 +124,10 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.moe_topk.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.moe_topk.restype = None
+    lib.moe_route.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.moe_route.restype = ctypes.c_int
+    lib.moe_route_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.moe_route_rows.restype = ctypes.c_int
     lib.moe_sort_pairs.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.moe_sort_pairs.restype = ctypes.c_int
     lib.moe_sum_pairs.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr]
@@ -129,6 +155,89 @@ def top_k(scores_TE: torch.Tensor, k: int, softmax: bool = False) -> tuple[torch
     columns_TK = torch.empty(tokens, k, dtype=torch.int64)
     lib.moe_topk(scores_TE.data_ptr(), tokens, experts, k, int(softmax), values_TK.data_ptr(), columns_TK.data_ptr())
     return values_TK, columns_TK
+
+
+def route(
+    x_TD: torch.Tensor, weight_DE: torch.Tensor, bias_E: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """top_k(x_TD @ weight_DE + bias_E, k, softmax=True) in one compiled pass (moe_route): (probs_TK, experts_TK), or
+    None where it does not run (see _router_library). `weight_DE` is the router's weight transposed, [D, E]."""
+    lib = _router_library(x_TD, weight_DE, k)
+    if lib is None:
+        return None
+    x_TD, weight_DE, bias_E = _contiguous(x_TD, weight_DE, bias_E)
+    tokens, (hidden, experts) = x_TD.shape[0], weight_DE.shape
+    probs_TK, experts_TK = x_TD.new_empty(tokens, k), torch.empty(tokens, k, dtype=torch.int64)
+    status = lib.moe_route(
+        x_TD.data_ptr(),
+        tokens,
+        hidden,
+        weight_DE.data_ptr(),
+        None if bias_E is None else bias_E.data_ptr(),
+        experts,
+        k,
+        1,
+        probs_TK.data_ptr(),
+        experts_TK.data_ptr(),
+    )
+    return (probs_TK, experts_TK) if status == 0 else None
+
+
+class RoutedRows(NamedTuple):
+    """route_rows' result: the router's choice, and the pairs' rows grouped by expert."""
+
+    probs_TK: torch.Tensor  # fp32: each token's K probabilities, as route
+    experts_TK: torch.Tensor  # int64: its K experts
+    counts_E: torch.Tensor  # int64: the pairs per expert
+    place_N: torch.Tensor  # int64: the row of each pair (token-major) in x_ND, as sort_pairs' place_N
+    x_ND: torch.Tensor  # each pair's token's row, grouped by expert (ascending), tokens in order within an expert
+    probs_N: torch.Tensor  # fp32: each row's probability
+
+
+def route_rows(x_TD: torch.Tensor, weight_DE: torch.Tensor, bias_E: torch.Tensor | None, k: int) -> RoutedRows | None:
+    """route, then the pairs sorted by expert (sort_pairs with the experts as keys) and their rows and probabilities
+    gathered in that order, all in one compiled call (moe_route_rows): what one rank holding every expert at its own
+    id hands its experts. None where route would not run."""
+    lib = _router_library(x_TD, weight_DE, k)
+    if lib is None:
+        return None
+    x_TD, weight_DE, bias_E = _contiguous(x_TD, weight_DE, bias_E)
+    (tokens, hidden), experts = x_TD.shape, weight_DE.shape[1]
+    probs_TK, experts_TK = x_TD.new_empty(tokens, k), torch.empty(tokens, k, dtype=torch.int64)
+    counts_E, place_N = torch.empty(experts, dtype=torch.int64), torch.empty(tokens * k, dtype=torch.int64)
+    x_ND, probs_N = x_TD.new_empty(tokens * k, hidden), x_TD.new_empty(tokens * k)
+    status = lib.moe_route_rows(
+        x_TD.data_ptr(),
+        tokens,
+        hidden,
+        weight_DE.data_ptr(),
+        None if bias_E is None else bias_E.data_ptr(),
+        experts,
+        k,
+        probs_TK.data_ptr(),
+        experts_TK.data_ptr(),
+        counts_E.data_ptr(),
+        place_N.data_ptr(),
+        x_ND.data_ptr(),
+        probs_N.data_ptr(),
+    )
+    return RoutedRows(probs_TK, experts_TK, counts_E, place_N, x_ND, probs_N) if status == 0 else None
+
+
+def _router_library(x_TD: torch.Tensor, weight_DE: torch.Tensor, k: int) -> ctypes.CDLL | None:
+    """The kernels, for a router the compiled pass can take (fp32 on CPU, no gradient, E a multiple of 8; the C side
+    also needs AVX2 and FMA) and would be faster for: with several threads, not above ROUTE_MAX_MACS_THREADED
+    multiply-adds (torch's GEMM uses the threads, the compiled pass one)."""
+    (tokens, hidden), experts = x_TD.shape, weight_DE.shape[1]
+    if weight_DE.dtype != torch.float32 or not 0 < k <= experts or experts % 8:
+        return None
+    if torch.get_num_threads() > 1 and tokens * hidden * experts > ROUTE_MAX_MACS_THREADED:
+        return None
+    return _compiled_for(x_TD, torch.float32)
+
+
+def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _torch_top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,8 +113,14 @@ class ServedMoELayer(ServedMoE):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=x_TD.shape[0] * self.topk)
         timer = PhaseTimer(stats, x_TD.device)  # the "gate" phase: the router and the dispatcher's routing work
-        probs_TK, experts_TK = self.router(x_TD)
-        routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts.prepare, timer)
+        routed = None
+        if isinstance(self.dispatcher, DynamicDispatch):  # one rank: router, sort and gather in one call, if it can
+            routed = self.dispatcher.route_local(x_TD, self.router, self.experts.prepare, timer)
+        if routed is not None:
+            experts_TK = routed.experts_TK
+        else:
+            probs_TK, experts_TK = self.router(x_TD)
+            routed = self.dispatcher.dispatch(x_TD, probs_TK, experts_TK, self.experts.prepare, timer)
         self.experts(routed.rows)
         timer.lap("experts")
         y_TD = self.dispatcher.combine(routed)

@@ -121,6 +121,11 @@ class Placement:
         """int64 [E]: rank * L + slot, the order in which the policies lay out per-expert blocks."""
         return self._position_of_E
 
+    @property
+    def positions_are_ids(self) -> bool:
+        """Whether every expert sits at the position of its own id (pair_positions returns the ids)."""
+        return self._identity
+
     def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
         """int64 [T*K] (token-major): the position of each (token, expert) pair's expert. One copy per expert here;
         ReplicatedPlacement (moe_infer.placement.replicas) spreads pairs over copies behind the same method."""

@@ -76,6 +76,8 @@ class ReplicatedPlacement:
             raise PlacementError(f"placement: rank {rank} is outside 0..{self.ranks - 1}")
         return list(self.slots[rank])
 
+    positions_are_ids = False  # a pair's position depends on its token too (the copies of an expert share its pairs)
+
     def pair_positions(self, experts_TK: torch.Tensor) -> torch.Tensor:
         """int64 [T*K] (token-major, as experts_TK.reshape(-1)): the position of the copy each pair goes to."""
         num_tokens, topk = experts_TK.shape

@@ -23,7 +23,8 @@ one, auto is the default):
        Each token travels once instead of once per pair (K times), and its outputs come back once per rank: at
        R = 2, K = 2 about the bytes of the all-to-all, with one collective less and no wait for the counts.
 With one rank (every expert local) nothing is exchanged: the sorted pairs' rows are gathered, the experts run, and
-each token's outputs are summed from their rows in one pass (Local; routing_kernels.sum_pairs).
+each token's outputs are summed from their rows in one pass (Local; routing_kernels.sum_pairs). Where every expert
+sits at its own id, the router, the sort and the gather are one compiled call (route_local: Router.grouped).
 
 Shape legend: T tokens, K experts per token, D model dim, N local pairs (T*K), M rows received, E experts,
 P expert positions (rank-major, E of them), R ranks, L experts per rank, A gathered rows (R * T_max), W row width.
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_infer.model.moe import Router
 from moe_infer.model.routing_kernels import sort_pairs, sum_pairs
 from moe_infer.moe.dispatch.exchange import ExpertGroup, as_columns, from_columns
 from moe_infer.moe.dispatch.tokens import Agreement
@@ -82,6 +84,7 @@ class Local:
     rows: Rows
     place_N: torch.Tensor  # the row of each pair (token-major) in rows
     topk: int
+    experts_TK: torch.Tensor | None = None  # the router's choice, when the dispatcher ran the router (route_local)
 
 
 def row_width(hidden: int, extra: int, dtype: torch.dtype) -> int:
@@ -135,6 +138,22 @@ class DynamicDispatch:
         if self.uses_all_gather(tokens_R):
             return self._all_gather(x_TD, probs_TK, position_N, max(tokens_R), prepare, timer)
         return self._all_to_all(x_TD, probs_TK, position_N, prepare, timer)
+
+    def route_local(self, x_TD: torch.Tensor, router: Router, prepare, timer: PhaseTimer) -> Local | None:
+        """One rank holding every expert at its own id: the router's choice, the sort and the row gather in one
+        compiled call (Router.grouped; its time is the gate phase's, the dispatch phase is only the hand-over), for
+        the caller instead of router + dispatch. None where that does not run (then the caller goes the usual way)."""
+        if self.ranks.size != 1 or not self.placement.positions_are_ids or x_TD.dtype != torch.float32:
+            return None
+        routed = router.grouped(x_TD)
+        if routed is None:
+            return None
+        timer.lap("gate")
+        rows = Rows(routed.x_ND, routed.probs_N, routed.counts_E.tolist(), torch.empty_like(routed.x_ND))
+        prepare(rows.active_L, False)
+        timer.stats.expert_rows = routed.x_ND.shape[0]
+        timer.lap("dispatch")
+        return Local(rows, routed.place_N, routed.experts_TK.shape[1], routed.experts_TK)
 
     def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
         # pair n: token n // K, choice n % K
