@@ -41,8 +41,7 @@ def all_reduce(
 def clock(device: torch.device | str = "cpu", synchronize: bool = True) -> float:
     """time.perf_counter() after the device's queued kernels have run (CUDA launches asynchronously; `synchronize`
     False: right away, the host's time)."""
-    device = torch.device(device)
-    if synchronize and device.type == "cuda":
+    if synchronize and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 

@@ -41,8 +41,7 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs_TK fp32, experts_TK int64), the k experts of each token in descending score order."""
-        bias_E = None if self.bias is None else self.bias.float()
-        x_TD = x_TD.float()
+        bias_E, x_TD = _fp32(self.bias), _fp32(x_TD)
         weight_DE = self._compiled_weight(x_TD)
         if weight_DE is not None:  # logits, top-k and softmax in one compiled pass on CPU, where it runs
             routed = route(x_TD, weight_DE, bias_E, self.topk)
@@ -57,11 +56,11 @@ class Router(nn.Module):
         """forward's choice, and the pairs' rows and probabilities grouped by expert, in one compiled call
         (routing_kernels.route_rows): the whole routing of one rank that holds every expert. None where it does not
         run (then forward, and a sort and a gather of the caller's)."""
-        x_TD = x_TD.float()
+        x_TD = _fp32(x_TD)
         weight_DE = self._compiled_weight(x_TD)
         if weight_DE is None:
             return None
-        return route_rows(x_TD, weight_DE, None if self.bias is None else self.bias.float(), self.topk)
+        return route_rows(x_TD, weight_DE, _fp32(self.bias), self.topk)
 
     def _compiled_weight(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         """The weight as [D, E] fp32, what the compiled router reads (routing_kernels.route), when it may run: top-k
@@ -78,6 +77,12 @@ class Router(nn.Module):
         if cached is None or cached[0] is not weight_ED or cached[1:3] != (pointer, version):
             cached = self._weight_DE = (weight_ED, pointer, version, weight_ED.detach().float().t().contiguous())
         return cached[3]
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t in fp32 (None stays None). Checked first: even a conversion that has nothing to do is a torch op, and every
+    op costs the router time on a cold cache (routing_kernels)."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 class ExpertFFN(DenseMLP):

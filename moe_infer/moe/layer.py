@@ -110,7 +110,7 @@ class ServedMoELayer(ServedMoE):
         return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        x_TD = x_BSD if x_BSD.dim() == 2 else x_BSD.reshape(-1, x_BSD.shape[-1])
         stats = MoEStats(tokens=x_TD.shape[0], pairs_routed=x_TD.shape[0] * self.topk)
         timer = PhaseTimer(stats, x_TD.device)  # the "gate" phase: the router and the dispatcher's routing work
         routed = None
@@ -132,7 +132,11 @@ class ServedMoELayer(ServedMoE):
             for observe in self.count_observers:
                 observe(counts_E)
         self._count(stats)
-        return y_TD.to(x_TD.dtype).view_as(x_BSD)
+        if y_TD.dtype != x_TD.dtype:
+            y_TD = y_TD.to(x_TD.dtype)
+        # (A cast or view with nothing to do is still a torch op, and each op costs time on a cold cache: see
+        # moe_infer.model.routing_kernels. So neither runs unless needed, here and at the top.)
+        return y_TD if x_BSD.dim() == 2 else y_TD.view_as(x_BSD)
 
 
 class PeerMoELayer(ServedMoE):
