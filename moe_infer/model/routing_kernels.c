@@ -134,7 +134,8 @@ __attribute__((target("avx2"))) static int topk_row_avx2(const float *row, int64
         col = first_cols;
         for (int64_t e = 0; e < E; e += 8, col = _mm256_add_epi32(col, eight)) {
             __m256 s = _mm256_loadu_ps(row + e);
-            int hit = _mm256_movemask_ps(_mm256_and_ps(below8(s, col, limit, last), _mm256_cmp_ps(s, best, _CMP_EQ_OQ)));
+            __m256 top = _mm256_cmp_ps(s, best, _CMP_EQ_OQ);
+            int hit = _mm256_movemask_ps(_mm256_and_ps(below8(s, col, limit, last), top));
             if (hit) {
                 found = e + __builtin_ctz((unsigned)hit);
                 break;
@@ -184,7 +185,8 @@ static void topk_row(const float *row, int64_t E, int64_t K, int softmax, int av
 void moe_topk(const float *scores_TE, int64_t T, int64_t E, int64_t K, int softmax, float *values_TK,
               int64_t *columns_TK) {
     int avx2 = use_avx2_topk(E);
-    for (int64_t t = 0; t < T; t++) topk_row(scores_TE + t * E, E, K, softmax, avx2, values_TK + t * K, columns_TK + t * K);
+    for (int64_t t = 0; t < T; t++)
+        topk_row(scores_TE + t * E, E, K, softmax, avx2, values_TK + t * K, columns_TK + t * K);
 }
 
 #ifdef HAVE_AVX2_PATH
@@ -229,7 +231,8 @@ __attribute__((target("avx2,fma"))) static void logits_rows_avx2(const float *x_
         const float *w = w_DE + e0;
         for (int64_t d = 0; d < D; d++, w += E) {
             __m256 w0 = _mm256_loadu_ps(w);
-            for (int r = 0; r < ROUTE_ROWS; r++) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x_RD + r * D + d), w0, a[r]);
+            for (int r = 0; r < ROUTE_ROWS; r++)
+                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x_RD + r * D + d), w0, a[r]);
         }
         for (int r = 0; r < ROUTE_ROWS; r++) _mm256_storeu_ps(logits_RE + r * E + e0, a[r]);
     }
@@ -239,11 +242,11 @@ __attribute__((target("avx2,fma"))) static void logits_rows_avx2(const float *x_
 /* The router in one call: the E logits of each token (x_TD W^T + bias, W given transposed: w_DE [D, E]; bias_E may
  * be NULL), computed ROUTE_ROWS tokens at a time into a scratch that stays in L1, then their top K as moe_topk.
  * Returns 0, or -1 (nothing written) where this CPU or E cannot take the AVX2 loop (E a multiple of 8, AVX2 and
- * FMA) or memory runs out. */
+ * FMA), K is not in [1, E], or memory runs out. */
 int moe_route(const float *x_TD, int64_t T, int64_t D, const float *w_DE, const float *bias_E, int64_t E, int64_t K,
               int softmax, float *values_TK, int64_t *columns_TK) {
 #ifdef HAVE_AVX2_PATH
-    if (E % 8 || !use_avx2_topk(E) || !__builtin_cpu_supports("fma")) return -1;
+    if (K < 1 || K > E || E % 8 || !use_avx2_topk(E) || !__builtin_cpu_supports("fma")) return -1;
     float *logits_RE = malloc((size_t)(ROUTE_ROWS * E + ROUTE_ROWS * D) * sizeof(float));
     if (!logits_RE) return -1;
     float *tail_RD = logits_RE + ROUTE_ROWS * E; /* the last tokens, padded with zeros to ROUTE_ROWS rows */
@@ -310,7 +313,7 @@ int moe_sort_pairs(const int64_t *key_N, int64_t N, int64_t P, int64_t K, int64_
 /* One rank's whole routing in one call, every expert local at its own id: moe_route (the K experts of each token and
  * their probabilities, probs_TK and experts_TK), the pairs sorted by expert (counts_E, place_N as moe_sort_pairs),
  * and each pair's row of x_TD and probability copied to its sorted place (x_ND, probs_N): what the experts read.
- * Returns 0, or -1 where moe_route cannot run (nothing written but probs_TK, experts_TK, counts_E). */
+ * Returns 0, or -1 where moe_route cannot run (nothing written then) or memory runs out. */
 int moe_route_rows(const float *x_TD, int64_t T, int64_t D, const float *w_DE, const float *bias_E, int64_t E,
                    int64_t K, float *probs_TK, int64_t *experts_TK, int64_t *counts_E, int64_t *place_N, float *x_ND,
                    float *probs_N) {
@@ -327,8 +330,8 @@ int moe_route_rows(const float *x_TD, int64_t T, int64_t D, const float *w_DE, c
 /* Each token's K rows summed: out_TD[t] = y_MD[place_N[t*K]] + ... + y_MD[place_N[t*K + K-1]], added in that order.
  * One pass that writes each output row once (zeros then index_add_ write it K + 1 times). Returns 0, or -1 when a
  * place lies outside [0, M) (checked before anything is written). */
-AVX2_CLONES int moe_sum_pairs(const float *restrict y_MD, int64_t M, const int64_t *restrict place_N, int64_t T, int64_t K,
-                  int64_t D, float *restrict out_TD) {
+AVX2_CLONES int moe_sum_pairs(const float *restrict y_MD, int64_t M, const int64_t *restrict place_N, int64_t T,
+                              int64_t K, int64_t D, float *restrict out_TD) {
     for (int64_t n = 0; n < T * K; n++)
         if (place_N[n] < 0 || place_N[n] >= M) return -1;
     for (int64_t t = 0; t < T; t++) {
