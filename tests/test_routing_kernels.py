@@ -64,9 +64,9 @@ def test_top_k_on_ties_infinities_and_nans(compiled):
 
 @pytest.mark.parametrize(("experts", "k"), [(64, 2), (64, 7), (12, 12), (13, 3), (5, 1)])
 def test_top_k_ranks_like_a_stable_descending_sort(compiled, experts, k):
-    """Rows full of ties, infinities and NaNs (the vectorised paths take rows of a multiple of 8 (AVX2) or 4 scores
-    without NaN, the scalar loop the others): the first k of a stable descending sort, which puts NaN first and equal
-    scores in column order."""
+    """Rows full of ties, infinities and NaNs (the vectorised path takes rows of a multiple of 8 scores without NaN on
+    CPUs with AVX2, the scalar loop the others): the first k of a stable descending sort, which puts NaN first and
+    equal scores in column order."""
     gen = torch.Generator().manual_seed(experts * k)
     choices = torch.tensor([float("-inf"), -1.0, 0.0, 0.5, float("inf"), float("nan")])
     scores_TE = choices[torch.randint(0, 5, (400, experts), generator=gen)]  # no NaN ...

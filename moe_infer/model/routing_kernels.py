@@ -164,24 +164,11 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """top_k(x_TD @ weight_DE + bias_E, k, softmax=True) in one compiled pass (moe_route): (probs_TK, experts_TK), or
     None where it does not run (see _router_library). `weight_DE` is the router's weight transposed, [D, E]."""
-    lib = _router_library(x_TD, weight_DE, k)
-    if lib is None:
+    call = _router_call(x_TD, weight_DE, bias_E, k)
+    if call is None:
         return None
-    x_TD, weight_DE, bias_E = _contiguous(x_TD, weight_DE, bias_E)
-    tokens, (hidden, experts) = x_TD.shape[0], weight_DE.shape
-    probs_TK, experts_TK = x_TD.new_empty(tokens, k), torch.empty(tokens, k, dtype=torch.int64)
-    status = lib.moe_route(
-        x_TD.data_ptr(),
-        tokens,
-        hidden,
-        weight_DE.data_ptr(),
-        None if bias_E is None else bias_E.data_ptr(),
-        experts,
-        k,
-        1,  # softmax over the k
-        probs_TK.data_ptr(),
-        experts_TK.data_ptr(),
-    )
+    lib, leading, probs_TK, experts_TK, _inputs = call
+    status = lib.moe_route(*leading, 1, probs_TK.data_ptr(), experts_TK.data_ptr())  # 1: the softmax over the k
     return (probs_TK, experts_TK) if status == 0 else None
 
 
@@ -200,30 +187,30 @@ def route_rows(x_TD: torch.Tensor, weight_DE: torch.Tensor, bias_E: torch.Tensor
     """route, then the pairs sorted by expert (sort_pairs with the experts as keys) and their rows and probabilities
     gathered in that order, all in one compiled call (moe_route_rows): what one rank holding every expert at its own
     id hands its experts. None where route would not run."""
+    call = _router_call(x_TD, weight_DE, bias_E, k)
+    if call is None:
+        return None
+    lib, leading, probs_TK, experts_TK, (x_TD, weight_DE, _) = call
+    (tokens, hidden), experts = x_TD.shape, weight_DE.shape[1]
+    counts_E, place_N = torch.empty(experts, dtype=torch.int64), torch.empty(tokens * k, dtype=torch.int64)
+    x_ND, probs_N = x_TD.new_empty(tokens * k, hidden), x_TD.new_empty(tokens * k)
+    outputs = (probs_TK, experts_TK, counts_E, place_N, x_ND, probs_N)
+    status = lib.moe_route_rows(*leading, *(t.data_ptr() for t in outputs))
+    return RoutedRows(*outputs) if status == 0 else None
+
+
+def _router_call(x_TD: torch.Tensor, weight_DE: torch.Tensor, bias_E: torch.Tensor | None, k: int):
+    """What both compiled routers start from, or None where they do not run (_router_library): (the kernels, the
+    leading arguments of moe_route and moe_route_rows, probs_TK and experts_TK for the choice, and the contiguous
+    inputs those arguments point into, which the caller holds until its call returns)."""
     lib = _router_library(x_TD, weight_DE, k)
     if lib is None:
         return None
-    x_TD, weight_DE, bias_E = _contiguous(x_TD, weight_DE, bias_E)
+    inputs = x_TD, weight_DE, bias_E = [None if t is None else t.contiguous() for t in (x_TD, weight_DE, bias_E)]
     (tokens, hidden), experts = x_TD.shape, weight_DE.shape[1]
-    probs_TK, experts_TK = x_TD.new_empty(tokens, k), torch.empty(tokens, k, dtype=torch.int64)
-    counts_E, place_N = torch.empty(experts, dtype=torch.int64), torch.empty(tokens * k, dtype=torch.int64)
-    x_ND, probs_N = x_TD.new_empty(tokens * k, hidden), x_TD.new_empty(tokens * k)
-    status = lib.moe_route_rows(
-        x_TD.data_ptr(),
-        tokens,
-        hidden,
-        weight_DE.data_ptr(),
-        None if bias_E is None else bias_E.data_ptr(),
-        experts,
-        k,
-        probs_TK.data_ptr(),
-        experts_TK.data_ptr(),
-        counts_E.data_ptr(),
-        place_N.data_ptr(),
-        x_ND.data_ptr(),
-        probs_N.data_ptr(),
-    )
-    return RoutedRows(probs_TK, experts_TK, counts_E, place_N, x_ND, probs_N) if status == 0 else None
+    bias = None if bias_E is None else bias_E.data_ptr()
+    leading = (x_TD.data_ptr(), tokens, hidden, weight_DE.data_ptr(), bias, experts, k)
+    return lib, leading, x_TD.new_empty(tokens, k), torch.empty(tokens, k, dtype=torch.int64), inputs
 
 
 def _router_library(x_TD: torch.Tensor, weight_DE: torch.Tensor, k: int) -> ctypes.CDLL | None:
@@ -236,10 +223,6 @@ def _router_library(x_TD: torch.Tensor, weight_DE: torch.Tensor, k: int) -> ctyp
     if torch.get_num_threads() > 1 and tokens * hidden * experts > ROUTE_MAX_MACS_THREADED:
         return None
     return _compiled_for(x_TD, torch.float32)
-
-
-def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _torch_top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
