@@ -149,11 +149,10 @@ class DynamicDispatch:
         if routed is None:
             return None
         timer.lap("gate")
-        rows = Rows(routed.x_ND, routed.probs_N, routed.counts_E.tolist(), torch.empty_like(routed.x_ND))
-        prepare(rows.active_L, False)
-        timer.stats.expert_rows = routed.x_ND.shape[0]
-        timer.lap("dispatch")
-        return Local(rows, routed.place_N, routed.experts_TK.shape[1], routed.experts_TK)
+        topk = routed.experts_TK.shape[1]
+        return _hand_over(
+            routed.x_ND, routed.probs_N, routed.counts_E, routed.place_N, topk, prepare, timer, routed.experts_TK
+        )
 
     def _local(self, x_TD, probs_TK, position_N, prepare, timer) -> Local:
         # pair n: token n // K, choice n % K
@@ -163,11 +162,7 @@ class DynamicDispatch:
         # (index_select: a plain row gather, several times faster than x[idx] on CPU.)
         x_ND = x_TD.index_select(0, pairs.token_N)
         probs_N = probs_TK.reshape(-1).float().index_select(0, pairs.order_N)
-        rows = Rows(x_ND, probs_N, pairs.counts_P.tolist(), torch.empty_like(x_ND))
-        prepare(rows.active_L, False)
-        timer.stats.expert_rows = x_ND.shape[0]
-        timer.lap("dispatch")
-        return Local(rows, pairs.place_N, topk)
+        return _hand_over(x_ND, probs_N, pairs.counts_P, pairs.place_N, topk, prepare, timer)
 
     def _all_to_all(self, x_TD, probs_TK, position_N, prepare, timer) -> Exchanged:
         (num_tokens, D), topk = x_TD.shape, probs_TK.shape[1]
@@ -276,3 +271,13 @@ class DynamicDispatch:
         y_ND = self.ranks.all_to_all(y_MD, routed.recv_R, routed.send_R, routed.timer.stats)
         out_TD = torch.zeros(routed.num_tokens, y_ND.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
         return out_TD.index_add_(0, routed.token_N, y_ND)
+
+
+def _hand_over(x_ND, probs_N, counts_L, place_N, topk, prepare, timer: PhaseTimer, experts_TK=None) -> Local:
+    """One rank's grouped rows to its experts (the end of both one-rank paths): their Rows with an output buffer, the
+    expert store told which slots run, the dispatch phase closed."""
+    rows = Rows(x_ND, probs_N, counts_L.tolist(), torch.empty_like(x_ND))
+    prepare(rows.active_L, False)
+    timer.stats.expert_rows = x_ND.shape[0]
+    timer.lap("dispatch")
+    return Local(rows, place_N, topk, experts_TK)
