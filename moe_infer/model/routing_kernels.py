@@ -29,12 +29,13 @@ pays tens to hundreds of microseconds for its own code and data before it comput
 bench's cache flush: torch.empty 106 us against 7 warm, index_select 312 against 40). The router was F.linear (a
 deep MKL call), a logits tensor, top_k, sort_pairs and two index_selects; route_rows is one call that keeps each
 block of 6 tokens' logits in L1 (6 x 16 FMA accumulators, the weight transposed once by the Router). Its logits are
-one FMA chain per logit in d order: the same bits as torch's GEMM at D=128 (no choice or probability differed over
-200,000 random tokens at E=8, 64, 128), within fp32 rounding at D=256 (one token in 200,000 chose another expert of
-two near-equal ones). The one-rank dynamic layer (1024 tokens, D=128, E=64, one core, cold caches, 31 interleaved
-rounds): everything but the experts 2.94 ms [2.34-4.47] with F.linear + top_k + sort + gathers, 2.39 [2.00-3.28]
-with route_rows; 32 tokens (a decode step): 1.24 ms [0.93-2.17] against 0.95 [0.72-1.75]. With several threads,
-torch's GEMM shares the work and this loop does not: above ROUTE_MAX_MACS_THREADED the router goes to torch.
+one FMA chain per logit in d order: over 200,000 random tokens, the same bits as torch's GEMM at D=128 with E=64
+and 128, the same choices with probabilities within 7e-7 at E=8, and at D=256, E=64 probabilities within 1.1e-6
+and one token that chose the other of two near-equal experts. The one-rank dynamic layer (1024 tokens, D=128,
+E=64, one core, cold caches, 31 interleaved rounds): everything but the experts 2.94 ms [2.34-4.47] with F.linear +
+top_k + sort + gathers, 2.39 [2.00-3.28] with route_rows; 32 tokens (a decode step): 1.24 ms [0.93-2.17] against
+0.95 [0.72-1.75]. With several threads, torch's GEMM shares the work and this loop does not: above
+ROUTE_MAX_MACS_THREADED the router goes to torch.
 
 The C file is compiled once per machine and source with the system's C compiler ($CC, default cc) into
 $MOE_CACHE/routing-kernels/ (pipeline.cache), by whichever process needs it first, and loaded with ctypes. Where it
